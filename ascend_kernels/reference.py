@@ -81,6 +81,7 @@ def paged_attention(
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     group = q.shape[1] // k_cache.shape[2]
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 math for half types, fp64 stays fp64
     for b in range(len(lens)):
         start, end, kv_len = cu[b], cu[b + 1], lens[b]
         q_len = end - start
@@ -92,8 +93,8 @@ def paged_attention(
         visible = torch.arange(kv_len, device=q.device)[None, :] <= qpos[:, None]
         if tree_mask is not None:
             visible[:, kv_len - q_len :] = tree_mask[start:end, :q_len]
-        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), k.float()) * scale
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].to(acc), k.to(acc)) * scale
         scores = scores.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out[start:end] = torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs, v.to(acc)).to(q.dtype)
     return out

@@ -1,0 +1,165 @@
+"""Configuration dataclasses, checked once in __post_init__ and passed down."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+IMPLS = ("auto", "triton", "reference")
+
+
+@dataclass(slots=True)
+class CompileOptions:
+    """Options of the `xyserve` torch.compile backend (`torch.compile(..., options={...})`).
+
+    lower_attention: rewrite SDPA / HF eager attention into `xyserve::attention`.
+    lower_gemm:      rewrite linear / addmm / Conv1D into `xyserve::gemm`.
+    impl:            kernel choice baked into the lowered ops: "auto" (Triton on CUDA, the
+                     pure-torch reference on CPU), "triton" or "reference".
+    inductor_config: Inductor config patches, passed to `compile_fx(config_patches=...)`.
+    use_inductor:    False runs the lowered graph as is (handy for debugging the passes).
+    """
+
+    lower_attention: bool = True
+    lower_gemm: bool = True
+    impl: str = "auto"
+    inductor_config: dict[str, Any] = field(default_factory=dict)
+    use_inductor: bool = True
+
+    def __post_init__(self) -> None:
+        if self.impl not in IMPLS:
+            raise ValueError(f"xyserve: impl must be one of {IMPLS}, got {self.impl!r}")
+        if not isinstance(self.inductor_config, dict):
+            raise TypeError("xyserve: inductor_config must be a dict of Inductor config patches")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "CompileOptions":
+        options = dict(options or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"xyserve: unknown backend option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"xyserve: {name} must be a positive int, got {value!r}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Options of the generation engine (`LLM(model, **engine_config)`).
+
+    block_size:             tokens per paged KV block.
+    num_kv_blocks:          KV blocks per layer; None sizes the pool from `kv_cache_memory_fraction`
+                            of free GPU memory (CUDA) or room for `max_num_seqs` full sequences (CPU).
+    kv_cache_memory_fraction: share of free device memory given to the KV cache when sizing it.
+    max_num_batched_tokens: the token budget of one step; None: 8192 on CUDA, 512 elsewhere.
+    max_num_seqs:           most requests running at once (each decode needs one budget token);
+                            None: min(256, the token budget).
+    max_model_len:          longest prompt + generation; None reads the model's position limit.
+    enable_prefix_caching:  share full KV blocks between requests with equal prefixes.
+    compile:                run the model under `torch.compile(backend=compile_backend)`;
+                            None means True on CUDA, False elsewhere.
+    compile_backend:        the torch.compile backend name ("xyserve", "inductor", "eager", ...).
+    compile_options:        `options` for the backend (for "xyserve": CompileOptions fields).
+    impl:                   kernel choice for the paged attention / KV store ops.
+    device, dtype:          where and in which dtype to load a checkpoint given by path.
+    seed:                   seeds the shared generator of requests sampled without their own seed.
+    """
+
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.5
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    compile: bool | None = None
+    compile_backend: str = "xyserve"
+    compile_options: dict[str, Any] | None = None
+    impl: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int("block_size", self.block_size)
+        _positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
+        _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        _positive_int("max_num_seqs", self.max_num_seqs, allow_none=True)
+        _positive_int("max_model_len", self.max_model_len, allow_none=True)
+        if not 0.0 < float(self.kv_cache_memory_fraction) <= 1.0:
+            raise ValueError(
+                f"xyserve: kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}"
+            )
+        if None not in (self.max_num_batched_tokens, self.max_num_seqs) and self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running request must be able to decode in the same step.
+            raise ValueError(
+                f"xyserve: max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running request can decode each step"
+            )
+        if self.impl not in IMPLS:
+            raise ValueError(f"xyserve: impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"xyserve: compile must be True, False or None, got {self.compile!r}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ValueError(f"xyserve: compile_backend must be a backend name, got {self.compile_backend!r}")
+        if self.compile_options is not None and not isinstance(self.compile_options, dict):
+            raise ValueError(f"xyserve: compile_options must be a dict, got {self.compile_options!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"xyserve: seed must be an int, got {self.seed!r}")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick each new token of one request and when to stop.
+
+    temperature 0 is greedy. top_k <= 0 and top_p == 1 disable those filters. repetition_penalty
+    follows HF (divide positive logits of seen tokens, multiply negative ones). seed gives the
+    request its own generator, so its tokens do not depend on the rest of the batch.
+    Stops: max_tokens new tokens, the model's EOS (unless ignore_eos), any of stop_token_ids, or
+    any of the `stop` strings (needs a tokenizer; the stop string is cut from the text).
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        _positive_int("max_tokens", self.max_tokens)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ValueError(f"xyserve: {name} must be a number, got {value!r}")
+        if self.temperature < 0:
+            raise ValueError(f"xyserve: temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise ValueError(f"xyserve: top_k must be an int (<= 0 disables it), got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"xyserve: top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"xyserve: repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"xyserve: seed must be an int or None, got {self.seed!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"xyserve: stop must be non-empty strings, got {self.stop!r}")
+        self.stop = list(self.stop)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"xyserve: stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}")
+        self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
