@@ -51,14 +51,22 @@ def _is_last_two_transpose(node) -> bool:
     return dims == {v.dim() - 2, v.dim() - 1} if v is not None else False
 
 
+def is_scalar(x) -> bool:
+    """A Python number, or a graph node holding a (symbolic) float: Dynamo turns float attributes
+    such as HF's `self.scaling` into SymFloat inputs under dynamic shapes."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return True
+    return isinstance(x, fx.Node) and isinstance(val(x), (int, float, torch.SymFloat, torch.SymInt))
+
+
 def _scale_of(node: fx.Node):
     """(scores_before_scale, scale) where node = scores * s or scores / s; else (node, 1.0)."""
     if is_call(node, MUL, "mul"):
         a, b = node.args[:2]
-        if isinstance(b, (int, float)) and isinstance(a, fx.Node):
-            return a, float(b)
-        if isinstance(a, (int, float)) and isinstance(b, fx.Node):
-            return b, float(a)
+        if is_scalar(b) and isinstance(a, fx.Node) and not is_scalar(a):
+            return a, b
+        if is_scalar(a) and isinstance(b, fx.Node):
+            return b, a
         return None, None
     if is_call(node, DIV, "div") and isinstance(node.args[1], (int, float)) and len(node.kwargs) == 0:
         return node.args[0], 1.0 / float(node.args[1])
@@ -146,8 +154,10 @@ def _match_sdpa(node: fx.Node):
     if arg(node, 4, "dropout_p", 0.0) != 0:
         return "dropout_p > 0"
     is_causal, scale = arg(node, 5, "is_causal", False), arg(node, 6, "scale")
-    if not isinstance(is_causal, bool) or not (scale is None or isinstance(scale, (int, float))):
-        return "is_causal / scale are not constants"
+    if not isinstance(is_causal, bool):
+        return "is_causal is not a constant"
+    if not (scale is None or is_scalar(scale)):
+        return "scale is not a number"
     qv, kv = val(q), val(k)
     if qv is None or kv is None or qv.dim() != 4 or kv.dim() != 4:
         return "q/k are not 4-D [B, H, S, D]"
@@ -187,7 +197,7 @@ class AttentionPass:
                 dead += [m[name], m[name].args[0], m[name].args[0].args[0]]
                 m[name] = src
                 report.rewrote("repeat_kv", src, layer_of(m["out"]))
-        scale = None if m["scale"] is None else float(m["scale"])
+        scale = float(m["scale"]) if isinstance(m["scale"], (int, float)) else m["scale"]  # None or a SymFloat node
         args = (m["q"], m["k"], m["v"], m["mask"], scale, m["is_causal"], impl)
         out = m["out"]
         with gm.graph.inserting_before(out):

@@ -91,3 +91,22 @@ def test_dynamic_shapes_recompile_no_more_than_dynamo_needs():
     print(f"graphs compiled: xyserve {ours}, Inductor alone {baseline}, recompile limit {limit}")
     assert ours <= baseline
     assert ours < limit  # no silent fallback to eager
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dynamic_true_lowers_symbolic_scale_and_stays_exact(attn):
+    """Under dynamic=True Dynamo passes HF's float `scaling` as a SymFloat node: still lowered."""
+    model = build("llama", attn)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    backend.reset_reports()
+    fwd = torch.compile(model.forward, backend="xyserve", dynamic=True)
+    with torch.no_grad():
+        for n in (5, 9, 30):
+            ids = torch.randint(1, 128, (1, n))
+            want = model(ids, use_cache=False).logits
+            got = fwd(ids, use_cache=False).logits
+            assert ((got - want).norm() / want.norm()).item() <= 1e-5
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every token count
+    for report in backend.reports():  # Dynamo may hand the backend the same graph twice
+        assert report.count("sdpa", "eager_attention") == 2 and report.count("linear") == 15

@@ -1,0 +1,107 @@
+"""Decode speed at batch 1 and 16 (prompt 128, 128 new tokens): xyserve vs HF generate.
+
+Variants, all in one process on one card: HF generate eager (dynamic cache), HF generate with
+the static cache + torch.compile, the xyserve engine, and the engine with speculative decoding
+(the target itself as the draft model, whose greedy acceptance is 100% by construction: it
+measures the verify path's cost, not a real draft's quality). Random weights make n-gram
+acceptance meaningless, so n-gram drafting is not timed here. Floor: batch x measured copy
+bandwidth / weight bytes (one read of the weights per decode step; KV reads ignored).
+
+    python benchmarks/bench_decode.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from transformers import LlamaForCausalLM
+
+from benchmarks.common import attempt, card_name, card_rates, llama_config, timed, weight_bytes
+
+PROMPT, NEW = 128, 128
+
+
+def _hf(model, ids, static: bool):
+    extra = {"cache_implementation": "static"} if static else {}
+    model.generation_config.eos_token_id = None
+
+    @torch.inference_mode()
+    def go():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                              do_sample=False, pad_token_id=0, **extra)
+    return go
+
+
+def _engine(model, prompts, **engine_kwargs):
+    from xy_inductor import LLM, SamplingParams
+
+    llm = LLM(model, max_model_len=PROMPT + NEW + 64, **engine_kwargs)
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    return llm, (lambda: llm.generate(prompts, params, use_tqdm=False))
+
+
+def _tok_s(fn, batch: int, repeats: int = 2) -> dict:
+    seconds, _ = timed(fn, repeats)
+    return {"seconds": seconds, "tok_s": batch * NEW / seconds}
+
+
+def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = "tiny" if device.type != "cuda" else size
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(size)).to(device=device, dtype=dtype).eval()
+    rates = card_rates()
+    results: dict = {"device": card_name(), "model": size, "prompt": PROMPT, "new_tokens": NEW, "card": rates}
+    for batch in (1, 16):
+        ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=device)
+        prompts = ids.tolist()
+        row: dict = {}
+        attempt(row, "hf_eager", lambda: _tok_s(_hf(model, ids, False), batch, 1))
+        if device.type == "cuda":
+            attempt(row, "hf_static_compile", lambda: _tok_s(_hf(model, ids, True), batch))
+        model.set_attn_implementation("sdpa")
+        attempt(row, "xyserve", lambda: _tok_s(_engine(model, prompts)[1], batch))
+        model.set_attn_implementation("sdpa")
+        if not quick:
+            def spec():
+                llm, fn = _engine(model, prompts, speculative={"method": "draft_model", "draft_model": model,
+                                                               "num_speculative_tokens": 4})
+                out = _tok_s(fn, batch)
+                out["acceptance_rate"] = llm.stats.get("spec_acceptance_rate")
+                return out
+            attempt(row, "xyserve_spec_self_draft", spec)
+            model.set_attn_implementation("sdpa")
+        if rates:
+            row["floor"] = {"tok_s": batch * rates["copy_bytes_per_s"] / weight_bytes(model)}
+        results[f"batch_{batch}"] = row
+    return results
+
+
+def table(results: dict) -> str:
+    lines = [f"decode, {results['model']}, prompt {results['prompt']}, {results['new_tokens']} new, {results['device']}",
+             "| batch | variant | tok/s | x HF eager | x HF static+compile | % of floor |", "| --- | --- | --- | --- | --- | --- |"]
+    for key in ("batch_1", "batch_16"):
+        row = results.get(key, {})
+        eager = row.get("hf_eager", {}).get("tok_s")
+        static = row.get("hf_static_compile", {}).get("tok_s")
+        floor = row.get("floor", {}).get("tok_s")
+        for name, r in row.items():
+            if "error" in r:
+                lines.append(f"| {key[6:]} | {name} | error: {r['error'][:60]} | | | |")
+                continue
+            t = r["tok_s"]
+            f = lambda b: f"{t / b:.2f}" if b else ""  # noqa: E731
+            lines.append(f"| {key[6:]} | {name} | {t:,.0f} | {f(eager)} | {f(static)} | {100 * t / floor:.0f}% |"
+                         if floor else f"| {key[6:]} | {name} | {t:,.0f} | {f(eager)} | {f(static)} | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    res = run(args.quick)
+    print(json.dumps(res, indent=1, default=str))
+    print(table(res))

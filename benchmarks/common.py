@@ -1,0 +1,90 @@
+"""Shared benchmark helpers: the card, its measured ceilings, model shapes, timing."""
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+from transformers import LlamaConfig
+
+
+def card_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def card_slug() -> str:
+    """File-name form of the card, e.g. 'nvidia-h100-80gb-hbm3'."""
+    return "".join(c if c.isalnum() else "-" for c in card_name().lower()).strip("-")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def card_rates() -> dict:
+    """This card's bf16 matmul rate and device copy bandwidth, measured now (empty on CPU)."""
+    if not torch.cuda.is_available():
+        return {}
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ a, warmup=50, rep=300, return_mode="median")
+    src = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    ms_copy = do_bench(lambda: dst.copy_(src), warmup=20, rep=200, return_mode="median")
+    return {"matmul_flops": 2 * 8192**3 / (ms * 1e-3), "copy_bytes_per_s": 2 * src.numel() * 2 / (ms_copy * 1e-3)}
+
+
+def llama_config(size: str) -> LlamaConfig:
+    """Real architecture shapes (weights are random): 'llama-3.2-1b', 'llama-3-8b', or 'tiny'."""
+    if size == "tiny":
+        return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096)
+    if size == "llama-3.2-1b":
+        return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+                           rope_theta=500000.0, tie_word_embeddings=True)
+    if size == "llama-3-8b":
+        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
+                           rope_theta=500000.0)
+    raise ValueError(f"unknown model size {size!r}")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, object]:
+    """Median wall seconds of `repeats` runs after one warm-up run (which also compiles)."""
+    result = fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        result = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], result
+
+
+def attempt(results: dict, name: str, fn) -> None:
+    """Run one variant; a failure is recorded in the results (and printed), never fatal."""
+    try:
+        results[name] = fn()
+    except Exception as e:
+        results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        traceback.print_exc()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
