@@ -1,0 +1,304 @@
+"""SmoothGEMM: y = x @ W (+ b) with virtual padding over a fixed set of tile primitives.
+
+Only M (tokens in the batch) changes at run time; N and K come from the model. Tiles are
+allocated on chip in whole BLOCK_M x BLOCK_N blocks, but loads read only the real rows and stores
+write only the real rows: nothing is padded in memory. M is never a constexpr nor specialised
+(`do_not_specialize`, or read from a device tensor), so a new M never compiles a new kernel; the
+tuned table (gemm_table.py) only picks one of a few configurations per M range.
+
+With `num_tokens` (int32 [1] on the device) the grid is sized for the bucket (x's rows) while
+the kernel reads the real M from memory: one CUDA graph then serves every M of the bucket, and the
+programs past the real tiles exit at once.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
+
+_FINISH_BLOCK_M = 16
+_FINISH_BLOCK_N = 128
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def smooth_gemm_kernel(
+    x_ptr,  # [num_rows, K] activations, any strides
+    w_ptr,  # [N, K] (Linear) or [K, N] (Conv1D), read through stride_wk / stride_wn
+    bias_ptr,  # [N] (read only when HAS_BIAS)
+    out_ptr,  # [num_rows, N]: x's dtype, or the fp32 [num_rows, N] workspace when SPLIT_K > 1
+    num_tokens_ptr,  # [1] int32 real M (read only when M_FROM_DEVICE)
+    num_rows,  # rows the grid was sized for (the bucket, or the real M)
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    M_FROM_DEVICE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0: no K masks
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no N masks
+    DOT_FP32: tl.constexpr,  # the CPU interpreter gets bf16 tl.dot wrong: upcast operands there
+    INPUT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,  # tensor descriptors (bulk copies on Hopper); needs unit inner strides
+    W_KN: tl.constexpr,  # weight stored [K, N] (only the descriptor path needs to know)
+):
+    if M_FROM_DEVICE:
+        M = tl.minimum(tl.load(num_tokens_ptr), num_rows)
+    else:
+        M = num_rows
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    # Tiles of padded rows: the grid covers the bucket, the work covers only the real M.
+    if pid >= num_pid_m * num_pid_n:
+        return
+    # Grouped order: GROUP_M row tiles walk the same weight panel while it sits in L2.
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    col_ok = offs_n < N
+    # Split-K: program (pid, pid_k) reduces one contiguous slice of whole K tiles.
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if USE_TMA:
+        acc = _tma_mainloop(x_ptr, w_ptr, acc, M, N, K, stride_xm, stride_wk, stride_wn, pid_m * BLOCK_M,
+                            pid_n * BLOCK_N, k_start, k_end, BLOCK_M, BLOCK_N, BLOCK_K, W_KN, DOT_FP32,
+                            INPUT_PRECISION)
+    else:
+        acc = _masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
+                               stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K, EVEN_K, EVEN_N,
+                               DOT_FP32, INPUT_PRECISION)  # fmt: skip
+
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_ok, sem="relaxed")
+
+
+@triton.jit
+def _masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
+                     stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Portable K loop: masked loads of the real rows only (padded rows read as zeros on chip)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    w_ptrs = w_ptr + (k_start + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(w_ptrs)
+            else:
+                b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = (k + offs_k) < k_end
+            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _tma_mainloop(x_ptr, w_ptr, acc, M, N, K, stride_xm, stride_wk, stride_wn, off_m, off_n, k_start, k_end,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KN: tl.constexpr,
+                  DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """K loop through tensor descriptors of the real [M, K] rows: out-of-range rows are never
+    fetched (the copy engine fills them with zeros on chip), so virtual padding holds here too."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if W_KN:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    for k in range(k_start, k_end, BLOCK_K):
+        a = x_desc.load([off_m, k])
+        if W_KN:
+            b = w_desc.load([k, off_n])
+        else:
+            b = w_desc.load([off_n, k]).T
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def smooth_gemm_finish_kernel(
+    ws_ptr,  # [num_rows, N] fp32 split-K sums
+    bias_ptr,  # [N] (read only when HAS_BIAS)
+    out_ptr,  # [num_rows, N] x's dtype
+    num_tokens_ptr,  # [1] int32 real M (read only when M_FROM_DEVICE)
+    num_rows,
+    N,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    M_FROM_DEVICE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    if M_FROM_DEVICE:
+        M = tl.minimum(tl.load(num_tokens_ptr), num_rows)
+    else:
+        M = num_rows
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    acc = tl.load(ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], weight_kn: bool) -> tuple[int, int]:
+    if weight.dim() != 2:
+        raise ValueError(f"SmoothGEMM: weight must be 2-D, got {tuple(weight.shape)}")
+    k, n = weight.shape if weight_kn else weight.shape[::-1]
+    if x.shape[-1] != k:
+        raise ValueError(f"SmoothGEMM: x [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)}")
+    if x.dtype != weight.dtype or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"SmoothGEMM: x {x.dtype} and weight {weight.dtype} must share a float dtype")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"SmoothGEMM: bias must be [{n}], got {tuple(bias.shape)}")
+    return n, k
+
+
+def smooth_gemm(
+    x: torch.Tensor,  # [..., K]
+    weight: torch.Tensor,  # [N, K] (weight_kn=False) or [K, N] (weight_kn=True)
+    bias: Optional[torch.Tensor],  # [N] or None
+    weight_kn: bool,
+    num_tokens: Optional[torch.Tensor] = None,  # int32 [1]: real M; rows past it untouched
+    out: Optional[torch.Tensor] = None,  # [..., N] contiguous, x's dtype
+    config: Optional[GemmConfig] = None,  # force one primitive (tests, tuner)
+) -> torch.Tensor:  # [..., N] contiguous, x's dtype
+    """x @ W^T + b (Linear) or x @ W + b (Conv1D); fp32 accumulation; see the module doc."""
+    n, k = _check(x, weight, bias, weight_kn)
+    x2d = x.reshape(-1, k)  # a view when the leading dims allow it; strides go to the kernel
+    rows = x2d.shape[0]
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    elif out.shape != (*x.shape[:-1], n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError("SmoothGEMM: out must be a contiguous [..., N] tensor of x's dtype")
+    if rows == 0:
+        return out
+    out2d = out.view(rows, n)
+    if config is None:
+        cfg = _planned(n, k, rows, device_key(x.device.index if x.device.type == "cuda" else -1))
+    else:
+        cfg = config.fitted(n, k)
+    if num_tokens is not None and (num_tokens.numel() != 1 or num_tokens.device != x.device):
+        raise ValueError("SmoothGEMM: num_tokens must be a 1-element int tensor on x's device")
+    launch(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
+    return out
+
+
+@functools.lru_cache(maxsize=8192)
+def _planned(n: int, k: int, rows: int, gpu: str) -> GemmConfig:
+    """Table read, memoised: the launch path stays a few dict lookups (decode kernels last ~10 us)."""
+    return lookup(n, k, rows, gpu).fitted(n, k)
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _alloc_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for device-side tensor descriptors (Triton asks its allocator for it)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _tma_ok(x2d: torch.Tensor, weight: torch.Tensor, weight_kn: bool) -> bool:
+    """Descriptors need a Hopper+ GPU (or the CPU interpreter, which emulates them), unit inner
+    strides and 16-byte aligned rows / bases; otherwise the same config runs the masked loop."""
+    if x2d.is_cuda and _capability(x2d.device.index) < 9:
+        return False
+    w_inner, w_outer = (weight.stride(1), weight.stride(0))
+    size = x2d.element_size()
+    aligned = all(v * size % 16 == 0 for v in (x2d.stride(0), w_outer)) and all(
+        t.data_ptr() % 16 == 0 for t in (x2d, weight)
+    )
+    if not (x2d.stride(1) == 1 and w_inner == 1 and aligned):
+        return False
+    global _ALLOCATOR_SET
+    if x2d.is_cuda and not _ALLOCATOR_SET:
+        triton.set_allocator(_alloc_scratch)
+        _ALLOCATOR_SET = True
+    return True
+
+
+_ALLOCATOR_SET = False
+
+
+def launch(
+    x2d: torch.Tensor,  # [rows, K]
+    weight: torch.Tensor,  # [N, K] or [K, N]
+    bias: Optional[torch.Tensor],  # [N]
+    out2d: torch.Tensor,  # [rows, N] contiguous
+    num_tokens: Optional[torch.Tensor],  # int32 [1] or None
+    weight_kn: bool,
+    cfg: GemmConfig,
+) -> None:
+    """Grid sized for `rows` (the bucket); the kernel itself stops at the real M."""
+    rows, k = x2d.shape
+    n = out2d.shape[1]
+    stride_wk, stride_wn = weight.stride() if weight_kn else weight.stride()[::-1]
+    interpreting = x2d.device.type == "cpu"
+    dot_fp32 = interpreting and x2d.dtype != torch.float32
+    # fp32 inputs get exact fp32 products (not tf32); 16-bit ones the target's default.
+    precision = "ieee" if x2d.dtype == torch.float32 or dot_fp32 else None
+    m_dev = num_tokens is not None
+    use_tma = cfg.tma and _tma_ok(x2d, weight, weight_kn)
+    target = out2d
+    if cfg.split_k > 1:
+        target = torch.zeros(rows, n, dtype=torch.float32, device=x2d.device)
+    grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    smooth_gemm_kernel[grid](
+        x2d, weight, bias if bias is not None else out2d, target,
+        num_tokens if m_dev else out2d,
+        rows, n, k,
+        x2d.stride(0), x2d.stride(1), stride_wk, stride_wn, target.stride(0),
+        HAS_BIAS=bias is not None, M_FROM_DEVICE=m_dev,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        SPLIT_K=cfg.split_k, EVEN_K=k % (cfg.block_k * cfg.split_k) == 0, EVEN_N=n % cfg.block_n == 0,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KN=weight_kn,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if cfg.split_k > 1:
+        fgrid = (triton.cdiv(rows, _FINISH_BLOCK_M), triton.cdiv(n, _FINISH_BLOCK_N))
+        smooth_gemm_finish_kernel[fgrid](
+            target, bias if bias is not None else out2d, out2d, num_tokens if m_dev else out2d,
+            rows, n, out2d.stride(0),
+            HAS_BIAS=bias is not None, M_FROM_DEVICE=m_dev, BLOCK_M=_FINISH_BLOCK_M, BLOCK_N=_FINISH_BLOCK_N,
+        )  # fmt: skip

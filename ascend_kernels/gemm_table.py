@@ -1,0 +1,149 @@
+"""SmoothGEMM tile configurations: the fixed set of primitives and the tuned lookup table.
+
+A table (ascend_kernels/gemm_tables/<gpu>.json, written by `python -m ascend_kernels.tune_gemm`)
+maps a weight shape "NxK" to a list of M ranges, each with one tile configuration::
+
+    {"gpu": "nvidia-h100-80gb-hbm3", "dtype": "bfloat16",
+     "shapes": {"6144x4096": [{"m_max": 16, "config": {"block_m": 16, ...}}, ...]}}
+
+The run-time lookup is a dict read (tables are loaded once). M only picks the range, so a new M
+never changes the constexprs, hence never compiles a new kernel.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TABLE_DIR = Path(__file__).with_name("gemm_tables")
+
+# The primitives: the only BLOCK_M values a kernel is ever compiled with. 16 is the GEMV-like one
+# (decode / small verify batches, split-K allowed); the others are tiled GEMMs.
+BLOCK_MS = (16, 32, 64, 128)
+# Upper ends of the M ranges the tuner tunes and the table stores (the last one is open-ended).
+M_RANGES = (16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclass(slots=True, frozen=True)
+class GemmConfig:
+    """One tile primitive with its tuned knobs (all become Triton constexprs / launch options)."""
+
+    block_m: int = 64
+    block_n: int = 128
+    block_k: int = 64
+    group_m: int = 8  # tiles of GROUP_M rows share a weight column panel in L2 (swizzle)
+    split_k: int = 1  # >1: K is cut into SPLIT_K slices reduced with fp32 atomics
+    num_warps: int = 4
+    num_stages: int = 3
+    tma: bool = False  # load through tensor descriptors where the GPU has a copy engine (Hopper+)
+
+    def __post_init__(self) -> None:
+        if self.block_m not in BLOCK_MS:
+            raise ValueError(f"SmoothGEMM: block_m must be one of {BLOCK_MS}, got {self.block_m}")
+        for name in ("block_n", "block_k", "group_m", "split_k", "num_warps"):
+            if not _pow2(getattr(self, name)):
+                raise ValueError(f"SmoothGEMM: {name} must be a power of two, got {getattr(self, name)}")
+        if self.block_n < 16 or self.block_k < 16:
+            raise ValueError("SmoothGEMM: block_n and block_k must be >= 16 (tl.dot minimum)")
+        if self.num_stages < 1:
+            raise ValueError("SmoothGEMM: num_stages must be >= 1")
+
+    @property
+    def primitive(self) -> str:
+        return ("gemv16" if self.block_m == 16 else f"tile{self.block_m}") + ("-tma" if self.tma else "")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fitted(self, n: int, k: int) -> "GemmConfig":
+        """Shrink N/K tiles for tiny weights (tests); depends on the weight only, never on M."""
+        bn = max(16, min(self.block_n, _next_pow2(n)))
+        bk = max(16, min(self.block_k, _next_pow2(k)))
+        split = max(1, min(self.split_k, -(-k // bk)))
+        if (bn, bk, split) == (self.block_n, self.block_k, self.split_k):
+            return self
+        return GemmConfig(
+            self.block_m, bn, bk, self.group_m, _prev_pow2(split), self.num_warps, self.num_stages, self.tma
+        )
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _prev_pow2(v: int) -> int:
+    return 1 << (v.bit_length() - 1)
+
+
+def default_config(m: int) -> GemmConfig:
+    """A sane choice when no table covers the shape (no tuning run on this card yet)."""
+    if m <= 16:
+        return GemmConfig(block_m=16, block_n=32, block_k=256, group_m=1, num_warps=4, num_stages=4)
+    if m <= 32:
+        return GemmConfig(block_m=32, block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=4)
+    if m <= 128:
+        return GemmConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    return GemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def normalize_gpu_name(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the table file's stem)."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.cache
+def device_key(device_index: int = -1) -> str:
+    """The table name of a CUDA device; 'cpu' where there is none (the Triton interpreter)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    index = torch.cuda.current_device() if device_index < 0 else device_index
+    return normalize_gpu_name(torch.cuda.get_device_name(index))
+
+
+@functools.cache
+def load_table(gpu: str) -> dict[tuple[int, int], tuple[tuple[int, GemmConfig], ...]]:
+    """{(N, K): ((m_max, config), ...) sorted by m_max}; empty when no table ships for this GPU."""
+    path = TABLE_DIR / f"{gpu}.json"
+    if not path.is_file():
+        return {}
+    return parse_table(json.loads(path.read_text()))
+
+
+def parse_table(data: dict) -> dict[tuple[int, int], tuple[tuple[int, GemmConfig], ...]]:
+    table = {}
+    for shape, rows in data.get("shapes", {}).items():
+        n, k = (int(v) for v in shape.split("x"))
+        entries = sorted(((int(r["m_max"]), GemmConfig(**r["config"])) for r in rows), key=lambda e: e[0])
+        table[(n, k)] = tuple(entries)
+    return table
+
+
+def lookup(n: int, k: int, m: int, gpu: str) -> GemmConfig:
+    """The config for an [m, k] x [k, n] product: first tuned range whose m_max >= m."""
+    entries = load_table(gpu).get((n, k))
+    if not entries:
+        return default_config(m)
+    for m_max, config in entries:
+        if m <= m_max:
+            return config
+    return entries[-1][1]
+
+
+def table_json(gpu: str, shapes: dict[tuple[int, int], list[tuple[int, GemmConfig]]], meta: dict) -> dict:
+    """The JSON document for `shapes` ({(N, K): [(m_max, config), ...]})."""
+    return {
+        "gpu": gpu,
+        **meta,
+        "shapes": {
+            f"{n}x{k}": [{"m_max": m_max, "config": cfg.to_dict()} for m_max, cfg in sorted(rows, key=lambda e: e[0])]
+            for (n, k), rows in sorted(shapes.items())
+        },
+    }

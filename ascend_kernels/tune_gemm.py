@@ -1,0 +1,184 @@
+"""Offline SmoothGEMM tuner: `python -m ascend_kernels.tune_gemm --model llama-3-8b`.
+
+For each (N, K) of a model's linears and each M range of gemm_table.M_RANGES, time a short list
+of candidate configurations (primitive, tile sizes, group order, split-K, warps, stages) at the
+top of the range and keep the fastest. The result is merged into
+ascend_kernels/gemm_tables/<gpu>.json (or --out), which smooth_gemm reads at run time.
+Timing: medians of triton.testing.do_bench_cudagraph (the engine replays CUDA graphs), weights
+rotated over enough copies to exceed L2 twice, random data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ascend_kernels.gemm_table import M_RANGES, TABLE_DIR, GemmConfig, device_key, parse_table, table_json
+
+# name: (hidden, q heads, kv heads, head_dim, intermediate)
+MODELS = {
+    "llama-3-8b": (4096, 32, 8, 128, 14336),
+    "llama-3.2-1b": (2048, 32, 8, 64, 8192),
+}
+
+
+def model_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """{layer: (N, K)} of one decoder layer's linears (fused QKV and gate/up, as servers run them)."""
+    hidden, heads, kv_heads, head_dim, inter = MODELS[name]
+    return {
+        "qkv": ((heads + 2 * kv_heads) * head_dim, hidden),
+        "o": (hidden, heads * head_dim),
+        "gate_up": (2 * inter, hidden),
+        "down": (hidden, inter),
+    }
+
+
+def _c(bm, bn, bk, group, split, warps, stages, tma=False) -> GemmConfig:
+    return GemmConfig(bm, bn, bk, group, split, warps, stages, tma)
+
+
+# Short candidate lists per M regime (pruned with a first full run on an H200: the configs that
+# never came within 5% of the best are gone); "tma" ones use tensor-descriptor loads.
+_GEMV = [
+    _c(16, 16, 512, 1, 1, 4, 4), _c(16, 32, 256, 1, 1, 4, 4), _c(16, 64, 256, 1, 1, 4, 4),
+    _c(16, 64, 128, 1, 1, 4, 5), _c(16, 128, 128, 1, 1, 4, 4), _c(16, 32, 256, 1, 2, 4, 4),
+    _c(16, 32, 256, 1, 1, 4, 4, True), _c(16, 64, 256, 1, 1, 4, 4, True), _c(16, 128, 128, 1, 1, 4, 4, True),
+    _c(16, 64, 256, 1, 2, 4, 4, True),
+]  # fmt: skip
+_SMALL = [
+    _c(16, 64, 256, 1, 1, 4, 4), _c(32, 64, 128, 4, 1, 4, 4), _c(32, 128, 128, 4, 1, 4, 4),
+    _c(64, 64, 128, 8, 1, 4, 4), _c(64, 128, 64, 8, 1, 4, 4), _c(64, 64, 128, 8, 2, 4, 4),
+    _c(16, 64, 256, 1, 1, 4, 4, True), _c(32, 64, 128, 4, 1, 4, 4, True), _c(64, 64, 128, 8, 1, 4, 4, True),
+    _c(64, 128, 64, 8, 1, 4, 4, True),
+]  # fmt: skip
+_MID = [
+    _c(64, 64, 128, 8, 1, 4, 4), _c(64, 128, 64, 8, 1, 4, 4), _c(128, 64, 64, 8, 1, 4, 4),
+    _c(128, 128, 128, 8, 1, 8, 3), _c(64, 64, 128, 8, 1, 4, 4, True), _c(64, 128, 64, 8, 1, 4, 4, True),
+    _c(64, 128, 128, 8, 1, 4, 3, True), _c(128, 128, 64, 8, 1, 8, 4, True), _c(128, 256, 64, 8, 1, 8, 3, True),
+    _c(64, 256, 64, 8, 1, 8, 3, True), _c(64, 128, 64, 8, 2, 4, 4, True), _c(32, 128, 128, 4, 1, 4, 4, True),
+]  # fmt: skip
+_LARGE = [
+    _c(64, 128, 64, 8, 1, 4, 4), _c(128, 128, 128, 8, 1, 8, 3), _c(128, 256, 64, 8, 1, 8, 3),
+    _c(128, 256, 64, 16, 1, 8, 3), _c(128, 256, 64, 8, 1, 8, 3, True), _c(128, 256, 64, 16, 1, 8, 4, True),
+    _c(128, 128, 64, 8, 1, 8, 4, True), _c(64, 256, 64, 8, 1, 8, 4, True), _c(128, 128, 128, 8, 1, 8, 3, True),
+    _c(64, 128, 64, 8, 1, 4, 4, True),
+]  # fmt: skip
+
+
+def candidates(m_max: int) -> list[GemmConfig]:
+    if m_max <= 16:
+        return _GEMV
+    if m_max <= 64:
+        return _SMALL
+    if m_max <= 256:
+        return _MID
+    return _LARGE
+
+
+def bench_us(fn, graph: bool = True) -> float:
+    """Median microseconds per call of `fn`. graph=True: many calls captured in one CUDA graph
+    (how the engine runs; no launch gaps); False: eager calls, L2 flushed before each one."""
+    import triton.testing as tt
+
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        return 1e3 * tt.do_bench_cudagraph(fn, rep=10, return_mode="median")
+    return 1e3 * tt.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _rotation(n: int, k: int, dtype: torch.dtype) -> int:
+    """Copies of the weight so that one pass over them exceeds L2 twice (no warm-cache timings)."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if torch.cuda.is_available() else 0
+    return max(1, min(16, math.ceil(2 * l2 / (n * k * dtype.itemsize))))
+
+
+def time_config(cfg, xs, ws) -> float:
+    """Median microseconds of one smooth_gemm call, or inf when the config cannot run here."""
+    from ascend_kernels.gemm import smooth_gemm
+
+    state = {"i": 0}
+
+    def call():
+        i = state["i"] = (state["i"] + 1) % len(ws)
+        smooth_gemm(xs[i], ws[i], None, False, config=cfg)
+
+    try:
+        return bench_us(call)
+    except Exception as exc:  # out of shared memory / registers on this card: not a candidate
+        print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        torch.cuda.synchronize()
+        return math.inf
+
+
+def tune_shape(n: int, k: int, dtype: torch.dtype, log: list) -> list[tuple[int, GemmConfig]]:
+    from ascend_kernels.gemm import smooth_gemm
+
+    ws = [torch.randn(n, k, dtype=dtype, device="cuda") / k**0.5 for _ in range(_rotation(n, k, dtype))]
+    rows, lo = [], 0
+    for m_max in M_RANGES:
+        # Time each candidate at both ends of the range (lo, m_max]: tile quantisation makes the
+        # best config at the top (e.g. 128 x 256 at M=192) a poor one at the bottom (M=129).
+        ms = sorted({m_max, max(lo + 1, m_max // 2 + 1)}) if lo >= 16 else [m_max]
+        times = {}
+        for m in ms:
+            xs = [torch.randn(m, k, dtype=dtype, device="cuda") for _ in ws]
+            times[m] = [time_config(cfg, xs, ws) for cfg in candidates(m_max)]
+        best_per_m = {m: min(t) for m, t in times.items()}
+        score = [max(times[m][i] / best_per_m[m] for m in ms) for i in range(len(candidates(m_max)))]
+        i_best = min(range(len(score)), key=score.__getitem__)
+        best = candidates(m_max)[i_best]
+        ref = torch.nn.functional.linear(xs[0].float(), ws[0].float())
+        got = smooth_gemm(xs[0], ws[0], None, False, config=best).float()
+        err = ((got - ref).norm() / ref.norm()).item()
+        if not err < 2e-2:
+            raise RuntimeError(f"tuned config {best} is wrong for N={n} K={k} M={m_max}: rel err {err}")
+        log.append({"n": n, "k": k, "m_range": [lo + 1, m_max], "timed_at": ms, "score": score[i_best],
+                    "us": {m: times[m][i_best] for m in ms}, "config": best.to_dict(), "rel_err": err,
+                    "all": [(c.to_dict(), {m: times[m][i] for m in ms}) for i, c in enumerate(candidates(m_max))]})
+        us = " ".join(f"M={m}:{times[m][i_best]:.1f}us" for m in ms)
+        print(f"N={n:6d} K={k:6d} M in ({lo},{m_max}]: {us} (x{score[i_best]:.2f} of best) {best}", flush=True)
+        rows.append((m_max, best))
+        lo = m_max
+        del xs
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", choices=sorted(MODELS), required=True)
+    parser.add_argument("--out", type=Path, default=None, help="table path (default: the shipped table)")
+    parser.add_argument("--log", type=Path, default=None, help="write every timing here (JSON)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("tuning needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    gpu = device_key()
+    out = args.out or TABLE_DIR / f"{gpu}.json"
+    shapes = {}
+    if out.is_file():  # merge: keep shapes of other models tuned earlier
+        shapes = {key: list(rows) for key, rows in parse_table(json.loads(out.read_text())).items()}
+    pairs = sorted({nk for model in args.model for nk in model_shapes(model).values()})
+    log: list = []
+    start = time.time()
+    meta = {"dtype": args.dtype, "torch": torch.__version__, "triton": __import__("triton").__version__,
+            "device_name": torch.cuda.get_device_name(), "models": sorted(args.model),
+            "timing": "do_bench_cudagraph median, weights rotated past L2"}  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for n, k in pairs:  # the table is rewritten after each shape: an interrupted run still leaves one
+        shapes[(n, k)] = tune_shape(n, k, dtype, log)
+        out.write_text(json.dumps(table_json(gpu, shapes, meta), indent=1) + "\n")
+        if args.log:
+            args.log.write_text(json.dumps(log, indent=1))
+    print(f"wrote {out} ({len(pairs)} shapes, {time.time() - start:.0f} s)")
+    return {"table": str(out), "log": log}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""SmoothGEMM: every primitive against a float64 product, virtual padding, no recompiles per M.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py), which compiles nothing: there
+the "no new kernel" checks compute the specialisation key Triton's JIT would cache the kernel
+under (its own binder, on a shadow JITFunction). On a GPU they count the real JIT cache.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ascend_kernels import gemm as smooth
+from ascend_kernels.gemm import smooth_gemm
+from ascend_kernels.gemm_table import GemmConfig, lookup, parse_table, table_json
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RAGGED_M = (1, 3, 17, 100)
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+PRIMITIVES = {
+    "gemv16": GemmConfig(16, 32, 32, 1, 1, 4, 2),
+    "gemv16-splitk": GemmConfig(16, 32, 16, 1, 2, 4, 2),
+    "tile32": GemmConfig(32, 64, 32, 4, 1, 4, 2),
+    "tile64": GemmConfig(64, 32, 32, 2, 1, 4, 3),
+    "tile128": GemmConfig(128, 64, 64, 8, 1, 8, 3),
+    # tensor-descriptor loads (Hopper bulk copies; the CPU interpreter emulates them)
+    "gemv16-splitk-tma": GemmConfig(16, 32, 16, 1, 2, 4, 2, tma=True),
+    "tile64-tma": GemmConfig(64, 32, 32, 2, 1, 4, 3, tma=True),
+}
+K, N = 80, 96  # K not a multiple of the K tiles above: the masked-K path runs too
+
+
+def _operands(m, dtype, weight_kn, bias, k=K, n=N):
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    w = torch.randn(*((k, n) if weight_kn else (n, k)), dtype=dtype, device=DEVICE) / k**0.5
+    b = torch.randn(n, dtype=dtype, device=DEVICE) if bias else None
+    return x, w, b
+
+
+def _rel_err(out, x, w, b, weight_kn):
+    wd = w.double() if weight_kn else w.double().T
+    ref = x.double().reshape(-1, wd.shape[0]) @ wd
+    if b is not None:
+        ref = ref + b.double()
+    got = out.double().reshape(ref.shape)
+    assert torch.isfinite(got).all()
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", sorted(PRIMITIVES))
+def test_primitive_matches_float64(name, dtype, weight_kn, bias):
+    torch.manual_seed(0)
+    for m in RAGGED_M:
+        x, w, b = _operands(m, dtype, weight_kn, bias)
+        out = smooth_gemm(x, w, b, weight_kn, config=PRIMITIVES[name])
+        assert out.shape == (m, N) and out.dtype == dtype and out.is_contiguous()
+        assert _rel_err(out, x, w, b, weight_kn) < TOL[dtype], f"M={m}"
+
+
+@pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
+def test_default_config_leading_dims_and_strided_x(weight_kn):
+    torch.manual_seed(1)
+    _, w, b = _operands(1, torch.float32, weight_kn, True)
+    base = torch.randn(5, K + 8, 7, device=DEVICE)
+    x = base[:, :K, :].transpose(1, 2)  # [5, 7, K], non-contiguous
+    out = smooth_gemm(x, w, b, weight_kn)
+    assert out.shape == (5, 7, N) and out.is_contiguous()
+    assert _rel_err(out, x, w, b, weight_kn) < TOL[torch.float32]
+    x2 = base[:, :K, 0]  # 2-D with a row stride != K, passed as strides without a copy
+    assert _rel_err(smooth_gemm(x2, w, b, weight_kn), x2, w, b, weight_kn) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("name", ["gemv16", "gemv16-splitk", "tile64", "tile64-tma"])
+def test_bucket_only_real_rows_written(name):
+    """Grid sized for a 64-row bucket, real M from a device tensor: padded rows untouched."""
+    torch.manual_seed(2)
+    bucket = 64
+    x_real, w, b = _operands(bucket, torch.float32, False, True)
+    for m in (1, 3, 17, 40):
+        x = x_real.clone()
+        x[m:] = float("nan")  # never read: a NaN row would poison nothing else, but must stay out
+        out = torch.full((bucket, N), float("nan"), device=DEVICE)
+        num_tokens = torch.tensor([m], dtype=torch.int32, device=DEVICE)
+        smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=PRIMITIVES[name])
+        assert _rel_err(out[:m], x[:m], w, b, False) < TOL[torch.float32], f"M={m}"
+        assert torch.isnan(out[m:]).all(), f"M={m}: a padded row was written"
+
+
+def test_host_m_writes_exactly_m_rows():
+    torch.manual_seed(3)
+    x, w, _ = _operands(100, torch.float32, False, False)
+    out = torch.full((2, 50, N), float("nan"), device=DEVICE)
+    smooth_gemm(x.view(2, 50, K), w, None, False, out=out, config=PRIMITIVES["tile128"])
+    assert _rel_err(out, x, w, None, False) < TOL[torch.float32]  # every element written, finite
+
+
+# ---------------------------------------------------------------- one kernel per primitive, any M
+def _shadow_binder(kernel, **overrides):
+    """Triton's own argument binder for `kernel`, as its JIT would build it (no compile, no GPU)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    kwargs = {**kernel.kwargs, **overrides}
+    shadow = JITFunction(kernel.fn, **kwargs)
+    return create_function_from_signature(shadow.signature, shadow.params, BaseBackend)
+
+
+class _KeyRecorder:
+    """Collects the JIT cache key of every launch of smooth_gemm's kernels."""
+
+    def __init__(self, **overrides):
+        self.gpu = DEVICE == "cuda"
+        self.kernels = (smooth.smooth_gemm_kernel, smooth.smooth_gemm_finish_kernel)
+        self.keys: set = set()
+        if not self.gpu:
+            self.binders = {id(k): _shadow_binder(k, **overrides) for k in self.kernels}
+
+    def __enter__(self):
+        if not self.gpu:
+            for kern in self.kernels:
+                kern.add_pre_run_hook(self._hook(kern))
+        return self
+
+    def _hook(self, kern):
+        def record(*args, **kwargs):
+            _, spec, options = self.binders[id(kern)](*args, **kwargs)
+            self.keys.add((kern.fn.__name__, repr(spec), repr(sorted(options.items()))))
+
+        return record
+
+    def __exit__(self, *exc):
+        if not self.gpu:
+            for kern in self.kernels:
+                kern.pre_run_hooks.clear()
+
+    def count(self) -> int:
+        if self.gpu:
+            dev = torch.cuda.current_device()
+            return sum(len(k.device_caches[dev][0]) for k in self.kernels)
+        return len(self.keys)
+
+
+@pytest.mark.parametrize("name", ["gemv16", "gemv16-splitk", "tile64", "tile64-tma"])
+def test_new_m_compiles_no_new_kernel(name):
+    cfg = PRIMITIVES[name]
+    torch.manual_seed(4)
+    _, w, b = _operands(1, torch.float16, False, True)
+    with _KeyRecorder() as rec:
+        smooth_gemm(torch.randn(cfg.block_m, K, dtype=torch.float16, device=DEVICE), w, b, False, config=cfg)
+        first = rec.count()
+        # 1 and multiples of 16 are the values Triton specialises ints on by default
+        for m in (1, 2, 3, 15, 16, 17, 32, 33, 64, 100, 128, 333):
+            smooth_gemm(torch.randn(m, K, dtype=torch.float16, device=DEVICE), w, b, False, config=cfg)
+        assert first >= 1 and rec.count() == first
+
+
+def test_num_tokens_bucket_compiles_once():
+    torch.manual_seed(5)
+    x, w, _ = _operands(128, torch.float32, False, False)
+    out = torch.empty(128, N, device=DEVICE)
+    with _KeyRecorder() as rec:
+        before = rec.count()
+        for m in (128, 1, 16, 17, 99):
+            smooth_gemm(x, w, None, False, num_tokens=torch.tensor([m], dtype=torch.int32, device=DEVICE),
+                        out=out, config=PRIMITIVES["tile64"])  # fmt: skip
+        assert rec.count() - before <= 1
+        after_first = rec.count()
+        for m in (5, 64, 127):
+            smooth_gemm(x, w, None, False, num_tokens=torch.tensor([m], dtype=torch.int32, device=DEVICE),
+                        out=out, config=PRIMITIVES["tile64"])  # fmt: skip
+        assert rec.count() == after_first
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU key recorder itself")
+def test_key_recorder_sees_specialisation():
+    """Without do_not_specialize, Triton would key M=1, 16 and 17 apart: the recorder must see it."""
+    _, w, _ = _operands(1, torch.float32, False, False)
+    with _KeyRecorder(do_not_specialize=[]) as rec:
+        for m in (1, 16, 17):
+            smooth_gemm(torch.randn(m, K, device=DEVICE), w, None, False, config=PRIMITIVES["tile64"])
+        assert rec.count() == 3
+
+
+# ---------------------------------------------------------------- table
+def test_table_lookup_round_trip(tmp_path, monkeypatch):
+    from ascend_kernels import gemm_table
+
+    small, big = GemmConfig(16, 64, 256, 1, 2, 4, 4), GemmConfig(128, 256, 64, 8, 1, 8, 3)
+    doc = table_json("fake-gpu", {(N, K): [(512, big), (16, small)]}, {"dtype": "bfloat16"})
+    assert parse_table(doc)[(N, K)] == ((16, small), (512, big))
+    (tmp_path / "fake-gpu.json").write_text(__import__("json").dumps(doc))
+    monkeypatch.setattr(gemm_table, "TABLE_DIR", tmp_path)
+    gemm_table.load_table.cache_clear()
+    try:
+        assert [lookup(N, K, m, "fake-gpu") for m in (1, 16, 17, 4096)] == [small, small, big, big]
+        assert lookup(N + 1, K, 1, "fake-gpu").block_m == 16  # shape not tuned: default primitive
+        assert lookup(N, K, 1, "no-such-gpu") == gemm_table.default_config(1)
+    finally:
+        gemm_table.load_table.cache_clear()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        GemmConfig(block_m=48)
+    with pytest.raises(ValueError):
+        GemmConfig(block_n=8)
+    with pytest.raises(ValueError):
+        GemmConfig(split_k=3)
+    assert GemmConfig(16, 256, 512, 1, 4).fitted(96, 80) == GemmConfig(16, 128, 128, 1, 1)
+
+
+# ---------------------------------------------------------------- GPU: bf16 numerics, graphs
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 100, 333, 1000])
+def test_gpu_bf16_llama_shapes(m):
+    torch.manual_seed(6)
+    for n, k in ((6144, 4096), (2048, 8192)):
+        x, w, b = _operands(m, torch.bfloat16, False, True, k=k, n=n)
+        assert _rel_err(smooth_gemm(x, w, b, False), x, w, b, False) < TOL[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("name", sorted(PRIMITIVES))
+def test_gpu_bf16_every_primitive(name, weight_kn):
+    torch.manual_seed(8)
+    cfg = PRIMITIVES[name]
+    cfg = GemmConfig(cfg.block_m, 128, 64, cfg.group_m, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.tma)
+    for m in (1, 3, 17, 100, 333):
+        x, w, b = _operands(m, torch.bfloat16, weight_kn, True, k=1024, n=768)
+        out = smooth_gemm(x, w, b, weight_kn, config=cfg)
+        assert _rel_err(out, x, w, b, weight_kn) < TOL[torch.bfloat16], f"M={m}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [False, True], ids=["masked", "tma"])
+def test_gpu_one_cuda_graph_serves_a_bucket(tma):
+    torch.manual_seed(7)
+    bucket, k, n = 64, 2048, 3072
+    x, w, _ = _operands(bucket, torch.bfloat16, False, False, k=k, n=n)
+    out = torch.empty(bucket, n, dtype=torch.bfloat16, device="cuda")
+    num_tokens = torch.tensor([bucket], dtype=torch.int32, device="cuda")
+    cfg = GemmConfig(64, 128, 64, 8, 1, 4, 3, tma=tma)
+    smooth_gemm(x, w, None, False, num_tokens=num_tokens, out=out, config=cfg)  # compile outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        smooth_gemm(x, w, None, False, num_tokens=num_tokens, out=out, config=cfg)
+    for m in (1, 5, 17, 64):
+        x.copy_(torch.randn_like(x))
+        out.fill_(float("nan"))
+        num_tokens.fill_(m)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel_err(out[:m], x[:m], w, None, False) < TOL[torch.bfloat16]
+        assert torch.isnan(out[m:]).all()
+
+
+# ---------------------------------------------------------------- torch.compile: one graph, any M
+class _Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D: addmm(b, x, W[K, N]) -> xyserve::gemm(weight_kn=True)."""
+
+    def __init__(self, k, n):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(k, n) / k**0.5)
+        self.bias = torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(32, 64)
+        self.proj = _Conv1D(64, 48)
+        self.down = torch.nn.Linear(48, 32, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.proj(torch.relu(self.up(x)))))
+
+
+TOKENS = (1, 2, 3, 17, 100, 333, 512)
+
+
+@pytest.mark.parametrize("unbacked", [True, False], ids=["unbacked", "dynamic"])
+def test_compiled_model_any_token_count_no_recompile(unbacked, monkeypatch):
+    """Under torch.compile(dynamic=True, impl="triton") every token count runs one graph.
+
+    Dynamo itself specialises a size of 1 (its 0/1 rule): with a plain dynamic dim, T=1 gets its
+    own graph and every T >= 2 shares the next one; marking the token dim unbacked (what the engine
+    does) leaves one graph for all T. The kernels never add a specialisation of their own.
+    """
+    from torch._dynamo.utils import counters
+
+    calls = []
+    real = smooth.smooth_gemm
+    monkeypatch.setattr(smooth, "smooth_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(9)
+    model = _MLP().eval()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="xyserve", dynamic=True, options={"impl": "triton"})
+    graphs = []
+    with torch.no_grad():
+        for t in TOKENS:
+            x = torch.randn(1, t, 32)
+            if unbacked:
+                torch._dynamo.decorators.mark_unbacked(x, 1)
+            out = compiled(x)
+            ref = model(x)
+            assert ((out - ref).norm() / ref.norm()).item() < 1e-5, f"T={t}"
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert len(calls) == 3 * len(TOKENS)  # all three linears ran through SmoothGEMM every time
+    if unbacked:
+        assert graphs == [1] * len(TOKENS)
+    else:
+        assert graphs == [1] + [2] * (len(TOKENS) - 1)
+    assert not counters["recompiles"] or sum(counters["recompiles"].values()) <= (0 if unbacked else 1)
