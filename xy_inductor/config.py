@@ -95,7 +95,8 @@ class EngineConfig:
             raise ValueError(
                 f"xyserve: kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}"
             )
-        if None not in (self.max_num_batched_tokens, self.max_num_seqs) and self.max_num_batched_tokens < self.max_num_seqs:
+        budget, seqs = self.max_num_batched_tokens, self.max_num_seqs
+        if budget is not None and seqs is not None and budget < seqs:
             # Every running request must be able to decode in the same step.
             raise ValueError(
                 f"xyserve: max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "

@@ -1,0 +1,81 @@
+"""Models the paged kernels cannot serve exactly are refused with a clear error, never run wrong;
+the compiled model gives the same tokens; the CLI and checkpoint-folder loading work."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from engine_models import MAX_LEN, _COMMON, build_model, random_prompts, reference, word_tokenizer
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+
+from xy_inductor import LLM, SamplingParams
+from xy_inductor.cli import main as cli_main
+
+GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+
+
+def test_sliding_window_shorter_than_max_len_is_refused():
+    model = MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=64)).eval()
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        LLM(model, compile=False)
+    # with max_model_len within the window the model is plain causal attention: served exactly
+    prompts = random_prompts([5, 40], seed=2)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=64)).eval()
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    outs = LLM(model, max_model_len=64, compile=False).generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+
+
+def test_softcapping_is_refused():
+    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=MAX_LEN)
+    with pytest.raises(NotImplementedError, match="softcapping"):
+        LLM(Gemma2ForCausalLM(config).eval(), compile=False)
+
+
+def test_model_without_attention_interface_is_refused():
+    model = BloomForCausalLM(BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=512)).eval()
+    with pytest.raises(NotImplementedError, match="xyserve"):
+        LLM(model, max_model_len=128, compile=False)
+
+
+def test_compiled_model_gives_the_same_tokens():
+    pytest.importorskip("xy_inductor.backend")  # the lead's torch.compile backend
+    prompts = random_prompts([1, 70, 9, 33], seed=12)
+    expected = reference("gpt2", tuple(map(tuple, prompts)), GREEDY.max_tokens)
+    llm = LLM(build_model("gpt2"), compile=True, compile_backend="xyserve", max_num_batched_tokens=32)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == expected
+    assert llm.engine.runner.forward is not llm.engine.runner.model
+
+
+def test_cli_generate_from_checkpoint_folder(tmp_path, capsys):
+    model, tok = build_model("llama"), word_tokenizer()
+    model.save_pretrained(tmp_path / "ckpt")
+    tok.save_pretrained(tmp_path / "ckpt")
+    prompts = random_prompts([4, 25], seed=13)
+    (tmp_path / "prompts.jsonl").write_text(
+        json.dumps({"prompt": " ".join(f"w{t}" for t in prompts[0])}) + "\n"
+        + json.dumps({"prompt_token_ids": prompts[1]}) + "\n"
+    )
+    out_file = tmp_path / "out.jsonl"
+    rc = cli_main(["generate", "--model", str(tmp_path / "ckpt"), "--prompts-file", str(tmp_path / "prompts.jsonl"),
+                   "--max-tokens", "5", "--ignore-eos", "--no-compile", "--quiet", "-o", str(out_file)])
+    assert rc == 0
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["prompt_token_ids"] for r in records] == prompts
+    assert [r["token_ids"] for r in records] == reference("llama", tuple(map(tuple, prompts)), 5)
+    assert all(r["finish_reason"] == "length" and r["text"] for r in records)
+    assert cli_main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "w1", "--max-tokens", "0",
+                     "--no-compile", "--quiet"]) == 2
+    assert "max_tokens" in capsys.readouterr().err

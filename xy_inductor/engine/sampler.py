@@ -1,0 +1,77 @@
+"""Sampler: next tokens from the logits rows of one step.
+
+Greedy rows are an argmax over the whole group at once. Sampled rows apply, in HF order,
+repetition penalty -> temperature -> top-k -> top-p, then draw with the request's own
+torch.Generator when it has a seed (so its tokens do not depend on its batch mates), else with the
+engine's shared generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from xy_inductor.config import SamplingParams
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    params: SamplingParams
+    seen_token_ids: list[int] | None  # prompt + output, only needed for repetition_penalty != 1
+    generator: torch.Generator | None
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """HF semantics: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
+    ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+    picked = logits.gather(-1, ids)
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.scatter(-1, ids, picked)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask to -inf everything outside the top-k and outside the smallest set with mass >= top_p."""
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum <= 1.0 - top_p
+        drop[..., -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+        """logits [N, V] (any float dtype), one row per request to sample -> N token ids."""
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"xyserve: {logits.shape[0]} logits rows for {len(rows)} requests")
+        out: list[int | None] = [None] * len(rows)
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy and r.params.repetition_penalty == 1.0]
+        if greedy:
+            picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(rows) else logits.argmax(-1).tolist()
+            for i, token in zip(greedy, picked):
+                out[i] = token
+        for i, row in enumerate(rows):
+            if out[i] is None:
+                out[i] = self._sample_row(logits[i].float(), row)
+        return out  # type: ignore[return-value]
+
+    def _sample_row(self, logits: torch.Tensor, row: SamplingRow) -> int:
+        params = row.params
+        if params.repetition_penalty != 1.0 and row.seen_token_ids:
+            logits = apply_repetition_penalty(logits, row.seen_token_ids, params.repetition_penalty)
+        if params.greedy:
+            return int(logits.argmax())
+        logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+        probs = logits.softmax(dim=-1)
+        generator = row.generator if row.generator is not None else self.generator
+        if generator is not None and generator.device != probs.device:
+            probs = probs.cpu()  # a CPU generator draws on the host; tiny next to a forward
+        return int(torch.multinomial(probs, 1, generator=generator))

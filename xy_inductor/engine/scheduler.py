@@ -1,0 +1,161 @@
+"""Scheduler: fill one token budget per step with decode, verify and prefill tokens; no phases.
+
+Every running request catches its computed tokens up to its known tokens (prompt + generated,
+later + drafted). Requests that only need their last sampled token (decode, or verify with drafts)
+go first and always get room in the budget; running prefills (chunks of long prompts, recomputes)
+and then waiting requests fill what is left. When the KV pool runs dry the newest running request
+is preempted: its blocks are freed and it recomputes later (mostly from prefix-cache hits), so the
+oldest request always makes progress and every request finishes. Works on lists, never tensors.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from xy_inductor.engine.kv_cache import KVCacheManager
+from xy_inductor.engine.outputs import ScheduledRequest, SchedulerOutput, Stage
+from xy_inductor.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError("xyserve: the token budget must cover one decode token per running request")
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._next_arrival = 0
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------ requests in and out
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"xyserve: request id {request.request_id!r} is already in use")
+        request.arrival_index = self._next_arrival
+        self._next_arrival += 1
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish a request early (abort, stop string found by the engine) or normally."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        request.metrics.finished_time = time.perf_counter()
+        self.kv.remove(request)
+        return request
+
+    # ------------------------------------------------------------ one step
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        rows: dict[str, ScheduledRequest] = {}
+        budget = self.max_num_batched_tokens
+        # Decode / verify rows first (they need only their last token), then running prefills.
+        order = sorted(self.running, key=lambda r: (not self._is_decode(r), r.arrival_index))
+        for request in order:
+            if request.status is not RequestStatus.RUNNING or budget == 0:
+                continue
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._make_room(request, n, rows, out):
+                rows[request.request_id] = self._row(request, n)
+                budget -= n
+            budget = self.max_num_batched_tokens - sum(r.num_new_tokens for r in rows.values())
+        if not out.preempted_ids:  # admitting while preempting would only thrash the pool
+            budget = self._admit_waiting(rows, budget)
+        out.rows = list(rows.values())
+        return out
+
+    def _is_decode(self, request: Request) -> bool:
+        return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
+
+    def _make_room(self, request: Request, n: int, rows: dict, out: SchedulerOutput) -> bool:
+        """Allocate KV for n new tokens, preempting the newest running requests as needed."""
+        while not self.kv.allocate_slots(request, n):
+            victim = max(self.running, key=lambda r: r.arrival_index)
+            self._preempt(victim)
+            rows.pop(victim.request_id, None)
+            out.preempted_ids.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _admit_waiting(self, rows: dict, budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            hits = self.kv.find_cached_prefix(request)
+            num_hit = len(hits) * self.kv.block_size
+            n = min(request.num_tokens - num_hit, budget)
+            if not self.kv.allocate_slots(request, n, hits):
+                break  # first come, first served: later requests wait too
+            self.waiting.popleft()
+            first_time = request.metrics.first_scheduled_time is None
+            if first_time:
+                request.metrics.first_scheduled_time = time.perf_counter()
+                request.metrics.num_cached_tokens = num_hit
+            self.kv.record_prefix_lookup(request.num_tokens if first_time else 0, num_hit)
+            request.num_computed_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            rows[request.request_id] = self._row(request, n)
+            budget -= n
+        return budget
+
+    def _row(self, request: Request, n: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        table = self.kv.block_table(request.request_id)
+        bs = self.kv.block_size
+        decode = self._is_decode(request)
+        return ScheduledRequest(
+            request_id=request.request_id,
+            stage=Stage.DECODE if decode else Stage.PREFILL,
+            token_ids=request.token_ids(start, start + n),
+            num_computed_tokens=start,
+            block_table=table,
+            slot_mapping=[table[p // bs] * bs + p % bs for p in range(start, start + n)],
+            sample=start + n == request.num_tokens,
+        )
+
+    # ------------------------------------------------------------ after the forward
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, finish stopped requests.
+
+        Returns the requests that got new tokens (finished ones included)."""
+        now = time.perf_counter()
+        changed = []
+        for row in out.rows:
+            request = self.requests.get(row.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += row.num_new_tokens
+            self.kv.cache_full_blocks(request)
+            if not row.sample:
+                continue
+            for token_id in sampled[row.request_id]:
+                request.append_token(token_id, now)
+                status = request.check_stop()
+                if status is not None:
+                    self.finish(request.request_id, status)
+                    break
+            changed.append(request)
+        return changed
