@@ -1,0 +1,253 @@
+"""The meta-attention Triton kernel: one persistent launch walks a Task-Table.
+
+Every task is the same basic block looped over KV tiles: Q.K^T -> online softmax -> P.V, for one
+tile of query rows (token x query head of one GQA group) against one kv head. Two tile heights
+are compiled into the same kernel (a small one for decode / short verify, a large one for
+prefill); the task says which one runs. KV is read through a block table (paged cache) or by
+strides (dense SDPA tensors: PAGED=False). Split-KV pieces write partial results to a workspace
+and the last piece to finish merges them, so even split batches stay one launch.
+
+Scores live in the log2 domain (scale * log2 e folded into one multiply) so softmax uses exp2.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ascend_kernels.attention_epilogue import _merge_pieces, _store_rows, _zero_tail_rows
+from ascend_kernels.tiling import HEADER, PATH_SMALL, TASK_FIELDS
+
+LOG2E = 1.4426950408889634
+# module globals read inside @triton.jit must be constexpr objects
+TABLE_HEADER = tl.constexpr(HEADER)
+FIELDS = tl.constexpr(TASK_FIELDS)
+SMALL_PATH = tl.constexpr(PATH_SMALL)
+
+
+@triton.jit
+def _mma(a, b, IEEE: tl.constexpr):
+    # fp32 inputs must not silently drop to tf32: callers asked for fp32 numbers.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _kv_rows(bt_ptr, b, j, j_ok, stride_bt, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """(block, slot-in-block) of KV positions j; a dense tensor is one block per request."""
+    if PAGED:
+        blk = tl.load(bt_ptr + b * stride_bt + j // PAGE, mask=j_ok, other=0).to(tl.int64)
+        return blk, (j % PAGE).to(tl.int64)
+    else:
+        return tl.zeros_like(j).to(tl.int64) + b, j.to(tl.int64)
+
+
+@triton.jit
+def _mask_scores(s, j, tok, head, b, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok,
+                 tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                 CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Apply the KV bound, causality (or the tree corner) and an explicit dense mask to a tile."""
+    valid = (j[None, :] < kv_hi) & row_ok[:, None]
+    if HAS_TREE:
+        # only the q_len x q_len corner of new tokens is masked; the cached prefix is visible
+        new = j[None, :] - (seq_len - q_len)
+        in_corner = (new >= 0) & valid
+        keep = tl.load(tree_ptr + (q_row0 + tok)[:, None].to(tl.int64) * stride_tree + new,
+                       mask=in_corner, other=0)
+        valid = valid & ((new < 0) | (keep != 0))
+    elif CAUSAL:
+        valid = valid & (j[None, :] <= (pos_offset + tok)[:, None])
+    if MASK_KIND != 0:
+        m_off = (b.to(tl.int64) * stride_mb + head[:, None].to(tl.int64) * stride_mh
+                 + tok[:, None].to(tl.int64) * stride_ms + j[None, :].to(tl.int64) * stride_ml)
+        m_val = tl.load(mask_ptr + m_off, mask=valid, other=0)
+        if MASK_KIND == 1:
+            valid = valid & (m_val != 0)
+        else:
+            # clamp so HF's finfo.min stays finite after the log2 e scaling (all-masked rows of
+            # finfo.min then stay uniform, as in SDPA)
+            s = s + tl.maximum(m_val.to(tl.float32), -1.0e30) * 1.4426950408889634
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _kv_step(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, start, kv_head, d, dv,
+             tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+             stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+             tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+             PAGED: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+             HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """One basic block: scores of a KV tile, online-softmax update, P.V accumulation."""
+    j = start + tl.arange(0, BLOCK_N)
+    j_ok = j < kv_hi
+    blk, slot = _kv_rows(bt_ptr, b, j, j_ok, stride_bt, PAGED, PAGE)
+    k_off = blk * stride_kb + slot * stride_ks + kv_head * stride_kh  # [BLOCK_N]
+    v_off = blk * stride_vb + slot * stride_vs + kv_head * stride_vh  # [BLOCK_N]
+    k_mask = (d < HEAD_DIM)[:, None]
+    v_mask = (dv < HEAD_DIM_V)[None, :]
+    if MASKED:
+        k_mask = k_mask & j_ok[None, :]
+        v_mask = v_mask & j_ok[:, None]
+    k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=k_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+    if DOT_FP32:
+        k_t = k_t.to(tl.float32)
+    s = _mma(q, k_t, IEEE) * scale_log2
+    if MASKED:
+        s = _mask_scores(s, j, tok, head, b, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok,
+                         tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                         CAUSAL, HAS_TREE, MASK_KIND)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row with nothing visible yet keeps m = -inf; exp2 needs a finite pivot
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + v_off[:, None] + dv[None, :], mask=v_mask, other=0.0)  # [BLOCK_N, BLOCK_DV]
+    if DOT_FP32:
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_ptr, ml_ptr, count_ptr,
+                 b, row_lo, row_hi, kv_head, kv_lo, kv_hi, part_base, split, num_splits,
+                 q_base, o_base, q_row0, q_len, seq_len, pos_offset, scale_log2,
+                 stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP: tl.constexpr,
+                 PAGED: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr,
+                 MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, CAN_SPLIT: tl.constexpr):
+    rows = row_lo + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_hi
+    tok = rows // GROUP  # query token inside the request
+    head = kv_head * GROUP + rows % GROUP  # query head
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = q_ptr + q_base + tok[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    # KV tiles below `full` are visible to every row of the tile: they skip all mask work.
+    if MASK_KIND != 0:
+        full = kv_lo
+    elif HAS_TREE:
+        full = seq_len - q_len
+    elif CAUSAL:
+        full = pos_offset + row_lo // GROUP + 1
+    else:
+        full = kv_hi
+    full = tl.minimum(full, kv_hi)
+    full_end = kv_lo + tl.maximum(full - kv_lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(kv_lo, full_end, BLOCK_N):
+        acc, m_i, l_i = _kv_step(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, start, kv_head, d, dv,
+                                 tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+                                 stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                 tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                                 BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, False, CAUSAL, HAS_TREE,
+                                 MASK_KIND, DOT_FP32, IEEE)
+    for start in range(full_end, kv_hi, BLOCK_N):
+        acc, m_i, l_i = _kv_step(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, start, kv_head, d, dv,
+                                 tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+                                 stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                 tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                                 BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
+                                 MASK_KIND, DOT_FP32, IEEE)
+    if CAN_SPLIT:
+        if part_base >= 0:
+            _merge_pieces(part_ptr, ml_ptr, count_ptr, acc, m_i, l_i, part_base, split, num_splits,
+                          o_ptr, o_base, tok, head, dv, row_ok, stride_ot, stride_oh, BLOCK_M, BLOCK_DV, HEAD_DIM_V)
+        else:
+            _store_rows(o_ptr, o_base, acc, l_i, tok, head, dv, row_ok, stride_ot, stride_oh, HEAD_DIM_V)
+    else:
+        _store_rows(o_ptr, o_base, acc, l_i, tok, head, dv, row_ok, stride_ot, stride_oh, HEAD_DIM_V)
+
+
+@triton.jit
+def meta_attention_kernel(
+    table_ptr,  # [HEADER + P + 1 + num_tasks * TASK_FIELDS] int32 Task-Table (tiling.py)
+    q_ptr,  # paged: [T, Hq, D] packed ; dense: [B, Hq, S, D]
+    o_ptr,  # same layout as q, last dim Dv
+    k_ptr,  # paged: [num_blocks, PAGE, Hkv, D] ; dense: [B, Hkv, L, D]
+    v_ptr,  # paged: [num_blocks, PAGE, Hkv, Dv] ; dense: [B, Hkv, L, Dv]
+    bt_ptr,  # [B, max_blocks] int32 block_table (paged only)
+    cu_ptr,  # [B + 1] int32 cu_seqlens_q (paged only)
+    lens_ptr,  # [B] int32 seq_lens: KV length per request, new tokens included (paged only)
+    tree_ptr,  # [T, max_q] uint8 tree mask (HAS_TREE only)
+    mask_ptr,  # [B, Hq, S, L] bool-as-uint8 or float, broadcast by strides (MASK_KIND only)
+    part_ptr,  # [max_partials, SMALL_M, BLOCK_DV] fp32 split-KV partial outputs
+    ml_ptr,  # [max_partials, 2, SMALL_M] fp32 split-KV running max and sum
+    count_ptr,  # [max_partials] int32 arrival counters, zero between launches
+    num_requests, num_rows, dense_q_len, dense_kv_len, scale_log2,
+    stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_bt,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
+    SMALL_M: tl.constexpr, LARGE_M: tl.constexpr, SMALL_N: tl.constexpr, LARGE_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    num_slots = tl.load(table_ptr)  # programs the plan was dealt to; any grid size walks them all
+    task_base = TABLE_HEADER + num_slots + 1
+    for slot in range(tl.program_id(0), num_slots, tl.num_programs(0)):
+        t_lo = tl.load(table_ptr + TABLE_HEADER + slot)
+        t_hi = tl.load(table_ptr + TABLE_HEADER + slot + 1)
+        for t in range(t_lo, t_hi):
+            task = table_ptr + task_base + t * FIELDS
+            b = tl.load(task + 0)
+            row_lo = tl.load(task + 1)
+            row_hi = tl.load(task + 2)
+            kv_head = tl.load(task + 3)
+            kv_lo = tl.load(task + 4)
+            kv_hi = tl.load(task + 5)
+            path = tl.load(task + 6)
+            part_base = tl.load(task + 7)
+            split = tl.load(task + 8)
+            num_splits = tl.load(task + 9)
+            if PAGED:
+                q_row0 = tl.load(cu_ptr + b)
+                q_len = tl.load(cu_ptr + b + 1) - q_row0
+                seq_len = tl.load(lens_ptr + b)
+                pos_offset = seq_len - q_len  # new tokens sit at the end of the KV
+                q_base = q_row0.to(tl.int64) * stride_qt
+                o_base = q_row0.to(tl.int64) * stride_ot
+            else:
+                q_row0 = 0
+                q_len = dense_q_len
+                seq_len = dense_kv_len
+                pos_offset = 0  # SDPA's is_causal is aligned top-left
+                q_base = b.to(tl.int64) * stride_qb
+                o_base = b.to(tl.int64) * stride_ob
+            if path == SMALL_PATH:
+                _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_ptr, ml_ptr, count_ptr,
+                             b, row_lo, row_hi, kv_head, kv_lo, kv_hi, part_base, split, num_splits,
+                             q_base, o_base, q_row0, q_len, seq_len, pos_offset, scale_log2,
+                             stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                             stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
+                             SMALL_M, SMALL_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP,
+                             PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, True)
+            else:
+                # a table planned for another variant may hold taller tiles: walk them in LARGE_M
+                # row slices (never split, so no partials are involved)
+                for r in range(row_lo, row_hi, LARGE_M):
+                    _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_ptr, ml_ptr, count_ptr,
+                                 b, r, tl.minimum(r + LARGE_M, row_hi), kv_head, kv_lo, kv_hi, part_base, split, num_splits,
+                                 q_base, o_base, q_row0, q_len, seq_len, pos_offset, scale_log2,
+                                 stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                 stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
+                                 LARGE_M, LARGE_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP,
+                                 PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, False)
+    if PAGED:
+        _zero_tail_rows(o_ptr, cu_ptr, num_requests, num_rows, stride_ot, stride_oh,
+                        NUM_HEADS, BLOCK_H, BLOCK_DV, HEAD_DIM_V)

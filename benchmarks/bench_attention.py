@@ -1,0 +1,313 @@
+"""Meta-attention vs SDPA per request, varlen FlashAttention and flex_attention (GPU, bf16).
+
+    python benchmarks/bench_attention.py [--quick] [--out DIR]
+
+Llama-3-8B heads (32 q / 8 kv, d 128), paged cache of 16-token blocks in shuffled order. Batches:
+mixed (DESIGN.md), prefill-only, decode-only, verify-only. Every time is the median of
+triton.testing.do_bench over 2 rotated input sets of random data; floors are
+max(bytes / measured copy bandwidth, flops / measured bf16 matmul rate) from this same run.
+Correctness first: bf16 (and fp16/fp32) results against a float64 oracle on the same card.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ascend_kernels import attention, profiles, reference  # noqa: E402
+from ascend_kernels.tiling import plan  # noqa: E402
+
+HQ, HKV, D, PAGE = 32, 8, 128, 16
+SCALE = 1 / math.sqrt(D)
+DEV = "cuda"
+
+
+def bench(fn) -> float:
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")  # us
+
+
+def ceilings() -> dict:
+    src = torch.randn(2**28, device=DEV, dtype=torch.bfloat16)  # 512 MiB
+    dst = torch.empty_like(src)
+    t_copy = bench(lambda: dst.copy_(src))
+    a, b = (torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    t_mm = bench(lambda: torch.mm(a, b))
+    return {"bw_GBps": 2 * src.numel() * 2 / t_copy / 1e3, "mm_TFLOPs": 2 * 8192**3 / t_mm / 1e6}
+
+
+def batch_specs(name: str, rng: random.Random) -> list[tuple[int, int]]:
+    """(q_len, kv_len) per request."""
+    if name == "mixed":
+        return ([(512, 512 + rng.randint(512, 2560)) for _ in range(4)] + [(1, rng.randint(512, 4096)) for _ in range(48)]
+                + [(5, rng.randint(512, 4096)) for _ in range(4)])
+    if name == "prefill":
+        return [(2048, 2048)] * 4
+    if name == "decode":
+        return [(1, rng.randint(512, 4096)) for _ in range(64)]
+    if name == "verify":
+        return [(5, rng.randint(512, 4096)) for _ in range(32)]
+    if name == "long_decode":  # few tasks: exercises split-KV
+        return [(1, 16384), (1, 8192)]
+    raise ValueError(name)
+
+
+def make_inputs(specs, dtype=torch.bfloat16, hq=HQ, hkv=HKV, d=D, page=PAGE, seed=0):
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    blocks = [-(-kv // page) for _, kv in specs]
+    perm = torch.randperm(sum(blocks), device=DEV, generator=gen).to(torch.int32)
+    block_table = torch.zeros(len(specs), max(blocks), dtype=torch.int32, device=DEV)
+    used = 0
+    for b, n in enumerate(blocks):
+        block_table[b, :n] = perm[used:used + n]
+        used += n
+    kc = torch.randn(sum(blocks), page, hkv, d, device=DEV, generator=gen, dtype=dtype)
+    vc = torch.randn(sum(blocks), page, hkv, d, device=DEV, generator=gen, dtype=dtype)
+    q = torch.randn(sum(s[0] for s in specs), hq, d, device=DEV, generator=gen, dtype=dtype)
+    cu = torch.tensor([0] + [sum(s[0] for s in specs[:i + 1]) for i in range(len(specs))], dtype=torch.int32, device=DEV)
+    lens = torch.tensor([s[1] for s in specs], dtype=torch.int32, device=DEV)
+    return q, kc, vc, cu, lens, block_table
+
+
+def oracle64(q, kc, vc, cu, lens, bt, tree=None):
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    group = q.shape[1] // kc.shape[2]
+    for b in range(len(lens)):
+        s, e, kv = int(cu[b]), int(cu[b + 1]), int(lens[b])
+        k = reference.gather_kv(kc, bt[b], kv).double().repeat_interleave(group, 1).transpose(0, 1)
+        v = reference.gather_kv(vc, bt[b], kv).double().repeat_interleave(group, 1).transpose(0, 1)
+        vis = torch.ones(e - s, kv, dtype=torch.bool, device=q.device).tril(kv - (e - s))
+        if tree is not None:
+            vis[:, kv - (e - s):] = tree[s:e, :e - s]
+        out[s:e] = F.scaled_dot_product_attention(q[s:e].double().transpose(0, 1), k, v, attn_mask=vis,
+                                                  scale=1 / math.sqrt(q.shape[-1])).transpose(0, 1)
+    return out
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def correctness() -> dict:
+    """Max error relative to max |ref| against float64, per case."""
+    res, rng = {}, random.Random(1)
+    cases = [("mixed_small_bf16", [(100, 400), (37, 37)] + [(1, rng.randint(1, 900)) for _ in range(6)] + [(5, 300)],
+              torch.bfloat16, HQ, HKV, D, 16),
+             ("long_decode_split_bf16", [(1, 5000), (2, 3000)], torch.bfloat16, HQ, HKV, D, 16),
+             ("fp16_d64_mha_page32", [(70, 200), (1, 333), (4, 90)], torch.float16, 8, 8, 64, 32),
+             ("fp32_d80_gqa8", [(50, 120), (1, 77)], torch.float32, 16, 2, 80, 16),
+             ("bf16_d256", [(40, 100), (1, 500)], torch.bfloat16, 8, 2, 256, 16),
+             ("bf16_d96", [(40, 100), (1, 500)], torch.bfloat16, 8, 4, 96, 16)]
+    for name, specs, dtype, hq, hkv, d, page in cases:
+        args = make_inputs(specs, dtype, hq, hkv, d, page)
+        out = attention.paged_attention(*args, 1 / math.sqrt(d), out=torch.full_like(args[0], float("nan")))
+        res[name] = rel_err(out, oracle64(*args))
+    args = make_inputs([(5, 300), (4, 40), (1, 70)])
+    tree = torch.ones(10, 8, dtype=torch.bool, device=DEV).tril()
+    tree[2, 1] = tree[8, 0] = False  # branches: token 2 skips 1, the second request's last skips 0
+    res["tree_verify_bf16"] = rel_err(attention.paged_attention(*args, 1 / math.sqrt(args[0].shape[-1]), tree),
+                                      oracle64(*args, tree))
+    from ascend_kernels import kv_store
+
+    kc, vc = args[1].clone(), args[2].clone()
+    slots = torch.randperm(kc.shape[0] * kc.shape[1], device=DEV)[:args[0].shape[0]]
+    slots[3] = -1
+    new_k, new_v = (torch.randn(args[0].shape[0], HKV, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    kv_store.store_kv(new_k, new_v, kc, vc, slots)
+    reference.store_kv(new_k, new_v, args[1], args[2], slots)
+    res["store_kv_mismatches"] = float((kc != args[1]).sum() + (vc != args[2]).sum())
+    q = torch.randn(2, HQ, 300, D, device=DEV, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, HKV, 300, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    pad = torch.ones(2, 1, 300, 300, dtype=torch.bool, device=DEV).tril()
+    pad[1, ..., :50] = False
+    for label, mask, causal in (("dense_causal_bf16", None, True), ("dense_padmask_bf16", pad, False)):
+        ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(4, 1),
+                                             v.double().repeat_interleave(4, 1), attn_mask=mask, is_causal=causal)
+        res[label] = rel_err(attention.dense_attention(q, k, v, mask, None, causal), ref.nan_to_num())
+    return res
+
+
+def work(specs) -> tuple[float, float]:
+    """(bytes, flops) one pass must at least move / do: Q, O, and each request's K/V once."""
+    elem = 2
+    byts = sum(2 * n * HQ * D * elem + 2 * kv * HKV * D * elem for n, kv in specs)
+    pairs = sum(n * (kv - n) + n * (n + 1) / 2 for n, kv in specs)
+    return byts, 4 * pairs * HQ * D
+
+
+def baselines(specs, sets, quick) -> dict:
+    """One SDPA call per request, varlen FlashAttention over the packed batch, flex_attention."""
+    out, q, kc, vc, cu, lens, bt = {}, *sets[0]
+    ks = [reference.gather_kv(kc, bt[b], kv) for b, (_, kv) in enumerate(specs)]
+    vs = [reference.gather_kv(vc, bt[b], kv) for b, (_, kv) in enumerate(specs)]
+    from torch.nn.attention.bias import causal_lower_right
+
+    per = []
+    for b, (n, kv) in enumerate(specs):
+        s = int(cu[b])
+        mask = None if n == 1 else causal_lower_right(n, kv)
+        per.append((q[s:s + n].transpose(0, 1)[None], ks[b].transpose(0, 1)[None], vs[b].transpose(0, 1)[None], mask))
+
+    def sdpa_each():
+        for qb, kb, vb, mask in per:
+            F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=True)
+    out["sdpa_per_request_us"] = bench(sdpa_each)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        kp, vp = torch.cat(ks), torch.cat(vs)
+        cuk = torch.tensor([0] + [sum(s[1] for s in specs[:i + 1]) for i in range(len(specs))], device=DEV, dtype=torch.int32)
+        kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            kp, vp = kp.repeat_interleave(HQ // HKV, 1), vp.repeat_interleave(HQ // HKV, 1)
+            out["varlen_note"] = "no enable_gqa: K/V heads repeated"
+        mq, mk = max(s[0] for s in specs), max(s[1] for s in specs)
+        call = lambda: varlen_attn(q, kp, vp, cu, cuk, mq, mk, **kw)  # noqa: E731
+        out["varlen_max_diff_vs_ours"] = (call().float() - attention.paged_attention(*sets[0], SCALE).float()).abs().max().item()
+        out["varlen_us"] = bench(call)
+    except Exception as exc:  # absent in this torch, or unsupported inputs
+        out["varlen_error"] = f"{type(exc).__name__}: {exc}"[:200]
+    if not quick and len(specs) > 8:
+        out.update(flex(specs, q, ks, vs))
+    return out
+
+
+def flex(specs, q, ks, vs) -> dict:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc_q = torch.repeat_interleave(torch.arange(len(specs), device=DEV), torch.tensor([s[0] for s in specs], device=DEV))
+        doc_k = torch.repeat_interleave(torch.arange(len(specs), device=DEV), torch.tensor([s[1] for s in specs], device=DEV))
+        q0 = torch.tensor([0] + [sum(s[0] for s in specs[:i + 1]) for i in range(len(specs))], device=DEV)
+        k0 = torch.tensor([0] + [sum(s[1] for s in specs[:i + 1]) for i in range(len(specs))], device=DEV)
+        shift = torch.tensor([kv - n for n, kv in specs], device=DEV)
+
+        def mask_mod(b, h, qi, ki):
+            doc = doc_q[qi]
+            return (doc == doc_k[ki]) & (ki - k0[doc] <= qi - q0[doc] + shift[doc])
+        t0 = time.time()
+        bm = create_block_mask(mask_mod, 1, None, q.shape[0], sum(s[1] for s in specs), device=DEV)
+        fa = torch.compile(flex_attention)
+        qf, kf, vf = q.transpose(0, 1)[None], torch.cat(ks).transpose(0, 1)[None], torch.cat(vs).transpose(0, 1)[None]
+        call = lambda: fa(qf, kf, vf, block_mask=bm, enable_gqa=True)  # noqa: E731
+        call()
+        return {"flex_us": bench(call), "flex_compile_s": time.time() - t0}
+    except Exception as exc:
+        return {"flex_error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def ours(specs, sets, prof, schedule="symmetric") -> tuple[float, float]:
+    """(kernel us, host planning us) with a prebuilt device Task-Table, as the engine runs it."""
+    q_lens, kv_lens = [s[0] for s in specs], [s[1] for s in specs]
+    t0 = time.perf_counter()
+    p = plan(q_lens, kv_lens, num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, profile=prof, schedule=schedule)
+    table = p.tensor()
+    plan_us = (time.perf_counter() - t0) * 1e6
+    table = table.to(DEV)
+    tiles, prof = p.tiles, prof.for_batch(sum(q_lens), len(q_lens))  # the variant the plan was made for
+    runs = []
+    for q, kc, vc, cu, lens, bt in sets:
+        ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, seq_lens=lens, tree=q.new_empty(0, dtype=torch.uint8),
+                                 mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs))
+        o = torch.empty_like(q)
+        runs.append(lambda q=q, kc=kc, vc=vc, ops=ops, o=o: attention.launch(
+            q, kc, vc, o, table, ops, SCALE, tiles=tiles, profile=prof, grid=p.num_programs))
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(runs)
+        runs[state["i"]]()
+    return bench(call), plan_us
+
+
+def configs(quick):
+    """(label, profile): "auto" is what the library runs (variant picked per batch); the others pin
+    one variant or change one knob of it."""
+    base = profiles.profile_for(DEV)
+    compute = dataclasses.replace(base, memory_overrides=())
+    out = [("auto", base)]
+    if not quick:
+        out += [("compute", compute), ("memory", base.for_batch(1, 1)),
+                ("compute,num_stages=2", dataclasses.replace(compute, num_stages=2)),
+                ("compute,large_rows=64", dataclasses.replace(compute, large_rows=64)),
+                ("auto,split_pieces_per_program=1", dataclasses.replace(base, split_pieces_per_program=1))]
+    return out
+
+
+def run(quick: bool = False) -> dict:
+    torch.manual_seed(0)
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "ceilings": ceilings()}
+    res["correctness_rel_err_vs_fp64"] = correctness()
+    print(res, flush=True)
+    import triton
+
+    res["triton"] = triton.__version__
+    cfgs = configs(quick)
+    for name in ("mixed", "prefill", "decode", "verify", "long_decode"):
+        specs = batch_specs(name, random.Random(0))
+        sets = [make_inputs(specs, seed=s) for s in range(2)]
+        byts, flops = work(specs)
+        floor_us = max(byts / res["ceilings"]["bw_GBps"] / 1e3, flops / res["ceilings"]["mm_TFLOPs"] / 1e6)
+        row = {"floor_us": floor_us, "bytes": byts, "flops": flops, "configs": {}}
+        for label, prof in cfgs:
+            row["configs"][label] = ours(specs, sets, prof)[0]
+        # the headline is what the library runs ("auto"); the sweep's best is shown beside it
+        row["best_config"] = min(row["configs"], key=row["configs"].get)
+        row["ours_us"] = row["configs"]["auto"]
+        row["ours_naive_grid_us"] = ours(specs, sets, cfgs[0][1], "naive")[0]
+        row["plan_host_us"] = ours(specs, sets, cfgs[0][1])[1]
+        row.update(baselines(specs, sets, quick))
+        row["ours_TFLOPs"] = flops / row["ours_us"] / 1e6
+        row["ours_GBps"] = byts / row["ours_us"] / 1e3
+        res[name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "configs"}), row["configs"], flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return res
+
+
+def table(res) -> str:
+    c = res["ceilings"]
+    lines = [f"{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {c['bw_GBps']:.0f} GB/s  "
+             f"mm {c['mm_TFLOPs']:.0f} TFLOP/s",
+             "correctness (max rel err vs fp64): " + ", ".join(f"{k} {v:.1e}" for k, v in res["correctness_rel_err_vs_fp64"].items()),
+             "| batch | ours us | best of sweep | naive grid | SDPA/req | varlen | flex | floor | ours/floor | TFLOP/s | GB/s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("mixed", "prefill", "decode", "verify", "long_decode"):
+        r = res[name]
+        f = lambda k: f"{r[k]:.0f}" if k in r else "-"  # noqa: E731
+        lines.append(f"| {name} | {r['ours_us']:.0f} | {r['configs'][r['best_config']]:.0f} ({r['best_config']}) | "
+                     f"{f('ours_naive_grid_us')} | "
+                     f"{f('sdpa_per_request_us')} | {f('varlen_us')} | {f('flex_us')} | {r['floor_us']:.0f} | "
+                     f"{r['ours_us'] / r['floor_us']:.2f} | {r['ours_TFLOPs']:.0f} | {r['ours_GBps']:.0f} |")
+    lines.append("configs: " + json.dumps({n: {k: round(v) for k, v in res[n]["configs"].items()} for n in
+                                           ("mixed", "prefill", "decode", "verify", "long_decode")}))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = ap.parse_args()
+    result = run(a.quick)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "bench_attention.json").write_text(json.dumps(result, indent=1))
+    print(table(result))

@@ -1,0 +1,251 @@
+"""Meta-attention kernel vs the pure-torch reference and float64 SDPA (Triton CPU interpreter)."""
+import dataclasses
+import math
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ascend_kernels import attention, reference
+from ascend_kernels.profiles import CPU_INTERPRETER
+from ascend_kernels.tiling import build_task_table, plan
+
+TOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def paged_batch(gen, specs, *, num_heads, num_kv_heads, head_dim, block_size, dtype, pad_rows=0):
+    """Random queries and a shuffled paged cache for requests given as (q_len, kv_len)."""
+    blocks = [-(-kv // block_size) for _, kv in specs]
+    num_blocks = sum(blocks) + 2
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    block_table = torch.zeros(len(specs), max(blocks), dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(blocks):
+        block_table[b, :n] = perm[used:used + n]
+        used += n
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    q_lens = [q for q, _ in specs]
+    q = torch.randn(sum(q_lens) + pad_rows, num_heads, head_dim, generator=gen).to(dtype)
+    cu = torch.tensor([0] + [sum(q_lens[:i + 1]) for i in range(len(q_lens))], dtype=torch.int32)
+    seq_lens = torch.tensor([kv for _, kv in specs], dtype=torch.int32)
+    return q, k_cache, v_cache, cu, seq_lens, block_table
+
+
+def fp64_paged(q, k_cache, v_cache, cu, seq_lens, block_table, scale, tree_mask=None):
+    """Independent oracle: float64 SDPA per request with an explicit visibility mask."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k_cache.shape[2]
+    for b in range(len(seq_lens)):
+        start, end, kv = int(cu[b]), int(cu[b + 1]), int(seq_lens[b])
+        n = end - start
+        k = reference.gather_kv(k_cache.double(), block_table[b], kv).repeat_interleave(group, 1)
+        v = reference.gather_kv(v_cache.double(), block_table[b], kv).repeat_interleave(group, 1)
+        visible = torch.ones(n, kv, dtype=torch.bool).tril(kv - n)
+        if tree_mask is not None:
+            visible[:, kv - n:] = tree_mask[start:end, :n]
+        o = F.scaled_dot_product_attention(q[start:end].double().transpose(0, 1), k.transpose(0, 1),
+                                           v.transpose(0, 1), attn_mask=visible, scale=scale)
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+def random_specs(rng, count):
+    """A random mix of prefill, chunked prefill, decode and linear verify requests."""
+    specs = []
+    for _ in range(count):
+        kind = rng.choice(["prefill", "chunked", "decode", "verify"])
+        if kind == "prefill":
+            n = rng.randint(2, 40)
+            specs.append((n, n))
+        elif kind == "chunked":
+            specs.append((rng.randint(2, 30), 0))
+            specs[-1] = (specs[-1][0], specs[-1][0] + rng.randint(1, 60))
+        elif kind == "decode":
+            specs.append((1, rng.randint(1, 90)))
+        else:
+            n = rng.randint(2, 5)
+            specs.append((n, n + rng.randint(0, 60)))
+    return specs
+
+
+def assert_close(out, ref, dtype, what):
+    assert not torch.isnan(out).any(), f"{what}: unwritten (NaN) rows"
+    err = (out.double() - ref.double()).abs().max().item()
+    assert err <= TOL[dtype] * max(1.0, ref.abs().max().item()), f"{what}: max error {err}"
+
+
+@pytest.mark.parametrize("group,block_size,head_dim,dtype", [
+    (1, 16, 64, torch.float32), (4, 32, 128, torch.float32), (8, 16, 80, torch.float32),
+    (4, 16, 64, torch.float16), (8, 32, 96, torch.bfloat16), (2, 32, 256, torch.float32),
+])
+def test_paged_random_mix(group, block_size, head_dim, dtype):
+    gen = torch.Generator().manual_seed(1000 * group + head_dim)
+    rng = random.Random(head_dim + group)
+    num_kv_heads = 2 if group < 8 else 1
+    specs = random_specs(rng, 6)
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=group * num_kv_heads, num_kv_heads=num_kv_heads,
+                                          head_dim=head_dim, block_size=block_size, dtype=dtype, pad_rows=3)
+    scale = 1 / math.sqrt(head_dim)
+    poisoned = torch.full(q.shape[:2] + (head_dim,), float("nan"), dtype=dtype)
+    out = attention.paged_attention(q, kc, vc, cu, lens, bt, scale, out=poisoned)
+    real = int(cu[-1])
+    assert (out[real:] == 0).all(), "padding rows past the last request must be zero"
+    assert_close(out[:real], reference.paged_attention(q, kc, vc, cu, lens, bt, scale)[:real], dtype, "vs reference")
+    assert_close(out[:real], fp64_paged(q, kc, vc, cu, lens, bt, scale)[:real], dtype, "vs fp64")
+
+
+def tree_mask_for(rng, q_lens, max_q):
+    """Each draft token's parent is an earlier token; a token sees itself and its ancestors."""
+    rows = []
+    for n in q_lens:
+        parents = [-1] + [rng.randrange(0, i) for i in range(1, n)]
+        for i in range(n):
+            row = [False] * max_q
+            j = i
+            while j >= 0:
+                row[j] = True
+                j = parents[j]
+            rows.append(row)
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("prebuilt", [False, True])
+def test_paged_tree_verify(prebuilt):
+    gen = torch.Generator().manual_seed(7)
+    rng = random.Random(7)
+    specs = [(5, 40), (1, 23), (7, 7), (4, 61)]
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=8, num_kv_heads=2, head_dim=64,
+                                          block_size=16, dtype=torch.float32)
+    tree = tree_mask_for(rng, [s[0] for s in specs], max_q=8)
+    table = None
+    if prebuilt:
+        table = build_task_table([s[0] for s in specs], [s[1] for s in specs], ["verify", "decode", "verify", "verify"],
+                                 num_q_heads=8, num_kv_heads=2, head_dim=64, device="cpu", tree=True)
+    out = attention.paged_attention(q, kc, vc, cu, lens, bt, 0.125, tree, table,
+                                    out=torch.full_like(q, float("nan")))
+    assert_close(out, reference.paged_attention(q, kc, vc, cu, lens, bt, 0.125, tree), torch.float32, "tree vs ref")
+    assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.125, tree), torch.float32, "tree vs fp64")
+
+
+def test_split_kv_long_decodes_merge_and_reset():
+    gen = torch.Generator().manual_seed(3)
+    specs = [(1, 300), (2, 190)]  # 2 tasks for 4 programs: both must be cut along KV
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=8, num_kv_heads=1, head_dim=64,
+                                          block_size=16, dtype=torch.float32)
+    p = plan([1, 2], [300, 190], num_q_heads=8, num_kv_heads=1, head_dim=64, profile=CPU_INTERPRETER)
+    assert p.num_partials > 0 and any(t.num_splits > 1 for t in p.tasks), "few long decodes must split KV"
+    ref = fp64_paged(q, kc, vc, cu, lens, bt, 0.125)
+    for _ in range(2):  # the second launch proves the arrival counters were reset
+        out = attention.paged_attention(q, kc, vc, cu, lens, bt, 0.125, None, p.tensor(),
+                                        out=torch.full_like(q, float("nan")))
+        assert_close(out, ref, torch.float32, "split-KV")
+    assert (attention._counters["cpu"] == 0).all()
+
+
+def test_naive_schedule_same_numbers():
+    gen = torch.Generator().manual_seed(5)
+    specs = [(9, 30), (1, 44), (2, 20)]
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=4, num_kv_heads=1, head_dim=64,
+                                          block_size=16, dtype=torch.float16)
+    naive = plan([9, 1, 2], [30, 44, 20], num_q_heads=4, num_kv_heads=1, head_dim=64,
+                 profile=CPU_INTERPRETER, schedule="naive")
+    out = attention.paged_attention(q, kc, vc, cu, lens, bt, 0.125, None, naive.tensor())
+    assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.125), torch.float16, "naive plan")
+
+
+def sdpa64(q, k, v, mask, scale, is_causal):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    mask = mask.double() if mask is not None and mask.dtype != torch.bool else mask
+    return F.scaled_dot_product_attention(q.double(), k, v, attn_mask=mask, scale=scale, is_causal=is_causal)
+
+
+@pytest.mark.parametrize("case", ["causal_square", "causal_short_q", "causal_long_q", "pad_bool", "additive_hf",
+                                  "gqa_plain", "decode_long", "strided_q"])
+def test_dense_attention(case):
+    gen = torch.Generator().manual_seed(sum(map(ord, case)))
+    b, hq, hkv, s, length, d = 2, 4, 2, 19, 19, 64
+    mask, causal, dtype = None, False, torch.float32
+    if case == "causal_square":
+        causal = True
+    elif case == "causal_short_q":
+        s, length, causal, dtype = 5, 37, True, torch.float16
+    elif case == "causal_long_q":
+        s, length, causal = 40, 23, True
+    elif case == "gqa_plain":
+        hq, hkv, d, dtype = 8, 1, 80, torch.bfloat16
+    elif case == "decode_long":
+        b, s, length = 1, 1, 400
+    q = torch.randn(b, hq, s, d, generator=gen).to(dtype)
+    if case == "strided_q":  # HF's [B, S, H, D] -> transpose(1, 2) layout
+        q = torch.randn(b, s, hq, d, generator=gen).to(dtype).transpose(1, 2)
+    k = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    v = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
+    if case == "pad_bool":  # left padding of batch row 1 plus causal, as a bool keep-mask
+        mask = torch.ones(s, length, dtype=torch.bool).tril()[None, None].repeat(b, 1, 1, 1)
+        mask[1, :, :, :6] = False
+        mask[1, :, 2, :] = False  # a fully masked row: SDPA returns zeros
+    elif case == "additive_hf":
+        mask = torch.zeros(b, 1, s, length)
+        mask.masked_fill_(torch.ones(s, length, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+        mask[0, :, :, :4] = torch.finfo(torch.float32).min
+        mask += torch.randn(b, 1, s, length, generator=gen) * 0.5
+    poisoned = torch.full((b, hq, s, d), float("nan"), dtype=dtype)
+    out = attention.dense_attention(q, k, v, mask, None, causal, out=poisoned)
+    assert out.is_contiguous() and out.shape == (b, hq, s, d)
+    assert_close(out, reference.dense_attention(q, k, v, mask, None, causal), dtype, f"{case} vs reference")
+    assert_close(out, sdpa64(q, k, v, mask, 1 / math.sqrt(d), causal), dtype, f"{case} vs fp64")
+
+
+def test_dense_fallback_warns_once_and_matches():
+    q = torch.randn(1, 2, 3, 300)  # head dim beyond the kernel's limit
+    k, v = torch.randn(1, 2, 4, 300), torch.randn(1, 2, 4, 300)
+    attention._warned.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = attention.dense_attention(q, k, v, None, None, False)
+        attention.dense_attention(q, k, v, None, None, False)
+    assert sum("reference" in str(w.message) for w in seen) == 1
+    torch.testing.assert_close(out, reference.dense_attention(q, k, v, None, None, False))
+
+
+def test_custom_ops_dispatch_to_the_kernel():
+    import lowering.ops  # noqa: F401  (registers torch.ops.xyserve.*)
+
+    gen = torch.Generator().manual_seed(11)
+    q, kc, vc, cu, lens, bt = paged_batch(gen, [(3, 20), (1, 9)], num_heads=4, num_kv_heads=2, head_dim=64,
+                                          block_size=16, dtype=torch.float32)
+    args = (q, kc, vc, cu, lens, bt, 0.125, None, None, "triton")
+    torch.library.opcheck(torch.ops.xyserve.paged_attention.default, args)
+    assert_close(torch.ops.xyserve.paged_attention(*args), fp64_paged(q, kc, vc, cu, lens, bt, 0.125),
+                 torch.float32, "xyserve::paged_attention")
+    qd, kd, vd = (torch.randn(1, 4, 5, 64, generator=gen) for _ in range(3))
+    dense_args = (qd, kd, vd, None, None, True, "triton")
+    torch.library.opcheck(torch.ops.xyserve.attention.default, dense_args)
+    assert_close(torch.ops.xyserve.attention(*dense_args), sdpa64(qd, kd, vd, None, 0.125, True),
+                 torch.float32, "xyserve::attention")
+
+
+@pytest.mark.parametrize("plan_variant,run_variant", [("compute", "memory"), ("memory", "compute")])
+def test_table_of_the_other_variant_gives_the_same_numbers(plan_variant, run_variant):
+    """The launcher picks its variant from padded shapes, the planner from real lengths: a table
+    with taller tiles than the kernel's must still be walked completely."""
+    gen = torch.Generator().manual_seed(13)
+    specs = [(30, 50), (1, 40), (3, 33)]
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=8, num_kv_heads=2, head_dim=64,
+                                          block_size=16, dtype=torch.float32)
+    variants = {"compute": CPU_INTERPRETER, "memory": CPU_INTERPRETER.for_batch(1, 1)}
+    assert variants["memory"].attention_tiles(64).large_rows < CPU_INTERPRETER.attention_tiles(64).large_rows
+    pinned = variants[plan_variant]
+    p = plan([s[0] for s in specs], [s[1] for s in specs], num_q_heads=8, num_kv_heads=2, head_dim=64,
+             profile=dataclasses.replace(pinned, memory_overrides=()))
+    run = variants[run_variant]
+    ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, seq_lens=lens, tree=q.new_empty(0, dtype=torch.uint8),
+                             mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs))
+    out = attention.launch(q, kc, vc, torch.full_like(q, float("nan")), p.tensor(), ops, 0.125,
+                           tiles=run.attention_tiles(64), profile=run)
+    assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.125), torch.float32, f"{plan_variant} table on {run_variant}")
