@@ -13,6 +13,7 @@ _PUBLIC = {
     "SamplingParams": "xy_inductor.config",
     "EngineConfig": "xy_inductor.config",
     "CompileOptions": "xy_inductor.config",
+    "SpeculativeConfig": "xy_inductor.config",
     "accelerate": "xy_inductor.hf",
     "explain": "xy_inductor.explainer",  # not explain.py: a submodule would shadow the function
 }

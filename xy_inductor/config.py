@@ -48,6 +48,37 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"xyserve: {name} must be a positive int, got {value!r}")
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(slots=True)
+class SpeculativeConfig:
+    """Speculative decoding: a drafter proposes up to k tokens per decoding request; the target
+    verifies them in the same forward pass as the other requests' prefill chunks and decodes.
+
+    method:                 "ngram" (prompt lookup, no extra model) or "draft_model".
+    num_speculative_tokens: k, the most tokens drafted per request and step.
+    draft_model:            an HF causal LM object or a local checkpoint folder (draft_model only);
+                            it must share the target's tokenizer / vocabulary.
+    ngram_min, ngram_max:   n-gram sizes tried, longest first (ngram only).
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    draft_model: Any = None
+    ngram_min: int = 1
+    ngram_max: int = 3
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ValueError(f"xyserve: speculative method must be one of {SPEC_METHODS}, got {self.method!r}")
+        _positive_int("num_speculative_tokens", self.num_speculative_tokens)
+        if (self.method == "draft_model") != (self.draft_model is not None):
+            raise ValueError("xyserve: draft_model is required by (and only by) method='draft_model'")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"xyserve: need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Options of the generation engine (`LLM(model, **engine_config)`).
@@ -68,6 +99,7 @@ class EngineConfig:
     impl:                   kernel choice for the paged attention / KV store ops.
     device, dtype:          where and in which dtype to load a checkpoint given by path.
     seed:                   seeds the shared generator of requests sampled without their own seed.
+    speculative:            speculative decoding (SpeculativeConfig or a dict of its fields), or None.
     """
 
     block_size: int = 16
@@ -84,8 +116,13 @@ class EngineConfig:
     device: str | None = None
     dtype: str | None = None
     seed: int = 0
+    speculative: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative, dict):
+            self.speculative = SpeculativeConfig(**self.speculative)
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise ValueError(f"xyserve: speculative must be a SpeculativeConfig or a dict, got {self.speculative!r}")
         _positive_int("block_size", self.block_size)
         _positive_int("num_kv_blocks", self.num_kv_blocks, allow_none=True)
         _positive_int("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)

@@ -54,7 +54,7 @@ def test_rejection_sampling_accepts_everything_when_draft_equals_target():
 
 def test_ngram_drafter_proposes_what_followed_the_last_match():
     d = NgramDrafter(num_speculative_tokens=3, n_min=1, n_max=2)
-    assert d.propose([1, 2, 3, 4, 9, 1, 2]) == [3, 4, 9]
-    assert d.propose([5, 6, 7]) == []
-    assert d.propose([1, 2, 3, 4, 9, 1, 2], max_tokens=1) == [3]
-    assert d.propose([7, 8, 7]) == [8, 7]
+    assert d.propose("r", [1, 2, 3, 4, 9, 1, 2]) == [3, 4, 9]
+    assert d.propose("r", [5, 6, 7]) == []
+    assert d.propose("r", [1, 2, 3, 4, 9, 1, 2], max_tokens=1) == [3]
+    assert d.propose("r", [7, 8, 7]) == [8, 7]

@@ -1,5 +1,7 @@
 """Drafters propose the next k tokens of a request; the target verifies them in the mixed batch.
 
+Both have `propose(request_id, token_ids, max_tokens) -> drafts` and `release(request_id)`.
+
 NgramDrafter (prompt lookup): find the most recent earlier occurrence of the sequence's last n
 tokens (n from n_max down to n_min) and propose the k tokens that followed it. No model, no
 tensors: it runs in the scheduler's bookkeeping time.
@@ -21,7 +23,10 @@ class NgramDrafter:
         if not 1 <= self.n_min <= self.n_max:
             raise ValueError(f"xyserve: need 1 <= n_min <= n_max, got {self.n_min}, {self.n_max}")
 
-    def propose(self, token_ids: list[int], max_tokens: int | None = None) -> list[int]:
+    def release(self, request_id: str) -> None:
+        """Nothing is kept per request."""
+
+    def propose(self, request_id: str, token_ids: list[int], max_tokens: int | None = None) -> list[int]:
         """Up to k drafted tokens continuing `token_ids` (empty when no n-gram repeats)."""
         k = self.num_speculative_tokens if max_tokens is None else min(max_tokens, self.num_speculative_tokens)
         if k <= 0:
@@ -36,3 +41,49 @@ class NgramDrafter:
                     if follow:
                         return follow
         return []
+
+
+class DraftModelDrafter:
+    """A small HF causal LM drafts greedily, one request at a time, each request keeping its own
+    KV cache (an HF DynamicCache cropped back to the verified prefix after every step).
+
+    A greedy draft is a deterministic proposal, i.e. a point-mass q, which the verifier's rejection
+    sampling handles exactly; so sampled requests keep the target's distribution too.
+    """
+
+    def __init__(self, model, num_speculative_tokens: int) -> None:
+        if num_speculative_tokens < 1:
+            raise ValueError(f"xyserve: num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        self.model = model.eval()
+        self.num_speculative_tokens = num_speculative_tokens
+        self.device = next(model.parameters()).device
+        self._caches: dict[str, tuple[object, list[int]]] = {}  # request -> (cache, tokens it holds)
+
+    def propose(self, request_id: str, token_ids: list[int], max_tokens: int | None = None) -> list[int]:
+        import torch
+        from transformers import DynamicCache
+
+        k = self.num_speculative_tokens if max_tokens is None else min(max_tokens, self.num_speculative_tokens)
+        if k <= 0:
+            return []
+        cache, held = self._caches.get(request_id, (None, []))
+        common = 0
+        limit = min(len(held), len(token_ids) - 1)  # always feed one token to get logits
+        while common < limit and held[common] == token_ids[common]:
+            common += 1
+        if cache is None:
+            cache = DynamicCache(config=self.model.config)
+        elif common < len(held):
+            cache.crop(common - len(held))  # negative = drop that many (the form every version takes)
+        ids = torch.tensor([token_ids[common:]], device=self.device)
+        drafts: list[int] = []
+        with torch.inference_mode():
+            for _ in range(k):
+                logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+                drafts.append(int(logits[0, -1].argmax()))
+                ids = torch.tensor([[drafts[-1]]], device=self.device)
+        self._caches[request_id] = (cache, token_ids + drafts[:-1])  # the last draft was never fed
+        return drafts
+
+    def release(self, request_id: str) -> None:
+        self._caches.pop(request_id, None)

@@ -10,12 +10,15 @@ state, so requests already in flight carry on.
 """
 from __future__ import annotations
 
+import copy
 import itertools
+import os
 from collections.abc import Sequence
 
 import torch
 
-from xy_inductor.config import EngineConfig, SamplingParams
+from xy_inductor.config import EngineConfig, SamplingParams, SpeculativeConfig
+from xy_inductor.engine.drafters import DraftModelDrafter, NgramDrafter
 from xy_inductor.engine.kv_cache import KVCacheManager
 from xy_inductor.engine.model_runner import ModelRunner
 from xy_inductor.engine.outputs import RequestOutput
@@ -23,6 +26,7 @@ from xy_inductor.engine.request import Request, RequestStatus
 from xy_inductor.engine.sampler import Sampler, SamplingRow
 from xy_inductor.engine.scheduler import Scheduler
 from xy_inductor.engine.text_output import TextOutput
+from xy_inductor.engine.verifier import verify_greedy, verify_sampled
 
 
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:
@@ -33,6 +37,28 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def make_drafter(spec: SpeculativeConfig | None, target: torch.nn.Module):
+    """The drafter of a speculative config (None: no speculative decoding)."""
+    if spec is None:
+        return None
+    if spec.method == "ngram":
+        return NgramDrafter(spec.num_speculative_tokens, spec.ngram_min, spec.ngram_max)
+    draft = spec.draft_model
+    if isinstance(draft, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
+
+        draft = AutoModelForCausalLM.from_pretrained(os.fspath(draft), dtype=next(target.parameters()).dtype)
+        draft = draft.to(next(target.parameters()).device)
+    if draft is target:
+        # The engine switches the target to the paged "xyserve" attention; the drafter runs HF's own
+        # cache path, so it needs its own module (same weights, copied).
+        draft = copy.deepcopy(target)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError("xyserve: the draft model's vocabulary differs from the target's")
+    draft.set_attn_implementation("sdpa")
+    return DraftModelDrafter(draft, spec.num_speculative_tokens)
 
 
 def default_budget(device: torch.device) -> int:
@@ -57,6 +83,7 @@ class LLMEngine:
         self.text = TextOutput(tokenizer)
         self._ids = itertools.count()
         self.num_steps = 0
+        self.drafter = make_drafter(config.speculative, model)
 
     # ------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
@@ -111,26 +138,67 @@ class LLMEngine:
 
     # ------------------------------------------------------------ one step
     def step(self, stream_text: bool = False) -> list[RequestOutput]:
-        """Schedule, run and sample one step; outputs of the requests that got new tokens."""
+        """Schedule, run and sample (or verify) one step; outputs of the requests that got tokens."""
+        if self.drafter is not None:
+            self._propose_drafts()
         out = self.scheduler.schedule()
         if out.empty:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("xyserve: the scheduler found no work for unfinished requests")
             return []
+        before = {r.request_id: self._num_output(r.request_id) for r in out.rows}
         logits, sample_ids = self.runner.execute(out)
-        requests = self.scheduler.requests
-        rows = [
-            SamplingRow(
-                params=requests[rid].sampling_params,
-                seen_token_ids=self._seen(requests[rid]),
-                generator=requests[rid].generator,
-            )
-            for rid in sample_ids
-        ]
-        tokens = self.sampler.sample(logits, rows) if rows else []
-        changed = self.scheduler.update_from_output(out, {rid: [t] for rid, t in zip(sample_ids, tokens)})
+        sampled = self._sample(out, logits, sample_ids)
+        changed = self.scheduler.update_from_output(out, sampled)
         self.num_steps += 1
-        return [self._output(r, stream_text) for r in changed]
+        return [self._output(r, stream_text, r.num_output_tokens - before[r.request_id]) for r in changed]
+
+    def _num_output(self, request_id: str) -> int:
+        return self.scheduler.requests[request_id].num_output_tokens
+
+    def _propose_drafts(self) -> None:
+        """Give every decoding request up to k drafted tokens (never past its max_tokens / length)."""
+        for request in self.scheduler.running:
+            if request.draft_token_ids or request.num_output_tokens == 0:
+                continue
+            if request.num_committed_tokens - request.num_computed_tokens != 1:
+                continue  # still prefilling
+            room = min(
+                request.sampling_params.max_tokens - request.num_output_tokens,
+                self.max_model_len - request.num_committed_tokens,
+            ) - 1  # the verify step always adds one token of the target's own
+            if room > 0:
+                request.draft_token_ids = self.drafter.propose(request.request_id, request.all_token_ids(), room)
+
+    def _sample(self, out, logits: torch.Tensor, sample_ids: list[str]) -> dict[str, list[int]]:
+        """Sampled tokens per request: one for plain rows, the verifier's verdict for verify rows."""
+        requests = self.scheduler.requests
+        drafts = {r.request_id: r.token_ids[1:] for r in out.rows if r.num_draft_tokens}
+        offsets, offset = [], 0
+        for rid in sample_ids:
+            offsets.append(offset)
+            offset += len(drafts.get(rid, ())) + 1
+        plain = [i for i, rid in enumerate(sample_ids) if rid not in drafts]
+        rows = [
+            SamplingRow(params=requests[sample_ids[i]].sampling_params,
+                        seen_token_ids=self._seen(requests[sample_ids[i]]),
+                        generator=requests[sample_ids[i]].generator)
+            for i in plain
+        ]
+        tokens = self.sampler.sample(logits[[offsets[i] for i in plain]], rows) if rows else []
+        sampled = {sample_ids[i]: [t] for i, t in zip(plain, tokens)}
+        for i, rid in enumerate(sample_ids):
+            if rid in drafts:
+                d = drafts[rid]
+                sampled[rid] = self._verify(requests[rid], logits[offsets[i] : offsets[i] + len(d) + 1], d)
+        return sampled
+
+    def _verify(self, request: Request, logits: torch.Tensor, drafts: list[int]) -> list[int]:
+        params = request.sampling_params
+        if params.greedy and params.repetition_penalty == 1.0:
+            return verify_greedy(logits, drafts).token_ids
+        generator = request.generator if request.generator is not None else self.sampler.generator
+        return verify_sampled(logits, drafts, None, params, self._seen(request), generator).token_ids
 
     @staticmethod
     def _seen(request: Request) -> list[int] | None:
@@ -138,7 +206,7 @@ class LLMEngine:
             return None
         return request.prompt_token_ids + request.output_token_ids
 
-    def _output(self, request: Request, stream_text: bool) -> RequestOutput:
+    def _output(self, request: Request, stream_text: bool, num_new: int = 1) -> RequestOutput:
         params = request.sampling_params
         text = new_text = None
         if self.tokenizer is not None and (stream_text or params.stop or request.finished):
@@ -147,6 +215,8 @@ class LLMEngine:
                 self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
         if request.finished:
             self.text.drop(request.request_id)
+            if self.drafter is not None:
+                self.drafter.release(request.request_id)
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -156,7 +226,7 @@ class LLMEngine:
             finished=request.finished,
             finish_reason=request.status.value if request.finished else None,
             metrics=request.metrics,
-            new_token_ids=request.output_token_ids[-1:],
+            new_token_ids=request.output_token_ids[len(request.output_token_ids) - num_new :] if num_new else [],
         )
 
     @property
@@ -170,4 +240,8 @@ class LLMEngine:
             "prefix_hit_blocks": kv.num_hit_blocks,
             "kv_blocks": kv.pool.num_blocks,
             "kv_free_blocks": kv.num_free_blocks,
+            "spec_draft_tokens": self.scheduler.num_draft_tokens,
+            "spec_accepted_tokens": self.scheduler.num_accepted_tokens,
+            "spec_acceptance_rate": (self.scheduler.num_accepted_tokens / self.scheduler.num_draft_tokens
+                                     if self.scheduler.num_draft_tokens else None),
         }

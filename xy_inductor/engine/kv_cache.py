@@ -83,6 +83,23 @@ class KVCacheManager:
             table.extend(self.pool.allocate(needed))
         return True
 
+    def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
+        """Whether `allocate_slots(request, num_new_tokens)` would succeed without preempting."""
+        total = request.num_computed_tokens + num_new_tokens
+        needed = self.num_blocks_for(total) - len(self._tables.get(request.request_id, []))
+        return needed <= self.pool.num_free
+
+    def truncate(self, request: Request) -> None:
+        """Free the blocks past the request's computed tokens (rejected drafts' KV). Such blocks
+        were never registered in the prefix cache: only blocks full of computed tokens are."""
+        table = self._tables.get(request.request_id)
+        if not table:
+            return
+        keep = max(self.num_blocks_for(request.num_computed_tokens), self._num_registered.get(request.request_id, 0))
+        if len(table) > keep:
+            self.pool.free(table[keep:][::-1])
+            del table[keep:]
+
     def record_prefix_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.num_query_tokens += num_prompt_tokens
         self.num_hit_tokens += num_hit_tokens

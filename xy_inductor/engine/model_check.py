@@ -67,6 +67,8 @@ def check_model(model: torch.nn.Module, max_model_len: int, num_tokens: int = 8)
     device = next(model.parameters()).device
     vocab = config.vocab_size
     input_ids = torch.randint(0, vocab, (1, num_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    if config._attn_implementation == hf.ATTN_IMPLEMENTATION:  # an earlier engine switched it
+        model.set_attn_implementation("sdpa")
     own_impl = config._attn_implementation
     expected = _logits(model, input_ids)
     model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)

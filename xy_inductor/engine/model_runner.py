@@ -126,7 +126,8 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     def prepare(self, out: SchedulerOutput) -> tuple[dict, list[str]]:
-        """Flat model inputs and attention metadata for the step; the ids of the rows that sample.
+        """Flat model inputs and attention metadata for the step; the ids of the rows that sample
+        (each brings num_draft_tokens + 1 logits rows, in order).
 
         Every dynamic size is padded to at least 2 (Dynamo specialises sizes 0 and 1, which would
         compile the model up to four times), and the token count to a multiple of TOKEN_PAD.
@@ -139,8 +140,8 @@ class ModelRunner:
             slots += row.slot_mapping
             cu.append(cu[-1] + row.num_new_tokens)
             seq_lens.append(row.seq_len)
-            if row.sample:
-                keep.append(cu[-1] - 1)
+            if row.sample:  # a verify row wants every drafted position and the one after
+                keep.extend(range(cu[-1] - row.num_draft_tokens - 1, cu[-1]))
                 sample_ids.append(row.request_id)
         pad = -len(ids) % TOKEN_PAD + (TOKEN_PAD if len(ids) < 2 else 0)
         ids += [0] * pad
@@ -175,7 +176,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[str]]:
-        """Run the step; logits [N, V] at the N sampling rows, with their request ids."""
+        """Run the step; logits [N, V] at the N sampling positions, with the sampling requests' ids
+        (a request with d drafted tokens owns d + 1 consecutive rows)."""
         inputs, sample_ids = self.prepare(out)
         logits = self.forward(**inputs).logits
-        return logits[0, : len(sample_ids)], sample_ids
+        num_rows = sum(r.num_draft_tokens + 1 for r in out.rows if r.sample)
+        return logits[0, :num_rows], sample_ids

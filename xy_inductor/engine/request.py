@@ -37,6 +37,12 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (first schedule)
     num_preemptions: int = 0
+    num_draft_tokens: int = 0  # speculative tokens proposed for this request
+    num_accepted_tokens: int = 0  # of which the target accepted
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -64,6 +70,7 @@ class Request:
     prompt: str | None = None
     arrival_index: int = 0  # admission order: the newest running request is preempted first
     output_token_ids: list[int] = field(default_factory=list)
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed, not yet verified
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
@@ -76,7 +83,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens whose KV must exist before the next token can be sampled."""
+        """Tokens whose KV must exist before the next token can be sampled: prompt + generated
+        + drafted (the drafts' KV is computed by the verify step that checks them)."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + len(self.draft_token_ids)
+
+    @property
+    def num_committed_tokens(self) -> int:
+        """Prompt + generated: the tokens that stay, whatever the verifier says of the drafts."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
@@ -84,16 +97,21 @@ class Request:
         return len(self.output_token_ids)
 
     def token_id(self, index: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < n else self.output_token_ids[index - n]
+        return self.token_ids(index, index + 1)[0]
 
     def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + generated + drafted."""
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
+        tail = self.output_token_ids + self.draft_token_ids if self.draft_token_ids else self.output_token_ids
         if start >= n:
-            return self.output_token_ids[start - n : end - n]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+            return tail[start - n : end - n]
+        return self.prompt_token_ids[start:] + tail[: end - n]
+
+    def all_token_ids(self) -> list[int]:
+        """Prompt + generated (what a drafter continues)."""
+        return self.prompt_token_ids + self.output_token_ids
 
     @property
     def finished(self) -> bool:
@@ -115,6 +133,6 @@ class Request:
             return RequestStatus.FINISHED_STOPPED
         if self.num_output_tokens >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
-        if self.max_model_len is not None and self.num_tokens >= self.max_model_len:
+        if self.max_model_len is not None and self.num_committed_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None

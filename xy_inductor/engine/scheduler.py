@@ -29,6 +29,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._next_arrival = 0
         self.num_preemptions = 0
+        self.num_draft_tokens = 0  # speculative tokens verified, all requests
+        self.num_accepted_tokens = 0
 
     # ------------------------------------------------------------ requests in and out
     def add_request(self, request: Request) -> None:
@@ -67,6 +69,8 @@ class Scheduler:
         for request in order:
             if request.status is not RequestStatus.RUNNING or budget == 0:
                 continue
+            if request.draft_token_ids:
+                self._fit_drafts(request, budget)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if self._make_room(request, n, rows, out):
                 rows[request.request_id] = self._row(request, n)
@@ -78,7 +82,18 @@ class Scheduler:
         return out
 
     def _is_decode(self, request: Request) -> bool:
-        return request.num_output_tokens > 0 and request.num_tokens - request.num_computed_tokens == 1
+        """Only its last sampled token (and any drafts after it) is left to compute."""
+        return request.num_output_tokens > 0 and request.num_committed_tokens - request.num_computed_tokens == 1
+
+    def _fit_drafts(self, request: Request, budget: int) -> None:
+        """Drop trailing drafts that the budget or the KV pool cannot take this step: a verify row
+        is all or nothing (it needs the logits of every drafted position), and drafts are never
+        worth preempting another request for."""
+        keep = max(0, budget - 1)
+        while request.draft_token_ids and (
+            len(request.draft_token_ids) > keep or not self.kv.can_allocate(request, 1 + len(request.draft_token_ids))
+        ):
+            request.draft_token_ids.pop()
 
     def _make_room(self, request: Request, n: int, rows: dict, out: SchedulerOutput) -> bool:
         """Allocate KV for n new tokens, preempting the newest running requests as needed."""
@@ -95,6 +110,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.draft_token_ids.clear()
         request.status = RequestStatus.PREEMPTED
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
@@ -126,14 +142,16 @@ class Scheduler:
         table = self.kv.block_table(request.request_id)
         bs = self.kv.block_size
         decode = self._is_decode(request)
+        drafts = len(request.draft_token_ids) if decode else 0
         return ScheduledRequest(
             request_id=request.request_id,
-            stage=Stage.DECODE if decode else Stage.PREFILL,
+            stage=(Stage.VERIFY if drafts else Stage.DECODE) if decode else Stage.PREFILL,
             token_ids=request.token_ids(start, start + n),
             num_computed_tokens=start,
             block_table=table,
             slot_mapping=[table[p // bs] * bs + p % bs for p in range(start, start + n)],
             sample=start + n == request.num_tokens,
+            num_draft_tokens=drafts,
         )
 
     # ------------------------------------------------------------ after the forward
@@ -147,11 +165,15 @@ class Scheduler:
             request = self.requests.get(row.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            request.num_computed_tokens += row.num_new_tokens
+            tokens = sampled.get(row.request_id, []) if row.sample else []
+            if row.num_draft_tokens:
+                self._settle_drafts(request, row, len(tokens) - 1)
+            else:
+                request.num_computed_tokens += row.num_new_tokens
             self.kv.cache_full_blocks(request)
             if not row.sample:
                 continue
-            for token_id in sampled[row.request_id]:
+            for token_id in tokens:
                 request.append_token(token_id, now)
                 status = request.check_stop()
                 if status is not None:
@@ -159,3 +181,15 @@ class Scheduler:
                     break
             changed.append(request)
         return changed
+
+    def _settle_drafts(self, request: Request, row: ScheduledRequest, num_accepted: int) -> None:
+        """After a verify row: keep the KV of the last token and the accepted drafts, roll back the
+        rest (their slots are freed or overwritten later), and drop the drafts: the accepted ones
+        come back as sampled tokens."""
+        request.num_computed_tokens = row.num_computed_tokens + 1 + num_accepted
+        request.metrics.num_draft_tokens += row.num_draft_tokens
+        request.metrics.num_accepted_tokens += num_accepted
+        self.num_draft_tokens += row.num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        request.draft_token_ids.clear()
+        self.kv.truncate(request)
