@@ -14,7 +14,7 @@ _PUBLIC = {
     "EngineConfig": "xy_inductor.config",
     "CompileOptions": "xy_inductor.config",
     "SpeculativeConfig": "xy_inductor.config",
-    "accelerate": "xy_inductor.hf",
+    "accelerate": "xy_inductor.generate_dropin",
     "explain": "xy_inductor.explainer",  # not explain.py: a submodule would shadow the function
 }
 
