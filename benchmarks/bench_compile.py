@@ -10,14 +10,12 @@ capture, whose time and memory the engine reports in its stats).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 import torch
 from transformers import LlamaForCausalLM
 
-from benchmarks.common import attempt, card_name, llama_config, sync
+from benchmarks.common import attempt, card_name, cli, llama_config, sync
 
 TOKEN_COUNTS = [1, 2, 3, 8, 17, 37, 64, 100, 129, 256, 333, 512]
 
@@ -87,8 +85,4 @@ def table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    res = run(p.parse_args().quick)
-    print(json.dumps(res, indent=1, default=str))
-    print(table(res))
+    cli(run, table)

@@ -11,13 +11,18 @@ bandwidth / weight bytes (one read of the weights per decode step; KV reads igno
 """
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 from transformers import LlamaForCausalLM
 
-from benchmarks.common import attempt, card_name, card_rates, llama_config, timed, weight_bytes
+from benchmarks.common import (
+    attempt,
+    card_name,
+    card_rates,
+    cli,
+    llama_config,
+    timed,
+    weight_bytes,
+)
 
 PROMPT, NEW = 128, 128
 
@@ -99,9 +104,4 @@ def table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    res = run(args.quick)
-    print(json.dumps(res, indent=1, default=str))
-    print(table(res))
+    cli(run, table)

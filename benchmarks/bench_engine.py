@@ -20,21 +20,12 @@ import argparse
 import json
 import os
 import time
-import traceback
 
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import attempt, card_rates, llama_config, sync, timed
 from xy_inductor import LLM, SamplingParams
-
-
-def llama_1b(quick: bool) -> LlamaConfig:
-    if quick:
-        return LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=1024, max_position_embeddings=2048)
-    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-                       rope_theta=500000.0, tie_word_embeddings=True)
 
 
 def workload(quick: bool, vocab: int) -> tuple[list[list[int]], int]:
@@ -42,31 +33,6 @@ def workload(quick: bool, vocab: int) -> tuple[list[list[int]], int]:
     n, lo, hi, new = (8, 8, 64, 16) if quick else (64, 32, 1024, 128)
     lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     return [torch.randint(0, vocab, (k,), generator=g).tolist() for k in lengths], new
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn, repeats: int = 1) -> tuple[float, object]:
-    """Median wall time of `repeats` runs after one warm-up run (which also compiles);
-    repeats=0 times the single run (for callers that warm up on their own)."""
-    if repeats == 0:
-        sync()
-        start = time.perf_counter()
-        result = fn()
-        sync()
-        return time.perf_counter() - start, result
-    result = fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        result = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2], result
 
 
 def padded(prompts, device):
@@ -155,20 +121,6 @@ def step_breakdown(llm, prompts, new) -> dict:
             "steps": {k: {"count": c, "seconds": s, "ms_per_step": 1e3 * s / max(c, 1)} for k, (c, s) in steps.items()}}
 
 
-def card_rates(device) -> dict:
-    """bf16 matmul FLOP/s and copy bandwidth of this card, measured now."""
-    if device.type != "cuda":
-        return {}
-    from triton.testing import do_bench
-
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ a, warmup=50, rep=300)
-    src = torch.randn(1 << 28, device=device, dtype=torch.bfloat16)  # 512 MiB
-    dst = torch.empty_like(src)
-    ms_copy = do_bench(lambda: dst.copy_(src), warmup=20, rep=200)
-    return {"matmul_flops": 2 * 8192**3 / (ms * 1e-3), "copy_bytes_per_s": 2 * src.numel() * 2 / (ms_copy * 1e-3)}
-
-
 def floor_seconds(config: LlamaConfig, prompts, new, rates) -> float | None:
     if not rates:
         return None
@@ -200,21 +152,13 @@ def check_correctness(device) -> dict:
     return {"prompts": len(prompts), "equal_to_hf": same}
 
 
-def attempt(results: dict, name: str, fn) -> None:
-    try:
-        results[name] = fn()
-    except Exception as e:  # a baseline missing on this transformers version is reported, not fatal
-        results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        traceback.print_exc()
-
-
 ENGINES = ("xyserve_eager", "xyserve_compiled", "xyserve_compiled_cublas")
 
 
 def run(quick: bool = False, baselines: bool = True, engines=ENGINES, breakdown: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = llama_1b(quick)
+    config = llama_config("tiny" if quick else "llama-3.2-1b")
     prompts, new = workload(quick, config.vocab_size)
     num_new = len(prompts) * new
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -224,7 +168,7 @@ def run(quick: bool = False, baselines: bool = True, engines=ENGINES, breakdown:
 
     results["transformers"] = transformers.__version__
     attempt(results, "correctness", lambda: check_correctness(device))
-    rates = card_rates(device)
+    rates = card_rates()
     results["card"] = rates
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()

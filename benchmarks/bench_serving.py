@@ -11,15 +11,13 @@ replay the same trace, so its latency columns stay empty.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import time
 
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 
-from benchmarks.common import attempt, card_name, llama_config, percentile, sync
+from benchmarks.common import attempt, card_name, cli, llama_config, percentile, sync
 
 
 def trace(n: int, rate: float, vocab: int, lo: int, hi: int, seed: int = 0) -> list[tuple[float, list[int]]]:
@@ -102,8 +100,4 @@ def table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    res = run(p.parse_args().quick)
-    print(json.dumps(res, indent=1, default=str))
-    print(table(res))
+    cli(run, table)

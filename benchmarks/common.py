@@ -62,10 +62,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, object]:
-    """Median wall seconds of `repeats` runs after one warm-up run (which also compiles)."""
-    result = fn()
+    """Median wall seconds of `repeats` runs after one warm-up run (which also compiles);
+    repeats=0 times the single run (for callers that warm up on their own)."""
+    result = None if repeats == 0 else fn()
     times = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 1)):
         sync()
         start = time.perf_counter()
         result = fn()
@@ -88,3 +89,15 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def cli(run, table) -> None:
+    """`python -m benchmarks.bench_x [--quick]`: the JSON, then the table."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    res = run(p.parse_args().quick)
+    print(json.dumps(res, indent=1, default=str))
+    print(table(res))

@@ -190,7 +190,7 @@ class AttentionPass:
 
     @staticmethod
     def _rewrite(gm: fx.GraphModule, report: LoweringReport, pattern: str, m: dict, impl: str) -> None:
-        k, v, dead = m["k"], m["v"], list(m["dead"])
+        dead = list(m["dead"])
         for name in ("k", "v"):
             src = unrepeat_kv(m[name])
             if src is not None:
