@@ -16,7 +16,7 @@ import torch
 from ascend_kernels import reference
 from ascend_kernels.attention_kernel import LOG2E, meta_attention_kernel
 from ascend_kernels.profiles import AttentionTiles, TargetProfile, interpreting, next_power_of_2, profile_for
-from ascend_kernels.tiling import HEADER, plan
+from ascend_kernels.tiling import plan
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -41,7 +41,8 @@ def _runnable(t: torch.Tensor) -> str | None:
 
 def _counter_buffer(device: torch.device, size: int) -> torch.Tensor:
     """Arrival counters of split-KV pieces; the kernel resets each one it used, so the buffer
-    stays zero between launches and can be reused (and captured in a CUDA graph)."""
+    stays zero between launches and can be reused by a CUDA graph. Run one eager call per device
+    before capturing, so the buffer is allocated outside the graph's memory pool."""
     key = str(device)
     buf = _counters.get(key)
     if buf is None or buf.numel() < size:

@@ -71,7 +71,7 @@ class TargetProfile:
     verify_max_tokens: int = 16
     min_split_kv: int = 256
     max_splits: int = 32
-    split_pieces_per_program: int = 4
+    split_pieces_per_program: int = 1
     split_budget: int = 4
     memory_overrides: tuple[tuple[str, int], ...] = ()
     memory_tokens_per_request: int = 8
