@@ -8,7 +8,13 @@ tuned table (gemm_table.py) only picks one of a few configurations per M range.
 
 With `num_tokens` (int32 [1] on the device) the grid is sized for the bucket (x's rows) while
 the kernel reads the real M from memory: one CUDA graph then serves every M of the bucket, and the
-programs past the real tiles exit at once.
+programs past the real tiles exit at once. The persistent stream-K primitive (gemm_streamk.py) has
+a fixed grid (the cores) and reads M the same way.
+
+Where the tuned table says cuBLAS is faster for an M range, `smooth_gemm` calls F.linear instead
+(allow_cublas=False forces the Triton primitives). cuBLAS has no virtual padding: with
+`num_tokens` it computes the whole bucket, and the rows past the real M then hold whatever the
+padded rows of x produce (garbage, never to be relied on; Triton leaves them untouched).
 """
 from __future__ import annotations
 
@@ -16,9 +22,14 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ascend_kernels.gemm_loops import (
+    descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, tile_coords, tma_ok,
+)  # fmt: skip
+from ascend_kernels.gemm_streamk import smooth_gemm_streamk
 from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
 
 _FINISH_BLOCK_M = 16
@@ -64,12 +75,7 @@ def smooth_gemm_kernel(
     # Tiles of padded rows: the grid covers the bucket, the work covers only the real M.
     if pid >= num_pid_m * num_pid_n:
         return
-    # Grouped order: GROUP_M row tiles walk the same weight panel while it sits in L2.
-    tiles_per_group = GROUP_M * num_pid_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = tile_coords(pid, num_pid_m, num_pid_n, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -81,13 +87,14 @@ def smooth_gemm_kernel(
     k_end = tl.minimum(K, k_start + k_per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_TMA:
-        acc = _tma_mainloop(x_ptr, w_ptr, acc, M, N, K, stride_xm, stride_wk, stride_wn, pid_m * BLOCK_M,
-                            pid_n * BLOCK_N, k_start, k_end, BLOCK_M, BLOCK_N, BLOCK_K, W_KN, DOT_FP32,
-                            INPUT_PRECISION)
+        x_desc, w_desc = make_descriptors(x_ptr, w_ptr, M, N, K, stride_xm, stride_wk, stride_wn, BLOCK_M, BLOCK_N,
+                                          BLOCK_K, W_KN)
+        acc = descriptor_mainloop(x_desc, w_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_start, k_end, BLOCK_K,
+                                  W_KN, DOT_FP32, INPUT_PRECISION)
     else:
-        acc = _masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
-                               stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K, EVEN_K, EVEN_N,
-                               DOT_FP32, INPUT_PRECISION)  # fmt: skip
+        acc = masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
+                              stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K, EVEN_K, EVEN_N,
+                              DOT_FP32, INPUT_PRECISION)  # fmt: skip
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
@@ -97,60 +104,6 @@ def smooth_gemm_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
     else:
         tl.atomic_add(out_ptrs, acc, mask=out_ok, sem="relaxed")
-
-
-@triton.jit
-def _masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
-                     stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Portable K loop: masked loads of the real rows only (padded rows read as zeros on chip)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
-    w_ptrs = w_ptr + (k_start + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
-    for k in range(k_start, k_end, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            if EVEN_N:
-                b = tl.load(w_ptrs)
-            else:
-                b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
-        else:
-            k_ok = (k + offs_k) < k_end
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-    return acc
-
-
-@triton.jit
-def _tma_mainloop(x_ptr, w_ptr, acc, M, N, K, stride_xm, stride_wk, stride_wn, off_m, off_n, k_start, k_end,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KN: tl.constexpr,
-                  DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """K loop through tensor descriptors of the real [M, K] rows: out-of-range rows are never
-    fetched (the copy engine fills them with zeros on chip), so virtual padding holds here too."""
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
-    if W_KN:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
-                                           block_shape=[BLOCK_K, BLOCK_N])
-    else:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
-                                           block_shape=[BLOCK_N, BLOCK_K])
-    for k in range(k_start, k_end, BLOCK_K):
-        a = x_desc.load([off_m, k])
-        if W_KN:
-            b = w_desc.load([k, off_n])
-        else:
-            b = w_desc.load([off_n, k]).T
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    return acc
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -198,67 +151,57 @@ def smooth_gemm(
     weight: torch.Tensor,  # [N, K] (weight_kn=False) or [K, N] (weight_kn=True)
     bias: Optional[torch.Tensor],  # [N] or None
     weight_kn: bool,
-    num_tokens: Optional[torch.Tensor] = None,  # int32 [1]: real M; rows past it untouched
+    num_tokens: Optional[torch.Tensor] = None,  # int32 [1]: real M; Triton leaves rows past it untouched
     out: Optional[torch.Tensor] = None,  # [..., N] contiguous, x's dtype
-    config: Optional[GemmConfig] = None,  # force one primitive (tests, tuner)
+    config: Optional[GemmConfig] = None,  # force one primitive (tests, tuner); CUBLAS forces F.linear
+    allow_cublas: bool = True,  # False: Triton primitives even where the table prefers cuBLAS
 ) -> torch.Tensor:  # [..., N] contiguous, x's dtype
     """x @ W^T + b (Linear) or x @ W + b (Conv1D); fp32 accumulation; see the module doc."""
     n, k = _check(x, weight, bias, weight_kn)
     x2d = x.reshape(-1, k)  # a view when the leading dims allow it; strides go to the kernel
     rows = x2d.shape[0]
+    if out is not None and (out.shape != (*x.shape[:-1], n) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError("SmoothGEMM: out must be a contiguous [..., N] tensor of x's dtype")
+    if num_tokens is not None and (num_tokens.numel() != 1 or num_tokens.device != x.device):
+        raise ValueError("SmoothGEMM: num_tokens must be a 1-element int tensor on x's device")
+    if config is None:
+        gpu = device_key(x.device.index if x.device.type == "cuda" else -1)
+        cfg = _planned(n, k, rows, gpu, allow_cublas)
+    else:
+        cfg = config.fitted(n, k)
+    if cfg.cublas and rows > 0:
+        return _cublas(x, x2d, weight, bias, weight_kn, out)
     if out is None:
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    elif out.shape != (*x.shape[:-1], n) or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError("SmoothGEMM: out must be a contiguous [..., N] tensor of x's dtype")
     if rows == 0:
         return out
     out2d = out.view(rows, n)
-    if config is None:
-        cfg = _planned(n, k, rows, device_key(x.device.index if x.device.type == "cuda" else -1))
+    if cfg.stream_k:
+        smooth_gemm_streamk(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     else:
-        cfg = config.fitted(n, k)
-    if num_tokens is not None and (num_tokens.numel() != 1 or num_tokens.device != x.device):
-        raise ValueError("SmoothGEMM: num_tokens must be a 1-element int tensor on x's device")
-    launch(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
+        launch(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     return out
 
 
+def _cublas(x, x2d, weight, bias, weight_kn, out) -> torch.Tensor:
+    """The vendor GEMM over all of x's rows (a bucket is computed whole: no virtual padding).
+    Without `out` it is exactly the call the backend would otherwise make (F.linear / addmm), so a
+    range dispatched here costs what cuBLAS costs."""
+    if out is None and not weight_kn:
+        return F.linear(x, weight, bias)
+    w = weight if weight_kn else weight.t()
+    target = out.view(x2d.shape[0], -1) if out is not None else None
+    if bias is None:
+        y = torch.mm(x2d, w, out=target)
+    else:
+        y = torch.addmm(bias, x2d, w, out=target)
+    return out if out is not None else y.view(*x.shape[:-1], -1)
+
+
 @functools.lru_cache(maxsize=8192)
-def _planned(n: int, k: int, rows: int, gpu: str) -> GemmConfig:
+def _planned(n: int, k: int, rows: int, gpu: str, allow_cublas: bool) -> GemmConfig:
     """Table read, memoised: the launch path stays a few dict lookups (decode kernels last ~10 us)."""
-    return lookup(n, k, rows, gpu).fitted(n, k)
-
-
-@functools.cache
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def _alloc_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for device-side tensor descriptors (Triton asks its allocator for it)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _tma_ok(x2d: torch.Tensor, weight: torch.Tensor, weight_kn: bool) -> bool:
-    """Descriptors need a Hopper+ GPU (or the CPU interpreter, which emulates them), unit inner
-    strides and 16-byte aligned rows / bases; otherwise the same config runs the masked loop."""
-    if x2d.is_cuda and _capability(x2d.device.index) < 9:
-        return False
-    w_inner, w_outer = (weight.stride(1), weight.stride(0))
-    size = x2d.element_size()
-    aligned = all(v * size % 16 == 0 for v in (x2d.stride(0), w_outer)) and all(
-        t.data_ptr() % 16 == 0 for t in (x2d, weight)
-    )
-    if not (x2d.stride(1) == 1 and w_inner == 1 and aligned):
-        return False
-    global _ALLOCATOR_SET
-    if x2d.is_cuda and not _ALLOCATOR_SET:
-        triton.set_allocator(_alloc_scratch)
-        _ALLOCATOR_SET = True
-    return True
-
-
-_ALLOCATOR_SET = False
+    return lookup(n, k, rows, gpu, allow_cublas).fitted(n, k)
 
 
 def launch(
@@ -274,12 +217,9 @@ def launch(
     rows, k = x2d.shape
     n = out2d.shape[1]
     stride_wk, stride_wn = weight.stride() if weight_kn else weight.stride()[::-1]
-    interpreting = x2d.device.type == "cpu"
-    dot_fp32 = interpreting and x2d.dtype != torch.float32
-    # fp32 inputs get exact fp32 products (not tf32); 16-bit ones the target's default.
-    precision = "ieee" if x2d.dtype == torch.float32 or dot_fp32 else None
+    dot_fp32, precision = dot_options(x2d)
     m_dev = num_tokens is not None
-    use_tma = cfg.tma and _tma_ok(x2d, weight, weight_kn)
+    use_tma = cfg.tma and tma_ok(x2d, weight)
     target = out2d
     if cfg.split_k > 1:
         target = torch.zeros(rows, n, dtype=torch.float32, device=x2d.device)

@@ -1,13 +1,16 @@
 """SmoothGEMM tile configurations: the fixed set of primitives and the tuned lookup table.
 
 A table (ascend_kernels/gemm_tables/<gpu>.json, written by `python -m ascend_kernels.tune_gemm`)
-maps a weight shape "NxK" to a list of M ranges, each with one tile configuration::
+maps a weight shape "NxK" to a list of M ranges, each with its fastest Triton primitive and,
+where the tuner measured cuBLAS faster on that range, `"dispatch": "cublas"`::
 
     {"gpu": "nvidia-h100-80gb-hbm3", "dtype": "bfloat16",
-     "shapes": {"6144x4096": [{"m_max": 16, "config": {"block_m": 16, ...}}, ...]}}
+     "shapes": {"6144x4096": [{"m_max": 16, "config": {"block_m": 16, ...}},
+                              {"m_max": 192, "config": {...}, "dispatch": "cublas"}, ...]}}
 
 The run-time lookup is a dict read (tables are loaded once). M only picks the range, so a new M
-never changes the constexprs, hence never compiles a new kernel.
+never changes the constexprs, hence never compiles a new kernel. A cuBLAS range is served by
+F.linear unless the caller forbids it (allow_cublas=False), then by the stored Triton config.
 """
 from __future__ import annotations
 
@@ -42,6 +45,10 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # load through tensor descriptors where the GPU has a copy engine (Hopper+)
+    # >0: the persistent stream-K primitive (gemm_streamk.py) with stream_k programs per core;
+    # split_k and the grid then no longer apply: the programs share the real tiles' K iterations.
+    stream_k: int = 0
+    cublas: bool = False  # not a Triton primitive: F.linear (the other fields are ignored)
 
     def __post_init__(self) -> None:
         if self.block_m not in BLOCK_MS:
@@ -53,10 +60,17 @@ class GemmConfig:
             raise ValueError("SmoothGEMM: block_n and block_k must be >= 16 (tl.dot minimum)")
         if self.num_stages < 1:
             raise ValueError("SmoothGEMM: num_stages must be >= 1")
+        if not 0 <= self.stream_k <= 8:
+            raise ValueError(f"SmoothGEMM: stream_k (programs per core) must be in 0..8, got {self.stream_k}")
+        if self.stream_k and self.split_k != 1:
+            raise ValueError("SmoothGEMM: stream-K splits K itself; split_k must be 1")
 
     @property
     def primitive(self) -> str:
-        return ("gemv16" if self.block_m == 16 else f"tile{self.block_m}") + ("-tma" if self.tma else "")
+        if self.cublas:
+            return "cublas"
+        name = ("gemv16" if self.block_m == 16 else f"tile{self.block_m}") + ("-tma" if self.tma else "")
+        return name + (f"-sk{self.stream_k}" if self.stream_k else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,11 +80,15 @@ class GemmConfig:
         bn = max(16, min(self.block_n, _next_pow2(n)))
         bk = max(16, min(self.block_k, _next_pow2(k)))
         split = max(1, min(self.split_k, -(-k // bk)))
-        if (bn, bk, split) == (self.block_n, self.block_k, self.split_k):
+        if self.cublas or (bn, bk, split) == (self.block_n, self.block_k, self.split_k):
             return self
         return GemmConfig(
-            self.block_m, bn, bk, self.group_m, _prev_pow2(split), self.num_warps, self.num_stages, self.tma
+            self.block_m, bn, bk, self.group_m, _prev_pow2(split), self.num_warps, self.num_stages, self.tma,
+            self.stream_k,
         )
+
+
+CUBLAS = GemmConfig(cublas=True)
 
 
 def _next_pow2(v: int) -> int:
@@ -108,42 +126,49 @@ def device_key(device_index: int = -1) -> str:
     return normalize_gpu_name(torch.cuda.get_device_name(index))
 
 
+# One tuned M range: (m_max, best Triton config, whether cuBLAS was faster there).
+Entry = tuple[int, GemmConfig, bool]
+
+
 @functools.cache
-def load_table(gpu: str) -> dict[tuple[int, int], tuple[tuple[int, GemmConfig], ...]]:
-    """{(N, K): ((m_max, config), ...) sorted by m_max}; empty when no table ships for this GPU."""
+def load_table(gpu: str) -> dict[tuple[int, int], tuple[Entry, ...]]:
+    """{(N, K): ((m_max, config, cublas), ...) sorted by m_max}; empty when no table ships for this GPU."""
     path = TABLE_DIR / f"{gpu}.json"
     if not path.is_file():
         return {}
     return parse_table(json.loads(path.read_text()))
 
 
-def parse_table(data: dict) -> dict[tuple[int, int], tuple[tuple[int, GemmConfig], ...]]:
+def parse_table(data: dict) -> dict[tuple[int, int], tuple[Entry, ...]]:
+    """Tables written before cuBLAS was a candidate have no "dispatch" key: all Triton."""
     table = {}
     for shape, rows in data.get("shapes", {}).items():
         n, k = (int(v) for v in shape.split("x"))
-        entries = sorted(((int(r["m_max"]), GemmConfig(**r["config"])) for r in rows), key=lambda e: e[0])
-        table[(n, k)] = tuple(entries)
+        entries = [(int(r["m_max"]), GemmConfig(**r["config"]), r.get("dispatch") == "cublas") for r in rows]
+        table[(n, k)] = tuple(sorted(entries, key=lambda e: e[0]))
     return table
 
 
-def lookup(n: int, k: int, m: int, gpu: str) -> GemmConfig:
-    """The config for an [m, k] x [k, n] product: first tuned range whose m_max >= m."""
+def lookup(n: int, k: int, m: int, gpu: str, allow_cublas: bool = True) -> GemmConfig:
+    """The config for an [m, k] x [k, n] product: first tuned range whose m_max >= m (the last
+    range serves any larger M); CUBLAS where the tuner found cuBLAS faster and it is allowed."""
     entries = load_table(gpu).get((n, k))
     if not entries:
         return default_config(m)
-    for m_max, config in entries:
-        if m <= m_max:
-            return config
-    return entries[-1][1]
+    entry = next((e for e in entries if m <= e[0]), entries[-1])
+    return CUBLAS if entry[2] and allow_cublas else entry[1]
 
 
-def table_json(gpu: str, shapes: dict[tuple[int, int], list[tuple[int, GemmConfig]]], meta: dict) -> dict:
-    """The JSON document for `shapes` ({(N, K): [(m_max, config), ...]})."""
+def table_json(gpu: str, shapes: dict[tuple[int, int], list[Entry]], meta: dict) -> dict:
+    """The JSON document for `shapes` ({(N, K): [(m_max, config[, cublas]), ...]})."""
+
+    def row(m_max: int, cfg: GemmConfig, cublas: bool = False) -> dict:
+        return {"m_max": m_max, "config": cfg.to_dict(), **({"dispatch": "cublas"} if cublas else {})}
+
     return {
         "gpu": gpu,
         **meta,
         "shapes": {
-            f"{n}x{k}": [{"m_max": m_max, "config": cfg.to_dict()} for m_max, cfg in sorted(rows, key=lambda e: e[0])]
-            for (n, k), rows in sorted(shapes.items())
+            f"{n}x{k}": [row(*e) for e in sorted(rows, key=lambda e: e[0])] for (n, k), rows in sorted(shapes.items())
         },
     }

@@ -1,11 +1,17 @@
 """Offline SmoothGEMM tuner: `python -m ascend_kernels.tune_gemm --model llama-3-8b`.
 
 For each (N, K) of a model's linears and each M range of gemm_table.M_RANGES, time a short list
-of candidate configurations (primitive, tile sizes, group order, split-K, warps, stages) at the
-top of the range and keep the fastest. The result is merged into
-ascend_kernels/gemm_tables/<gpu>.json (or --out), which smooth_gemm reads at run time.
-Timing: medians of triton.testing.do_bench_cudagraph (the engine replays CUDA graphs), weights
-rotated over enough copies to exceed L2 twice, random data.
+of candidate configurations (primitive, tile sizes, group order, split-K, warps, stages, the
+persistent stream-K primitive) at both ends of the range, keep the Triton config whose worst ratio
+to the best time is lowest, and time cuBLAS (F.linear) the same way: where cuBLAS scores better,
+the range is marked `"dispatch": "cublas"` and smooth_gemm calls F.linear there.
+
+--incumbent TABLE re-tunes incrementally: the tiled candidates shrink to the config TABLE already
+holds for the range (timed again in this run), plus every stream-K candidate and cuBLAS.
+
+The result is merged into ascend_kernels/gemm_tables/<gpu>.json (or --out), which smooth_gemm
+reads at run time. Timing: medians of triton.testing.do_bench_cudagraph (the engine replays CUDA
+graphs), weights rotated over enough copies to exceed L2 twice, random data.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ascend_kernels.gemm_table import M_RANGES, TABLE_DIR, GemmConfig, device_key, parse_table, table_json
+from ascend_kernels.gemm_table import (
+    CUBLAS, M_RANGES, TABLE_DIR, GemmConfig, device_key, parse_table, table_json,
+)  # fmt: skip
 
 # name: (hidden, q heads, kv heads, head_dim, intermediate)
 MODELS = {
@@ -38,8 +46,8 @@ def model_shapes(name: str) -> dict[str, tuple[int, int]]:
     }
 
 
-def _c(bm, bn, bk, group, split, warps, stages, tma=False) -> GemmConfig:
-    return GemmConfig(bm, bn, bk, group, split, warps, stages, tma)
+def _c(bm, bn, bk, group, split, warps, stages, tma=False, sk=0) -> GemmConfig:
+    return GemmConfig(bm, bn, bk, group, split, warps, stages, tma, sk)
 
 
 # Short candidate lists per M regime (pruned with a first full run on an H200: the configs that
@@ -70,17 +78,29 @@ _LARGE = [
 ]  # fmt: skip
 
 
-def candidates(m_max: int) -> list[GemmConfig]:
-    if m_max <= 16:
-        return _GEMV
-    if m_max <= 64:
-        return _SMALL
-    if m_max <= 256:
-        return _MID
-    return _LARGE
+# Persistent stream-K (last field: programs per SM). A first H200 run (round 2) showed it wins
+# where K is long and tiles are few (Llama down projections, M <= 64), never with 128 x 256 tiles
+# (serial reductions of 128 KB partials), and that one 4-warp program per SM cannot keep HBM busy:
+# hence small non-TMA tiles, with 2 programs per SM where two fit in shared memory.
+_SK_GEMV = [_c(16, 64, 256, 1, 1, 4, 4, False, 1), _c(16, 32, 256, 1, 1, 4, 4, False, 2),
+            _c(16, 64, 256, 1, 1, 4, 2, False, 2)]  # fmt: skip
+_SK_SMALL = [_c(64, 64, 128, 8, 1, 4, 4, False, 1), _c(64, 64, 128, 8, 1, 4, 3, False, 2),
+             _c(32, 64, 128, 4, 1, 4, 4, False, 2), _c(16, 64, 256, 1, 1, 4, 4, False, 1)]  # fmt: skip
+_SK_MID = [_c(64, 64, 128, 8, 1, 4, 4, False, 1), _c(64, 64, 128, 8, 1, 4, 3, False, 2),
+           _c(64, 128, 64, 8, 1, 4, 4, False, 1), _c(64, 128, 64, 8, 1, 4, 4, False, 2),
+           _c(64, 128, 64, 8, 1, 4, 4, True, 2)]  # fmt: skip
+_SK_LARGE = [_c(128, 256, 64, 8, 1, 8, 3, True, 1), _c(128, 128, 64, 8, 1, 8, 4, False, 1)]
 
 
-def bench_us(fn, graph: bool = True) -> float:
+def candidates(m_max: int, incumbent: GemmConfig | None = None) -> list[GemmConfig]:
+    """Tiled + stream-K candidates of an M range; with an incumbent, it replaces the tiled list."""
+    tiled, sk = ((_GEMV, _SK_GEMV) if m_max <= 16 else (_SMALL, _SK_SMALL) if m_max <= 64
+                 else (_MID, _SK_MID) if m_max <= 256 else (_LARGE, _SK_LARGE))  # fmt: skip
+    tiled = [incumbent] if incumbent is not None else tiled
+    return tiled + [c for c in sk if c not in tiled]
+
+
+def bench_us(fn, graph: bool = True, rep_ms: int = 10) -> float:
     """Median microseconds per call of `fn`. graph=True: many calls captured in one CUDA graph
     (how the engine runs; no launch gaps); False: eager calls, L2 flushed before each one."""
     import triton.testing as tt
@@ -88,8 +108,8 @@ def bench_us(fn, graph: bool = True) -> float:
     fn()
     torch.cuda.synchronize()
     if graph:
-        return 1e3 * tt.do_bench_cudagraph(fn, rep=10, return_mode="median")
-    return 1e3 * tt.do_bench(fn, warmup=5, rep=25, return_mode="median")
+        return 1e3 * tt.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    return 1e3 * tt.do_bench(fn, warmup=5, rep=2 * rep_ms, return_mode="median")
 
 
 def _rotation(n: int, k: int, dtype: torch.dtype) -> int:
@@ -98,54 +118,76 @@ def _rotation(n: int, k: int, dtype: torch.dtype) -> int:
     return max(1, min(16, math.ceil(2 * l2 / (n * k * dtype.itemsize))))
 
 
-def time_config(cfg, xs, ws) -> float:
-    """Median microseconds of one smooth_gemm call, or inf when the config cannot run here."""
+def time_config(cfg, xs, ws, rep_ms: int = 10) -> float:
+    """Median microseconds of one smooth_gemm call (cfg CUBLAS: F.linear), or inf when the config
+    cannot run here."""
     from ascend_kernels.gemm import smooth_gemm
 
     state = {"i": 0}
 
     def call():
         i = state["i"] = (state["i"] + 1) % len(ws)
-        smooth_gemm(xs[i], ws[i], None, False, config=cfg)
+        if cfg.cublas:
+            torch.nn.functional.linear(xs[i], ws[i])
+        else:
+            smooth_gemm(xs[i], ws[i], None, False, config=cfg)
 
     try:
-        return bench_us(call)
+        return bench_us(call, rep_ms=rep_ms)
     except Exception as exc:  # out of shared memory / registers on this card: not a candidate
         print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
         torch.cuda.synchronize()
         return math.inf
 
 
-def tune_shape(n: int, k: int, dtype: torch.dtype, log: list) -> list[tuple[int, GemmConfig]]:
+def _range_ms(lo: int, m_max: int) -> list[int]:
+    """M values timed for the range (lo, m_max]: both ends, since tile quantisation makes the
+    best config at the top (e.g. 128 x 256 at M=192) a poor one at the bottom (M=129)."""
+    return sorted({m_max, max(lo + 1, m_max // 2 + 1)}) if lo >= 16 else [m_max]
+
+
+def _pick(configs: list[GemmConfig], times: dict[int, list[float]]) -> tuple[int, list[float]]:
+    """Index of the config with the lowest worst-case ratio to the best time at each M, and scores."""
+    best = {m: min(t) for m, t in times.items()}
+    score = [max(times[m][i] / best[m] for m in times) for i in range(len(configs))]
+    return min(range(len(score)), key=score.__getitem__), score
+
+
+def tune_range(n, k, lo, m_max, ws, dtype, incumbent, rep_ms, log) -> tuple[int, GemmConfig, bool]:
+    """One table row: (m_max, best Triton config, cuBLAS faster on this range)."""
     from ascend_kernels.gemm import smooth_gemm
 
+    configs = candidates(m_max, incumbent) + [CUBLAS]
+    ms = _range_ms(lo, m_max)
+    times = {}
+    for m in ms:
+        xs = [torch.randn(m, k, dtype=dtype, device="cuda") for _ in ws]
+        times[m] = [time_config(cfg, xs, ws, rep_ms) for cfg in configs]
+    i_tri, score = _pick(configs[:-1], {m: t[:-1] for m, t in times.items()})
+    i_all, score_all = _pick(configs, times)
+    best, use_cublas = configs[i_tri], configs[i_all].cublas
+    ref = torch.nn.functional.linear(xs[0].float(), ws[0].float())
+    err = ((smooth_gemm(xs[0], ws[0], None, False, config=best).float() - ref).norm() / ref.norm()).item()
+    if not err < 2e-2:
+        raise RuntimeError(f"tuned config {best} is wrong for N={n} K={k} M={m_max}: rel err {err}")
+    log.append({"n": n, "k": k, "m_range": [lo + 1, m_max], "timed_at": ms, "score": score[i_tri],
+                "us": {m: times[m][i_tri] for m in ms}, "config": best.to_dict(), "rel_err": err,
+                "cublas_us": {m: times[m][-1] for m in ms}, "dispatch": "cublas" if use_cublas else "triton",
+                "all": [(c.to_dict(), {m: times[m][i] for m in ms}) for i, c in enumerate(configs)]})  # fmt: skip
+    us = " ".join(f"M={m}:{times[m][i_tri]:.1f}us/cuBLAS {times[m][-1]:.1f}us" for m in ms)
+    print(f"N={n:6d} K={k:6d} M in ({lo},{m_max}]: {us} (x{score[i_tri]:.2f} of best) "
+          f"{best.primitive} {best}{' -> cuBLAS' if use_cublas else ''}", flush=True)  # fmt: skip
+    return m_max, best, use_cublas
+
+
+def tune_shape(n: int, k: int, dtype: torch.dtype, log: list, incumbents=(), rep_ms: int = 10) -> list:
+    """Rows (m_max, config, cublas) for every M range of one weight shape."""
     ws = [torch.randn(n, k, dtype=dtype, device="cuda") / k**0.5 for _ in range(_rotation(n, k, dtype))]
     rows, lo = [], 0
     for m_max in M_RANGES:
-        # Time each candidate at both ends of the range (lo, m_max]: tile quantisation makes the
-        # best config at the top (e.g. 128 x 256 at M=192) a poor one at the bottom (M=129).
-        ms = sorted({m_max, max(lo + 1, m_max // 2 + 1)}) if lo >= 16 else [m_max]
-        times = {}
-        for m in ms:
-            xs = [torch.randn(m, k, dtype=dtype, device="cuda") for _ in ws]
-            times[m] = [time_config(cfg, xs, ws) for cfg in candidates(m_max)]
-        best_per_m = {m: min(t) for m, t in times.items()}
-        score = [max(times[m][i] / best_per_m[m] for m in ms) for i in range(len(candidates(m_max)))]
-        i_best = min(range(len(score)), key=score.__getitem__)
-        best = candidates(m_max)[i_best]
-        ref = torch.nn.functional.linear(xs[0].float(), ws[0].float())
-        got = smooth_gemm(xs[0], ws[0], None, False, config=best).float()
-        err = ((got - ref).norm() / ref.norm()).item()
-        if not err < 2e-2:
-            raise RuntimeError(f"tuned config {best} is wrong for N={n} K={k} M={m_max}: rel err {err}")
-        log.append({"n": n, "k": k, "m_range": [lo + 1, m_max], "timed_at": ms, "score": score[i_best],
-                    "us": {m: times[m][i_best] for m in ms}, "config": best.to_dict(), "rel_err": err,
-                    "all": [(c.to_dict(), {m: times[m][i] for m in ms}) for i, c in enumerate(candidates(m_max))]})
-        us = " ".join(f"M={m}:{times[m][i_best]:.1f}us" for m in ms)
-        print(f"N={n:6d} K={k:6d} M in ({lo},{m_max}]: {us} (x{score[i_best]:.2f} of best) {best}", flush=True)
-        rows.append((m_max, best))
+        incumbent = next((cfg for top, cfg, _ in incumbents if m_max <= top), None)
+        rows.append(tune_range(n, k, lo, m_max, ws, dtype, incumbent, rep_ms, log))
         lo = m_max
-        del xs
     return rows
 
 
@@ -155,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="table path (default: the shipped table)")
     parser.add_argument("--log", type=Path, default=None, help="write every timing here (JSON)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--incumbent", type=Path, default=None,
+                        help="a table whose config per range replaces the tiled candidates (incremental re-tune)")
+    parser.add_argument("--rep-ms", type=int, default=10, help="do_bench_cudagraph rep (ms) per timing")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("tuning needs a CUDA device")
@@ -165,14 +210,17 @@ def main(argv: list[str] | None = None) -> dict:
     if out.is_file():  # merge: keep shapes of other models tuned earlier
         shapes = {key: list(rows) for key, rows in parse_table(json.loads(out.read_text())).items()}
     pairs = sorted({nk for model in args.model for nk in model_shapes(model).values()})
+    incumbents = parse_table(json.loads(args.incumbent.read_text())) if args.incumbent else {}
     log: list = []
     start = time.time()
     meta = {"dtype": args.dtype, "torch": torch.__version__, "triton": __import__("triton").__version__,
             "device_name": torch.cuda.get_device_name(), "models": sorted(args.model),
-            "timing": "do_bench_cudagraph median, weights rotated past L2"}  # fmt: skip
+            "timing": f"do_bench_cudagraph median (rep {args.rep_ms} ms), weights rotated past L2",
+            "candidates": f"incumbent {args.incumbent.name} + stream-K + cuBLAS" if args.incumbent
+            else "full tiled list + stream-K + cuBLAS"}  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     for n, k in pairs:  # the table is rewritten after each shape: an interrupted run still leaves one
-        shapes[(n, k)] = tune_shape(n, k, dtype, log)
+        shapes[(n, k)] = tune_shape(n, k, dtype, log, incumbents.get((n, k), ()), args.rep_ms)
         out.write_text(json.dumps(table_json(gpu, shapes, meta), indent=1) + "\n")
         if args.log:
             args.log.write_text(json.dumps(log, indent=1))

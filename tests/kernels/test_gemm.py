@@ -1,4 +1,5 @@
-"""SmoothGEMM: every primitive against a float64 product, virtual padding, no recompiles per M.
+"""SmoothGEMM: every primitive against a float64 product, virtual padding, no recompiles per M,
+the persistent stream-K primitive's split-tile reduction, and the cuBLAS dispatch of the table.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py), which compiles nothing: there
 the "no new kernel" checks compute the specialisation key Triton's JIT would cache the kernel
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from ascend_kernels import gemm as smooth
+from ascend_kernels import gemm_streamk
 from ascend_kernels.gemm import smooth_gemm
-from ascend_kernels.gemm_table import GemmConfig, lookup, parse_table, table_json
+from ascend_kernels.gemm_table import CUBLAS, GemmConfig, lookup, parse_table, table_json
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RAGGED_M = (1, 3, 17, 100)
@@ -26,6 +28,16 @@ PRIMITIVES = {
     "gemv16-splitk-tma": GemmConfig(16, 32, 16, 1, 2, 4, 2, tma=True),
     "tile64-tma": GemmConfig(64, 32, 32, 2, 1, 4, 3, tma=True),
 }
+# Persistent stream-K: programs = cores (4 under the interpreter, 132 on an H100/H200) x stream_k.
+# On K=80, N=96 and the M below these cover fewer tiles than programs, a ragged last wave after
+# whole data-parallel waves, exact waves (tile32-sk3 at M=100: 12 tiles, 12 programs), tiles split
+# over up to 4 programs, and the masked-K path (BLOCK_K=32).
+STREAM_K = {
+    "gemv16-sk1": GemmConfig(16, 32, 16, 1, 1, 4, 2, stream_k=1),
+    "tile32-sk3": GemmConfig(32, 32, 32, 2, 1, 4, 2, stream_k=3),
+    "tile64-tma-sk2": GemmConfig(64, 32, 16, 2, 1, 4, 3, tma=True, stream_k=2),
+}
+ALL_PRIMITIVES = {**PRIMITIVES, **STREAM_K}
 K, N = 80, 96  # K not a multiple of the K tiles above: the masked-K path runs too
 
 
@@ -46,11 +58,17 @@ def _rel_err(out, x, w, b, weight_kn):
     return ((got - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
+# Both weight layouts and the bias epilogue, each with every dtype: two layouts per dtype keep the
+# interpreter run short (the bias and layout code paths do not depend on each other).
+LAYOUTS = [(False, False), (True, True)]
+LAYOUT_IDS = ["linear-nobias", "conv1d-bias"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", sorted(PRIMITIVES))
-def test_primitive_matches_float64(name, dtype, weight_kn, bias):
+def test_primitive_matches_float64(name, dtype, layout):
+    weight_kn, bias = layout
     torch.manual_seed(0)
     for m in RAGGED_M:
         x, w, b = _operands(m, dtype, weight_kn, bias)
@@ -72,7 +90,37 @@ def test_default_config_leading_dims_and_strided_x(weight_kn):
     assert _rel_err(smooth_gemm(x2, w, b, weight_kn), x2, w, b, weight_kn) < TOL[torch.float32]
 
 
-@pytest.mark.parametrize("name", ["gemv16", "gemv16-splitk", "tile64", "tile64-tma"])
+def _counters_zero() -> bool:
+    """Every stream-K launch must leave its arrival counters at zero (the next launch relies on it)."""
+    return all(int(c.count_nonzero()) == 0 for key, c in gemm_streamk._WORKSPACES.items() if key[2] == 0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", sorted(STREAM_K))
+def test_streamk_matches_float64(name, dtype, layout):
+    weight_kn, bias = layout
+    torch.manual_seed(10)
+    for m in (1, 3, 17, 40, 100):
+        x, w, b = _operands(m, dtype, weight_kn, bias)
+        out = smooth_gemm(x, w, b, weight_kn, config=STREAM_K[name])
+        assert out.shape == (m, N) and out.dtype == dtype and out.is_contiguous()
+        assert _rel_err(out, x, w, b, weight_kn) < TOL[dtype], f"M={m}"
+        assert _counters_zero(), f"M={m}: a split tile was not reduced exactly once"
+
+
+def test_streamk_splits_tiles_and_programs_are_the_core_count():
+    """The schedule really splits tiles here (else the reduction path would go untested)."""
+    cfg = STREAM_K["gemv16-sk1"]
+    programs = gemm_streamk.num_cores(torch.device(DEVICE)) * cfg.stream_k
+    iters = -(-K // cfg.block_k)
+    tiles = -(-3 // cfg.block_m) * -(-N // cfg.block_n)  # M=3
+    assert tiles < programs and (tiles * iters) % programs != 0
+    if DEVICE == "cpu":
+        assert programs == 4
+
+
+@pytest.mark.parametrize("name", ["gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile32-sk3", "tile64-tma-sk2"])
 def test_bucket_only_real_rows_written(name):
     """Grid sized for a 64-row bucket, real M from a device tensor: padded rows untouched."""
     torch.manual_seed(2)
@@ -83,7 +131,7 @@ def test_bucket_only_real_rows_written(name):
         x[m:] = float("nan")  # never read: a NaN row would poison nothing else, but must stay out
         out = torch.full((bucket, N), float("nan"), device=DEVICE)
         num_tokens = torch.tensor([m], dtype=torch.int32, device=DEVICE)
-        smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=PRIMITIVES[name])
+        smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=ALL_PRIMITIVES[name])
         assert _rel_err(out[:m], x[:m], w, b, False) < TOL[torch.float32], f"M={m}"
         assert torch.isnan(out[m:]).all(), f"M={m}: a padded row was written"
 
@@ -112,7 +160,8 @@ class _KeyRecorder:
 
     def __init__(self, **overrides):
         self.gpu = DEVICE == "cuda"
-        self.kernels = (smooth.smooth_gemm_kernel, smooth.smooth_gemm_finish_kernel)
+        self.kernels = (smooth.smooth_gemm_kernel, smooth.smooth_gemm_finish_kernel,
+                        gemm_streamk.smooth_gemm_streamk_kernel)
         self.keys: set = set()
         if not self.gpu:
             self.binders = {id(k): _shadow_binder(k, **overrides) for k in self.kernels}
@@ -142,9 +191,9 @@ class _KeyRecorder:
         return len(self.keys)
 
 
-@pytest.mark.parametrize("name", ["gemv16", "gemv16-splitk", "tile64", "tile64-tma"])
+@pytest.mark.parametrize("name", ["gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile64-tma-sk2"])
 def test_new_m_compiles_no_new_kernel(name):
-    cfg = PRIMITIVES[name]
+    cfg = ALL_PRIMITIVES[name]
     torch.manual_seed(4)
     _, w, b = _operands(1, torch.float16, False, True)
     with _KeyRecorder() as rec:
@@ -156,7 +205,8 @@ def test_new_m_compiles_no_new_kernel(name):
         assert first >= 1 and rec.count() == first
 
 
-def test_num_tokens_bucket_compiles_once():
+@pytest.mark.parametrize("name", ["tile64", "tile64-tma-sk2"])
+def test_num_tokens_bucket_compiles_once(name):
     torch.manual_seed(5)
     x, w, _ = _operands(128, torch.float32, False, False)
     out = torch.empty(128, N, device=DEVICE)
@@ -164,12 +214,12 @@ def test_num_tokens_bucket_compiles_once():
         before = rec.count()
         for m in (128, 1, 16, 17, 99):
             smooth_gemm(x, w, None, False, num_tokens=torch.tensor([m], dtype=torch.int32, device=DEVICE),
-                        out=out, config=PRIMITIVES["tile64"])  # fmt: skip
+                        out=out, config=ALL_PRIMITIVES[name])  # fmt: skip
         assert rec.count() - before <= 1
         after_first = rec.count()
         for m in (5, 64, 127):
             smooth_gemm(x, w, None, False, num_tokens=torch.tensor([m], dtype=torch.int32, device=DEVICE),
-                        out=out, config=PRIMITIVES["tile64"])  # fmt: skip
+                        out=out, config=ALL_PRIMITIVES[name])  # fmt: skip
         assert rec.count() == after_first
 
 
@@ -184,21 +234,81 @@ def test_key_recorder_sees_specialisation():
 
 
 # ---------------------------------------------------------------- table
-def test_table_lookup_round_trip(tmp_path, monkeypatch):
+@pytest.fixture
+def fake_table(tmp_path, monkeypatch):
+    """Install a table under a fake TABLE_DIR: write(gpu, {(N, K): [(m_max, cfg, cublas), ...]})."""
     from ascend_kernels import gemm_table
 
-    small, big = GemmConfig(16, 64, 256, 1, 2, 4, 4), GemmConfig(128, 256, 64, 8, 1, 8, 3)
-    doc = table_json("fake-gpu", {(N, K): [(512, big), (16, small)]}, {"dtype": "bfloat16"})
-    assert parse_table(doc)[(N, K)] == ((16, small), (512, big))
-    (tmp_path / "fake-gpu.json").write_text(__import__("json").dumps(doc))
     monkeypatch.setattr(gemm_table, "TABLE_DIR", tmp_path)
-    gemm_table.load_table.cache_clear()
-    try:
-        assert [lookup(N, K, m, "fake-gpu") for m in (1, 16, 17, 4096)] == [small, small, big, big]
-        assert lookup(N + 1, K, 1, "fake-gpu").block_m == 16  # shape not tuned: default primitive
-        assert lookup(N, K, 1, "no-such-gpu") == gemm_table.default_config(1)
-    finally:
+
+    def write(gpu, shapes):
+        doc = table_json(gpu, shapes, {"dtype": "bfloat16"})
+        (tmp_path / f"{gpu}.json").write_text(__import__("json").dumps(doc))
         gemm_table.load_table.cache_clear()
+        smooth._planned.cache_clear()
+        return doc
+
+    yield write
+    gemm_table.load_table.cache_clear()
+    smooth._planned.cache_clear()
+
+
+def test_table_lookup_round_trip(fake_table):
+    from ascend_kernels import gemm_table
+
+    small, mid = GemmConfig(16, 64, 256, 1, 2, 4, 4), GemmConfig(64, 128, 64, 8, 1, 4, 4, True, 1)
+    big = GemmConfig(128, 256, 64, 8, 1, 8, 3)
+    doc = fake_table("fake-gpu", {(N, K): [(512, big), (16, small, False), (128, mid, True)]})
+    assert parse_table(doc)[(N, K)] == ((16, small, False), (128, mid, True), (512, big, False))
+    assert doc["shapes"][f"{N}x{K}"][1]["dispatch"] == "cublas" and "dispatch" not in doc["shapes"][f"{N}x{K}"][0]
+    got = [lookup(N, K, m, "fake-gpu") for m in (1, 16, 17, 128, 129, 4096)]
+    assert got == [small, small, CUBLAS, CUBLAS, big, big]
+    assert lookup(N, K, 100, "fake-gpu", allow_cublas=False) == mid
+    assert lookup(N + 1, K, 1, "fake-gpu").block_m == 16  # shape not tuned: default primitive
+    assert lookup(N, K, 1, "no-such-gpu") == gemm_table.default_config(1)
+    old = {"shapes": {f"{N}x{K}": [{"m_max": 16, "config": {"block_m": 16}}]}}  # a round-1 table
+    assert parse_table(old)[(N, K)] == ((16, GemmConfig(block_m=16), False),)
+
+
+# ---------------------------------------------------------------- cuBLAS dispatch
+@pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
+def test_cublas_config_matches_float64(weight_kn):
+    torch.manual_seed(11)
+    for m in (1, 17):
+        x, w, b = _operands(m, torch.float32, weight_kn, True)
+        out = torch.full((m, N), float("nan"), device=DEVICE)
+        smooth_gemm(x.view(1, m, K), w, b, weight_kn, out=out.view(1, m, N), config=CUBLAS)
+        assert _rel_err(out, x, w, b, weight_kn) < TOL[torch.float32]
+        for bias in (None, b):  # without out: the baseline's own call (F.linear / addmm)
+            got = smooth_gemm(x.view(1, m, K), w, bias, weight_kn, config=CUBLAS)
+            assert got.shape == (1, m, N) and got.is_contiguous()
+            assert _rel_err(got, x, w, bias, weight_kn) < 1e-5
+
+
+def test_table_dispatches_to_cublas_unless_forbidden(fake_table, monkeypatch):
+    """A cuBLAS range runs F.linear (no Triton launch); allow_cublas=False runs the stored Triton
+    config; with num_tokens cuBLAS computes the whole bucket, so only the real rows are checked."""
+    from ascend_kernels.gemm_table import device_key
+
+    tri = STREAM_K["tile32-sk3"]
+    fake_table(device_key(), {(N, K): [(16, PRIMITIVES["gemv16"], False), (64, tri, True)]})
+    ran = []
+    for name in ("launch", "smooth_gemm_streamk", "_cublas"):
+        real = getattr(smooth, name)
+        monkeypatch.setattr(smooth, name, lambda *a, _n=name, _r=real: ran.append(_n) or _r(*a))
+    torch.manual_seed(12)
+    x, w, b = _operands(40, torch.float32, False, True)
+    for allow, expect in ((True, "_cublas"), (False, "smooth_gemm_streamk")):
+        ran.clear()
+        assert _rel_err(smooth_gemm(x, w, b, False, allow_cublas=allow), x, w, b, False) < 1e-5
+        assert ran == [expect]
+    ran.clear()
+    smooth_gemm(x[:3], w, b, False)
+    assert ran == ["launch"]
+    out = torch.empty(40, N, device=DEVICE)
+    x[17:] = float("nan")  # padded rows: garbage in, garbage out on the cuBLAS path
+    smooth_gemm(x, w, b, False, num_tokens=torch.tensor([17], dtype=torch.int32, device=DEVICE), out=out)
+    assert _rel_err(out[:17], x[:17], w, b, False) < 1e-5
 
 
 def test_config_validation():
@@ -223,26 +333,31 @@ def test_gpu_bf16_llama_shapes(m):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
-@pytest.mark.parametrize("name", sorted(PRIMITIVES))
+@pytest.mark.parametrize("name", sorted(ALL_PRIMITIVES))
 def test_gpu_bf16_every_primitive(name, weight_kn):
     torch.manual_seed(8)
-    cfg = PRIMITIVES[name]
-    cfg = GemmConfig(cfg.block_m, 128, 64, cfg.group_m, cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.tma)
-    for m in (1, 3, 17, 100, 333):
+    c = ALL_PRIMITIVES[name]
+    cfg = GemmConfig(c.block_m, 128, 64, c.group_m, c.split_k, c.num_warps, c.num_stages, c.tma, c.stream_k)
+    # 768 x 1024 with 132+ programs: at M=333 some tiles are split over several programs that run
+    # at the same time, so the arrival counters really race here (unlike the interpreter).
+    for m in (1, 3, 17, 100, 333, 1000):
         x, w, b = _operands(m, torch.bfloat16, weight_kn, True, k=1024, n=768)
-        out = smooth_gemm(x, w, b, weight_kn, config=cfg)
-        assert _rel_err(out, x, w, b, weight_kn) < TOL[torch.bfloat16], f"M={m}"
+        for _ in range(3):
+            out = smooth_gemm(x, w, b, weight_kn, config=cfg)
+            assert _rel_err(out, x, w, b, weight_kn) < TOL[torch.bfloat16], f"M={m}"
+        assert _counters_zero()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("tma", [False, True], ids=["masked", "tma"])
-def test_gpu_one_cuda_graph_serves_a_bucket(tma):
+@pytest.mark.parametrize("stream_k", [0, 1], ids=["tiled", "streamk"])
+def test_gpu_one_cuda_graph_serves_a_bucket(tma, stream_k):
     torch.manual_seed(7)
     bucket, k, n = 64, 2048, 3072
     x, w, _ = _operands(bucket, torch.bfloat16, False, False, k=k, n=n)
     out = torch.empty(bucket, n, dtype=torch.bfloat16, device="cuda")
     num_tokens = torch.tensor([bucket], dtype=torch.int32, device="cuda")
-    cfg = GemmConfig(64, 128, 64, 8, 1, 4, 3, tma=tma)
+    cfg = GemmConfig(64, 128, 64, 8, 1, 4, 3, tma=tma, stream_k=stream_k)
     smooth_gemm(x, w, None, False, num_tokens=num_tokens, out=out, config=cfg)  # compile outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

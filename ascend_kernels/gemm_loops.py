@@ -1,0 +1,124 @@
+"""SmoothGEMM building blocks shared by the tiled and the persistent (stream-K) primitives.
+
+Device side: the tile order (grouped swizzle) and the two K loops, masked loads and tensor
+descriptors. Host side: when tensor descriptors may be used on these operands.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Output tile index -> (row tile, column tile) in grouped order: GROUP_M row tiles walk the
+    same weight column panel one after the other while it sits in L2."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % tiles_per_group) % group_rows
+    pid_n = (tile % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
+                    stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                    EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Portable K loop over [k_start, k_end): masked loads of the real rows only (padded rows read
+    as zeros on chip). x_ptr: [M, K] activations; w_ptr: the weight through stride_wk / stride_wn."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    w_ptrs = w_ptr + (k_start + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            if EVEN_N:
+                b = tl.load(w_ptrs)
+            else:
+                b = tl.load(w_ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            k_ok = (k + offs_k) < k_end
+            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def make_descriptors(x_ptr, w_ptr, M, N, K, stride_xm, stride_wk, stride_wn, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_KN: tl.constexpr):
+    """Descriptors over the real [M, K] rows: out-of-range rows are never fetched (the copy engine
+    fills them with zeros on chip), so virtual padding holds on this path too."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if W_KN:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
+                                           block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    return x_desc, w_desc
+
+
+@triton.jit
+def descriptor_mainloop(x_desc, w_desc, acc, off_m, off_n, k_start, k_end, BLOCK_K: tl.constexpr,
+                        W_KN: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """K loop over [k_start, k_end) through tensor descriptors (bulk copies on Hopper)."""
+    for k in range(k_start, k_end, BLOCK_K):
+        a = x_desc.load([off_m, k])
+        if W_KN:
+            b = w_desc.load([k, off_n])
+        else:
+            b = w_desc.load([off_n, k]).T
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _alloc_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for device-side tensor descriptors (Triton asks its allocator for it)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+_ALLOCATOR_SET = False
+
+
+def tma_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Descriptors need a Hopper+ GPU (or the CPU interpreter, which emulates them), unit inner
+    strides and 16-byte aligned rows / bases; otherwise the same config runs the masked loop."""
+    global _ALLOCATOR_SET
+    if x2d.is_cuda and _capability(x2d.device.index) < 9:
+        return False
+    size = x2d.element_size()
+    aligned = all(v * size % 16 == 0 for v in (x2d.stride(0), weight.stride(0))) and all(
+        t.data_ptr() % 16 == 0 for t in (x2d, weight)
+    )
+    if not (x2d.stride(1) == 1 and weight.stride(1) == 1 and aligned):
+        return False
+    if x2d.is_cuda and not _ALLOCATOR_SET:
+        triton.set_allocator(_alloc_scratch)
+        _ALLOCATOR_SET = True
+    return True
+
+
+def dot_options(x2d: torch.Tensor) -> tuple[bool, str | None]:
+    """(DOT_FP32, INPUT_PRECISION): the CPU interpreter gets bf16 tl.dot wrong, so operands are
+    upcast there; fp32 inputs get exact fp32 products (not tf32), 16-bit ones the target default."""
+    dot_fp32 = x2d.device.type == "cpu" and x2d.dtype != torch.float32
+    precision = "ieee" if x2d.dtype == torch.float32 or dot_fp32 else None
+    return dot_fp32, precision
