@@ -6,7 +6,7 @@ For `torch.compile(model.forward, backend=B, dynamic=True)` with B = xyserve and
 `LLM(model)` to its first finished request (compile and, where the engine has them, CUDA-graph
 capture, whose time and memory the engine reports in its stats).
 
-    python benchmarks/bench_compile.py [--quick]
+    python -m benchmarks.bench_compile [--quick]
 """
 from __future__ import annotations
 

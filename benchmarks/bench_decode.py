@@ -7,7 +7,7 @@ measures the verify path's cost, not a real draft's quality). Random weights mak
 acceptance meaningless, so n-gram drafting is not timed here. Floor: batch x measured copy
 bandwidth / weight bytes (one read of the weights per decode step; KV reads ignored).
 
-    python benchmarks/bench_decode.py [--quick]
+    python -m benchmarks.bench_decode [--quick]
 """
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ plus a floor from this card's measured bf16 matmul rate and copy bandwidth: pref
 matmul rate + one weight read and the KV reads per decode step at the copy bandwidth.
 A correctness check runs first: tiny fp32 Llama on the GPU, engine greedy == HF generate.
 
-    python benchmarks/bench_engine.py            # full run (GPU), JSON to $OUT or stdout
-    python benchmarks/bench_engine.py --quick    # tiny shapes, seconds, any device
+    python -m benchmarks.bench_engine            # full run (GPU), JSON to $OUT or stdout
+    python -m benchmarks.bench_engine --quick    # GPU: fewer variants; CPU: tiny shapes, seconds
 """
 from __future__ import annotations
 
@@ -158,8 +158,11 @@ ENGINES = ("xyserve_eager", "xyserve_compiled", "xyserve_compiled_cublas")
 def run(quick: bool = False, baselines: bool = True, engines=ENGINES, breakdown: bool = False) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = llama_config("tiny" if quick else "llama-3.2-1b")
-    prompts, new = workload(quick, config.vocab_size)
+    small = quick and device.type != "cuda"  # the CPU smoke run; on a GPU --quick keeps real shapes
+    config = llama_config("tiny" if small else "llama-3.2-1b")
+    prompts, new = workload(small, config.vocab_size)
+    if quick and device.type == "cuda":
+        engines = [e for e in engines if e != "xyserve_eager"]  # host-bound and slow: full runs only
     num_new = len(prompts) * new
     results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                      "torch": torch.__version__, "requests": len(prompts), "new_tokens_each": new,
@@ -180,7 +183,7 @@ def run(quick: bool = False, baselines: bool = True, engines=ENGINES, breakdown:
     attempt(results, "hf_dynamic", lambda: tok_s(hf_generate(model, prompts, new, static=False)))
     if device.type == "cuda" and baselines:
         attempt(results, "hf_static_compile", lambda: tok_s(hf_generate(model, prompts, new, static=True)))
-    if hasattr(model, "generate_batch") and not quick and baselines:
+    if hasattr(model, "generate_batch") and not small and baselines:
         attempt(results, "hf_generate_batch", lambda: tok_s(hf_generate_batch(model, prompts, new), repeats=0))
     model.set_attn_implementation("sdpa")
     variants = {

@@ -7,7 +7,7 @@ The baseline beside it is HF `generate_batch` (continuous batching, paged cache)
 requests all at once, i.e. its best case at an infinite rate; HF has no arrival-driven API to
 replay the same trace, so its latency columns stay empty.
 
-    python benchmarks/bench_serving.py [--quick]
+    python -m benchmarks.bench_serving [--quick]
 """
 from __future__ import annotations
 
