@@ -22,12 +22,13 @@ import torch
 
 from benchmarks.common import card_name, card_slug
 
-# (suite, module, needs a GPU)
+# (suite, module, needs a GPU), end-to-end first: the report is rewritten after every suite, so
+# a run cut short keeps what it measured.
 SUITES = [
-    ("gemm", "benchmarks.bench_gemm", True),
-    ("attention", "benchmarks.bench_attention", True),
     ("decode", "benchmarks.bench_decode", False),
     ("engine", "benchmarks.bench_engine", False),
+    ("attention", "benchmarks.bench_attention", True),
+    ("gemm", "benchmarks.bench_gemm", True),
     ("serving", "benchmarks.bench_serving", False),
     ("compile", "benchmarks.bench_compile", False),
 ]
@@ -56,17 +57,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--smoke", action="store_true", help="CPU-sized check of the harness (implies --quick)")
     p.add_argument("--only", nargs="*", help="suite names to run (default: all)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no suite after this many seconds")
     args = p.parse_args(argv)
     quick = args.quick or args.smoke
     out_dir = args.out or Path(os.environ.get("OUT") or Path(__file__).parent / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
     report = {"card": card_name(), "torch": torch.__version__, "quick": quick, "started": time.time(), "suites": {}}
+    path = out_dir / f"{card_slug()}.json"
     for name, module_name, needs_gpu in SUITES:
         if args.only and name not in args.only:
             continue
         if needs_gpu and not gpu:
             report["suites"][name] = {"skipped": "needs a GPU"}
+            continue
+        if args.budget_s is not None and time.time() - report["started"] > args.budget_s:
+            report["suites"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
             continue
         print(f"== {name}", flush=True)
         try:
@@ -77,9 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
             traceback.print_exc()
             report["suites"][name] = {"error": f"{type(e).__name__}: {e}"[:1000]}
         print(report["suites"][name].get("table", ""), flush=True)
+        path.write_text(json.dumps(report, indent=1, default=str))
     report["seconds"] = time.time() - report["started"]
-    path = out_dir / f"{card_slug()}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
     from benchmarks.plots import plot_all
 
     report["plots"] = [str(x) for x in plot_all(report, out_dir)]
