@@ -196,7 +196,8 @@ def run(quick: bool = False, baselines: bool = True, engines=ENGINES, breakdown:
             continue
 
         def engine(kwargs=kwargs):
-            llm = LLM(model, max_model_len=2048, **kwargs)
+            # prefix caching off: the timed run repeats the warm-up's prompts (HF has no such cache)
+            llm = LLM(model, max_model_len=2048, enable_prefix_caching=False, **kwargs)
             out = tok_s(engine_run(llm, prompts, new))
             out.update(steps_per_run=llm.stats["steps"] // 2, kv_blocks=llm.stats["kv_blocks"])
             if breakdown:

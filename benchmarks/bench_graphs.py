@@ -11,7 +11,7 @@ Floors: decode = batch x measured copy bandwidth / weight bytes; serving = bench
 Per variant also: start-up (compile + capture) time and the stats, host time per decode step by
 phase, and the device time of one graph replay (do_bench) to tell host-bound from device-bound.
 
-    python -m benchmarks.bench_graphs [--budget-s 300] [--hf-static] [--variants a,b]
+    python -m benchmarks.bench_graphs [--budget-s 300] [--hf-static] [--variants a,b] [--kernels]
 """
 from __future__ import annotations
 
@@ -111,7 +111,29 @@ def replay_ms(llm: LLM, num_tokens: int) -> float | None:
     return do_bench(lambda: runner.graphs.replay(layout), warmup=20, rep=100, return_mode="median")
 
 
-def engine_variant(model, kwargs: dict, loads: dict) -> dict:
+def replay_kernels(llm: LLM, num_tokens: int, n: int = 5) -> dict | None:
+    """Device time per replay by kernel (torch.profiler over n replays): where the graph spends."""
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = llm.engine.runner
+    layout = next((lay for lay in runner.buckets if lay.num_tokens >= num_tokens), None)
+    if runner.graphs is None or layout is None:
+        return None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            runner.graphs.replay(layout)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us:
+            rows.append((e.key[:90], round(us / n, 1), e.count // n))
+    rows.sort(key=lambda r: -r[1])
+    return {"total_us": round(sum(r[1] for r in rows), 1), "kernels": len(rows),
+            "calls": sum(r[2] for r in rows), "top_us_calls": rows[:14]}
+
+
+def engine_variant(model, kwargs: dict, loads: dict, kernels: bool = False) -> dict:
     t0 = time.perf_counter()
     llm = LLM(model, max_model_len=2048, enable_prefix_caching=False, **kwargs)
     res: dict = {"startup_s": time.perf_counter() - t0}
@@ -127,12 +149,14 @@ def engine_variant(model, kwargs: dict, loads: dict) -> dict:
         prompts, new = loads[name]
         attempt(res, f"{name}/host", lambda p=prompts, n=new: host_phases(llm, p, n))
         attempt(res, f"{name}/replay_ms", lambda p=prompts: replay_ms(llm, len(p)))
+        if kernels:
+            attempt(res, f"{name}/replay_kernels", lambda p=prompts: replay_kernels(llm, len(p)))
     res["stats"] = {k: v for k, v in llm.stats.items() if not k.startswith(("prefix", "kv_", "spec"))}
     model.set_attn_implementation("sdpa")
     return res
 
 
-def run(budget_s: float, hf_static: bool, variants: list[str]) -> dict:
+def run(budget_s: float, hf_static: bool, variants: list[str], kernels: bool = False) -> dict:
     start = time.perf_counter()
     torch.manual_seed(0)
     config = llama_config("llama-3.2-1b")
@@ -151,7 +175,7 @@ def run(budget_s: float, hf_static: bool, variants: list[str]) -> dict:
         if time.perf_counter() - start > budget_s:
             res["engine"][name] = {"skipped": "time budget"}
             continue
-        attempt(res["engine"], name, lambda kw=VARIANTS[name]: engine_variant(model, kw, loads))
+        attempt(res["engine"], name, lambda kw=VARIANTS[name]: engine_variant(model, kw, loads, kernels))
         gc.collect()  # the variant's engine (KV cache, graphs) goes before the next one is built
         torch.cuda.empty_cache()
         print(f"[{time.perf_counter() - start:.0f}s] {name}: {json.dumps(res['engine'][name], default=str)[:600]}",
@@ -187,8 +211,9 @@ if __name__ == "__main__":
     p.add_argument("--budget-s", type=float, default=300.0, help="start no engine variant after this")
     p.add_argument("--hf-static", action="store_true", help="also HF static cache + compile (slow to compile)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--kernels", action="store_true", help="profile the kernels of one decode replay")
     args = p.parse_args()
-    result = run(args.budget_s, args.hf_static, args.variants.split(","))
+    result = run(args.budget_s, args.hf_static, args.variants.split(","), args.kernels)
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_graphs.json"), "w") as f:
             json.dump(result, f, indent=2, default=str)

@@ -65,10 +65,10 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
     model = LlamaForCausalLM(llama_config(size)).to("cuda" if cuda else "cpu",
                                                    torch.bfloat16 if cuda else torch.float32).eval()
     results: dict = {"device": card_name(), "model": size, "requests": n, "new_tokens": new, "rates": {}}
-    llm = LLM(model, max_model_len=hi + new + 16)
+    llm = LLM(model, max_model_len=hi + new + 16, enable_prefix_caching=False)  # random prompts share nothing
     replay(llm, trace(4, 1e9, model.config.vocab_size, lo, hi, seed=99), new)  # warm-up: compile, graphs
     for rate in rates:
-        attempt(results["rates"], str(rate), lambda: replay(llm, trace(n, rate, model.config.vocab_size, lo, hi), new))
+        attempt(results["rates"], str(rate), lambda: replay(llm, trace(n, rate, model.config.vocab_size, lo, hi, seed=int(rate)), new))
     if cuda and hasattr(model, "generate_batch"):
         prompts = [p for _, p in trace(n, 1.0, model.config.vocab_size, lo, hi)]
         cfg = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)

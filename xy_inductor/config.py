@@ -100,6 +100,11 @@ class EngineConfig:
     device, dtype:          where and in which dtype to load a checkpoint given by path.
     seed:                   seeds the shared generator of requests sampled without their own seed.
     speculative:            speculative decoding (SpeculativeConfig or a dict of its fields), or None.
+    cuda_graphs:            pad each step to a token bucket and replay the bucket's CUDA graph (captured
+                            at start-up); None means on for CUDA, off elsewhere. True on CPU pads the
+                            steps to the buckets without graphs (tests the padding).
+    cuda_graph_sizes:       the token buckets; None: 2, 4, 8, ... up to min(token budget, 512). Steps
+                            bigger than the largest bucket run eagerly.
     """
 
     block_size: int = 16
@@ -117,6 +122,8 @@ class EngineConfig:
     dtype: str | None = None
     seed: int = 0
     speculative: SpeculativeConfig | dict | None = None
+    cuda_graphs: bool | None = None
+    cuda_graph_sizes: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative, dict):
@@ -147,6 +154,15 @@ class EngineConfig:
             raise ValueError(f"xyserve: compile_backend must be a backend name, got {self.compile_backend!r}")
         if self.compile_options is not None and not isinstance(self.compile_options, dict):
             raise ValueError(f"xyserve: compile_options must be a dict, got {self.compile_options!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"xyserve: cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
+        if self.cuda_graph_sizes is not None:
+            sizes = list(self.cuda_graph_sizes)
+            if not sizes:
+                raise ValueError("xyserve: cuda_graph_sizes must list at least one token count")
+            for n in sizes:
+                _positive_int("cuda_graph_sizes entry", n)
+            self.cuda_graph_sizes = sizes
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"xyserve: seed must be an int, got {self.seed!r}")
 

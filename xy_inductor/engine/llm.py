@@ -110,4 +110,4 @@ class LLM:
 
     @property
     def stats(self) -> dict:
-        return self.engine.stats
+        return {**self.engine.stats, **self.engine.runner.stats}  # runner: CUDA graphs, Task-Tables

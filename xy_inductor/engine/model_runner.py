@@ -4,22 +4,44 @@ The whole mixed step is one sequence of batch 1: input_ids / position_ids [1, T]
 boundaries live only in the attention metadata (cu_seqlens_q, seq_lens, block_table,
 slot_mapping), so prefill chunks and decodes share every GEMM. No HF cache is used (the paged KV
 caches live here), and logits are computed only at the rows that sample (`logits_to_keep`).
+
+Host cost per step: the step is packed with numpy into one pinned buffer (step_buffer.py) and
+reaches the device in two copies; the Task-Table is re-planned only when the batch's shape
+changes (task_tables.py). On CUDA the step is then padded virtually to a token bucket and the
+bucket's captured CUDA graph is replayed (cuda_graphs.py); steps bigger than every bucket run
+the model eagerly.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import logging
+from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental import _config as shape_config
 
-from ascend_kernels import tiling
+from ascend_kernels.profiles import TargetProfile, profile_for
 from lowering.ops import use_triton
 from xy_inductor import hf
 from xy_inductor.config import EngineConfig
 from xy_inductor.engine.attention_metadata import PagedAttentionMetadata
+from xy_inductor.engine.cuda_graphs import CudaGraphs, bucket_sizes
 from xy_inductor.engine.model_check import LayerSpec, check_model
 from xy_inductor.engine.outputs import SchedulerOutput
+from xy_inductor.engine.step_buffer import (
+    StepBuffer,
+    StepLayout,
+    StepShape,
+    StepViews,
+    step_shape,
+    views,
+)
+from xy_inductor.engine.task_tables import TaskTables, table_capacity
 
-TOKEN_PAD = 8  # the packed token count is padded to a multiple of this
+log = logging.getLogger("xyserve")
+
+TOKEN_PAD = 8  # an eager step's token count is padded to a multiple of this
 _CPU_KV_BYTES = 2 << 30  # default KV pool cap on CPU, where memory is shared with everything else
 
 
@@ -31,20 +53,16 @@ def model_max_len(config) -> int | None:
     return None
 
 
-def _task_table(rows, spec: LayerSpec | None, device: torch.device) -> torch.Tensor | None:
-    """The planner's Task-Table for the step, shared by all layers (None: the kernel plans itself)."""
-    if spec is None:
-        return None
-    table = tiling.build_task_table(
-        [r.num_new_tokens for r in rows],
-        [r.seq_len for r in rows],
-        [r.stage.value for r in rows],
-        num_q_heads=spec.num_q_heads,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        device=device,
-    )
-    return table.to(device, non_blocking=True)
+@dataclass(slots=True)
+class PreparedStep:
+    """One packed step: the forward's kwargs, the bucket whose graph runs it (None: eager), the
+    number of logits rows wanted and the ids of the sampling requests."""
+
+    inputs: dict
+    layout: StepLayout
+    graph: bool
+    num_rows: int
+    sample_ids: list[str]
 
 
 class ModelRunner:
@@ -72,6 +90,7 @@ class ModelRunner:
         triton = use_triton(config.impl, self.k_caches[0])
         self._plan_spec = self.layers[0] if uniform and triton else None
         self.forward = self._maybe_compile(model)
+        self._setup_steps()
 
     # ------------------------------------------------------------ set-up
     def _bytes_per_block(self) -> int:
@@ -118,67 +137,177 @@ class ModelRunner:
                 raise
             # Not pip-installed (no entry point): the backend function itself works as well.
             from xy_inductor.backend import xyserve as backend
-        options = self.config.compile_options
-        return torch.compile(model, backend=backend, dynamic=True, options=options)
+        compiled = torch.compile(model, backend=backend, dynamic=True, options=self.config.compile_options)
+
+        def forward(**kwargs):
+            # Without duck sizing: sizes that happen to be equal on the first call (e.g. request
+            # slots and block-table columns) must not be guarded equal, or the next step recompiles.
+            with shape_config.patch(use_duck_shape=False):
+                return compiled(**kwargs)
+
+        return forward
+
+    def _setup_steps(self) -> None:
+        """Step buffers, the Task-Table planner, the token buckets and (CUDA) their graphs."""
+        # a module-level import would be circular (the engine imports this module)
+        from xy_inductor.engine.engine import default_budget
+
+        cfg, cuda = self.config, self.device.type == "cuda"
+        budget = cfg.max_num_batched_tokens or max(default_budget(self.device), cfg.max_num_seqs or 0)
+        self.max_num_seqs = cfg.max_num_seqs or min(256, budget)
+        spec = getattr(cfg, "speculative", None)
+        self.max_keep = self.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+        self.max_blocks = max(2, -(-self.max_model_len // self.block_size))
+        layer = self._plan_spec
+        self.tables = TaskTables(layer.num_q_heads, layer.num_kv_heads, layer.head_dim) if layer else None
+        self._profile = profile_for(self.device) if layer else None
+        self._variants: dict[tuple[int, int], TargetProfile] = {}
+        use = cfg.cuda_graphs if cfg.cuda_graphs is not None else cuda
+        if use and cuda and layer is None:
+            log.warning("xyserve: CUDA graphs need the Triton paged-attention kernels (impl 'auto' or 'triton') "
+                        "and one head layout in every layer; running every step eagerly")
+            use = False
+        self.buckets = [self._bucket_layout(n) for n in bucket_sizes(cfg.cuda_graph_sizes, budget)] if use else []
+        self.buffer = StepBuffer(max([lay.size for lay in self.buckets] + [1 << 16]), pin=cuda)
+        self._copied = torch.cuda.Event() if cuda else None
+        self._device_flat: torch.Tensor | None = None  # eager steps' device buffer (grows)
+        self.graphs: CudaGraphs | None = None
+        self.graph_error: str | None = None
+        self.num_eager_steps = 0
+        if use and cuda:
+            self._capture()
+
+    def _variant(self, num_tokens: int, num_seqs: int) -> TargetProfile:
+        """The attention variant the launcher picks for these (padded) sizes, frozen so the planner
+        cuts tiles for exactly the kernel that runs them."""
+        key = (num_tokens, num_seqs)
+        if key not in self._variants:
+            variant = self._profile.for_batch(num_tokens, num_seqs)
+            if variant.memory_overrides:
+                variant = dataclasses.replace(variant, memory_overrides=())
+            self._variants[key] = variant
+        return self._variants[key]
+
+    def _bucket_layout(self, num_tokens: int) -> StepLayout:
+        seqs = max(2, min(num_tokens, self.max_num_seqs))
+        keep = max(2, min(num_tokens, self.max_keep))
+        table = table_capacity(self._variant(num_tokens, seqs), self._plan_spec, num_tokens, seqs) if self.tables else 0
+        return StepLayout(num_tokens, seqs, keep, self.max_blocks, table)
+
+    def _capture(self) -> None:
+        static = torch.zeros(self.buckets[-1].size, dtype=torch.int32, device=self.device)
+        self._static_flat = static
+        self._static = {lay.num_tokens: self._inputs(views(static, lay)) for lay in self.buckets}
+
+        def reset(layout: StepLayout) -> None:
+            self.buffer.pack_empty(layout)
+            static[: layout.size].copy_(self.buffer.host[: layout.size])
+
+        def run(layout: StepLayout) -> torch.Tensor:
+            return self.forward(**self._static[layout.num_tokens]).logits[0]
+
+        graphs = CudaGraphs(self.buckets, self.device)
+        try:
+            with torch.inference_mode():
+                graphs.capture(run, reset)
+        except Exception as e:  # never wrong tokens: the steps run eagerly instead
+            self.graph_error = f"{type(e).__name__}: {e}"[:300]
+            log.warning("xyserve: CUDA graph capture failed (%s); running every step eagerly", self.graph_error)
+            self.buckets = []
+            return
+        self.graphs = graphs
 
     # ------------------------------------------------------------ one step
-    def _tensor(self, values, dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-    def prepare(self, out: SchedulerOutput) -> tuple[dict, list[str]]:
-        """Flat model inputs and attention metadata for the step; the ids of the rows that sample
-        (each brings num_draft_tokens + 1 logits rows, in order).
-
-        Every dynamic size is padded to at least 2 (Dynamo specialises sizes 0 and 1, which would
-        compile the model up to four times), and the token count to a multiple of TOKEN_PAD.
-        Padding rows belong to no request: slot -1 (not stored), outside cu_seqlens_q (not attended).
-        """
-        ids, positions, slots, cu, seq_lens, keep, sample_ids = [], [], [], [0], [], [], []
-        for row in out.rows:
-            ids += row.token_ids
-            positions.extend(row.positions)
-            slots += row.slot_mapping
-            cu.append(cu[-1] + row.num_new_tokens)
-            seq_lens.append(row.seq_len)
-            if row.sample:  # a verify row wants every drafted position and the one after
-                keep.extend(range(cu[-1] - row.num_draft_tokens - 1, cu[-1]))
-                sample_ids.append(row.request_id)
-        pad = -len(ids) % TOKEN_PAD + (TOKEN_PAD if len(ids) < 2 else 0)
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [-1] * pad
-        for _ in range(2 - len(seq_lens)):  # empty requests: no query rows, no KV
-            cu.append(cu[-1])
-            seq_lens.append(0)
-        keep += [0] * (2 - len(keep))  # extra logits rows, dropped after the forward
-        width = max(2, max(len(r.block_table) for r in out.rows))
-        table = [r.block_table + [0] * (width - len(r.block_table)) for r in out.rows]
-        table += [[0] * width] * (len(seq_lens) - len(table))
+    def _inputs(self, v: StepViews) -> dict:
         metadata = PagedAttentionMetadata(
             k_caches=self.k_caches,
             v_caches=self.v_caches,
-            slot_mapping=self._tensor(slots, torch.int64),
-            cu_seqlens_q=self._tensor(cu, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            block_table=self._tensor(table, torch.int32),
-            task_table=_task_table(out.rows, self._plan_spec, self.device),
+            slot_mapping=v.slot_mapping,
+            cu_seqlens_q=v.cu_seqlens_q,
+            seq_lens=v.seq_lens,
+            block_table=v.block_table,
+            task_table=v.task_table,
             max_model_len=self.max_model_len,
             impl=self.config.impl,
         )
-        inputs = {
-            "input_ids": self._tensor(ids, torch.int64)[None],
-            "position_ids": self._tensor(positions, torch.int64)[None],
-            "logits_to_keep": self._tensor(keep, torch.int64),
+        return {
+            "input_ids": v.input_ids[None],
+            "position_ids": v.position_ids[None],
+            "logits_to_keep": v.logits_to_keep,
             "use_cache": False,
             hf.METADATA_KWARG: metadata,
         }
-        return inputs, sample_ids
+
+    def _table(self, shape: StepShape, num_tokens: int, num_seqs: int):
+        if self.tables is None:
+            return None
+        return self.tables.table(shape.q_lens, shape.kv_lens, shape.stages, self._variant(num_tokens, num_seqs))
+
+    def _layout(self, shape: StepShape):
+        """The step's layout (the smallest bucket it fits, else one of its own) and Task-Table."""
+        for layout in self.buckets:
+            if layout.fits(shape.num_tokens, shape.num_seqs, shape.num_keep, shape.width, 0):
+                table = self._table(shape, layout.num_tokens, layout.num_seqs)
+                if table is None or len(table) <= layout.table_len:
+                    return layout, table
+                break
+        # Eager: every size padded to >= 2 (Dynamo specialises 0 and 1: more compiles), tokens
+        # to a multiple of TOKEN_PAD.
+        tokens, seqs = -(-shape.num_tokens // TOKEN_PAD) * TOKEN_PAD, max(2, shape.num_seqs)
+        table = self._table(shape, tokens, seqs)
+        width = max(2, shape.width)
+        return StepLayout(tokens, seqs, max(2, shape.num_keep), width, len(table) if table is not None else 0), table
+
+    def _upload(self, layout: StepLayout, shape: StepShape, table_len: int, graph: bool) -> torch.Tensor:
+        """The flat buffer the step's views read: the host one on CPU, else a device copy of it."""
+        if self.device.type == "cpu":
+            return self.buffer.host
+        if graph:
+            flat = self._static_flat
+        else:
+            if self._device_flat is None or self._device_flat.numel() < layout.size:
+                self._device_flat = torch.empty(2 * layout.size, dtype=torch.int32, device=self.device)
+            flat = self._device_flat
+        for lo, hi in self.buffer.used(layout, shape, table_len):
+            flat[lo:hi].copy_(self.buffer.host[lo:hi], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return flat
+
+    def prepare(self, out: SchedulerOutput) -> PreparedStep:
+        """Pack the step (inputs and attention metadata) for the device; see PreparedStep."""
+        shape = step_shape(out.rows)
+        layout, table = self._layout(shape)
+        if self._copied is not None:
+            self._copied.synchronize()  # the host buffer is free once the last step's copy is done
+        self.buffer.ensure(layout.size)
+        self.buffer.pack(out.rows, shape, layout, table)
+        graph = self.graphs is not None and self.graphs.captured(layout)
+        flat = self._upload(layout, shape, len(table) if table is not None else 0, graph)
+        inputs = self._static[layout.num_tokens] if graph else self._inputs(views(flat, layout))
+        sample_ids = [r.request_id for r in out.rows if r.sample]
+        return PreparedStep(inputs, layout, graph, shape.num_keep, sample_ids)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[str]]:
         """Run the step; logits [N, V] at the N sampling positions, with the sampling requests' ids
-        (a request with d drafted tokens owns d + 1 consecutive rows)."""
-        inputs, sample_ids = self.prepare(out)
-        logits = self.forward(**inputs).logits
-        num_rows = sum(r.num_draft_tokens + 1 for r in out.rows if r.sample)
-        return logits[0, :num_rows], sample_ids
+        (a request with d drafted tokens owns d + 1 consecutive rows). Under CUDA graphs the
+        logits are a static buffer: valid until the next step."""
+        step = self.prepare(out)
+        if step.graph:
+            logits = self.graphs.replay(step.layout)
+        else:
+            logits = self.forward(**step.inputs).logits[0]
+            self.num_eager_steps += 1
+        return logits[: step.num_rows], step.sample_ids
+
+    @property
+    def stats(self) -> dict:
+        stats = {"cuda_graphs": self.graphs is not None, "eager_steps": self.num_eager_steps}
+        if self.graphs is not None:
+            stats.update(self.graphs.stats)
+        if self.graph_error:
+            stats["cuda_graph_error"] = self.graph_error
+        if self.tables is not None:
+            stats.update(task_tables_planned=self.tables.num_planned, task_tables_reused=self.tables.num_reused)
+        return stats
