@@ -188,7 +188,7 @@ def run(quick: bool = False, baselines: bool = True, engines=ENGINES, breakdown:
     model.set_attn_implementation("sdpa")
     variants = {
         "xyserve_eager": {"compile": False},
-        "xyserve_compiled": {"compile": True},  # xyserve backend: SmoothGEMM + Inductor
+        "xyserve_compiled": {"compile": True, "compile_options": {}},  # xyserve backend: SmoothGEMM + Inductor
         "xyserve_compiled_cublas": {"compile": True, "compile_options": {"lower_gemm": False}},
     }
     for name, kwargs in variants.items():

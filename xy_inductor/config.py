@@ -95,7 +95,9 @@ class EngineConfig:
     compile:                run the model under `torch.compile(backend=compile_backend)`;
                             None means True on CUDA, False elsewhere.
     compile_backend:        the torch.compile backend name ("xyserve", "inductor", "eager", ...).
-    compile_options:        `options` for the backend (for "xyserve": CompileOptions fields).
+    compile_options:        `options` for the backend (for "xyserve": CompileOptions fields); None
+                            means {"lower_gemm": False} for "xyserve" (attention lowered, linears
+                            on cuBLAS: faster end to end today), {} lowers linears to SmoothGEMM too.
     impl:                   kernel choice for the paged attention / KV store ops.
     device, dtype:          where and in which dtype to load a checkpoint given by path.
     seed:                   seeds the shared generator of requests sampled without their own seed.

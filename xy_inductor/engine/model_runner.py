@@ -137,7 +137,12 @@ class ModelRunner:
                 raise
             # Not pip-installed (no entry point): the backend function itself works as well.
             from xy_inductor.backend import xyserve as backend
-        compiled = torch.compile(model, backend=backend, dynamic=True, options=self.config.compile_options)
+        options = self.config.compile_options
+        if options is None and self.config.compile_backend == "xyserve":
+            # Measured on an H200 (benchmarks/RESULTS.md): inside the engine SmoothGEMM's per-call
+            # host cost outweighs its gains today, so linears stay on cuBLAS unless asked (`{}`).
+            options = {"lower_gemm": False}
+        compiled = torch.compile(model, backend=backend, dynamic=True, options=options)
 
         def forward(**kwargs):
             # Without duck sizing: sizes that happen to be equal on the first call (e.g. request
