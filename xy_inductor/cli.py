@@ -2,6 +2,7 @@
 
     xyserve generate --model PATH --prompt "Hello" --prompt "Bye" --max-tokens 32 > out.jsonl
     xyserve generate --model PATH --prompts-file prompts.txt --output out.jsonl
+    xyserve generate --model PATH --prompt "..." --draft-model SMALL_PATH --num-speculative-tokens 4
     xyserve explain --model PATH --prompt "Hello"
 
 A prompts file holds one prompt per line, or JSON lines with "prompt" (text) or
@@ -39,6 +40,11 @@ def _engine_kwargs(args) -> dict:
     for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "block_size", "num_kv_blocks"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if args.draft_model:
+        kwargs["speculative"] = {"method": "draft_model", "draft_model": args.draft_model,
+                                 "num_speculative_tokens": args.num_speculative_tokens}
+    elif args.ngram:
+        kwargs["speculative"] = {"method": "ngram", "num_speculative_tokens": args.num_speculative_tokens}
     return kwargs
 
 
@@ -115,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", help="torch dtype name to load the checkpoint in, e.g. bfloat16")
     for name in ("max-num-batched-tokens", "max-num-seqs", "max-model-len", "block-size", "num-kv-blocks"):
         gen.add_argument(f"--{name}", type=int)
+    spec = gen.add_mutually_exclusive_group()
+    spec.add_argument("--ngram", action="store_true", help="speculative decoding with n-gram prompt lookup")
+    spec.add_argument("--draft-model", help="speculative decoding with this draft checkpoint folder")
+    gen.add_argument("--num-speculative-tokens", type=int, default=4, help="drafted tokens per step (k)")
     gen.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     gen.set_defaults(func=_generate)
     exp = sub.add_parser("explain", help="what the xyserve backend lowers in a model, and what it leaves")

@@ -76,6 +76,12 @@ def test_cli_generate_from_checkpoint_folder(tmp_path, capsys):
     assert [r["prompt_token_ids"] for r in records] == prompts
     assert [r["token_ids"] for r in records] == reference("llama", tuple(map(tuple, prompts)), 5)
     assert all(r["finish_reason"] == "length" and r["text"] for r in records)
+    for spec in (["--ngram"], ["--draft-model", str(tmp_path / "ckpt")]):  # speculative: same greedy tokens
+        spec_file = tmp_path / "spec.jsonl"
+        assert cli_main(["generate", "--model", str(tmp_path / "ckpt"), "--prompts-file", str(tmp_path / "prompts.jsonl"),
+                         "--max-tokens", "5", "--ignore-eos", "--no-compile", "--quiet", "-o", str(spec_file),
+                         *spec, "--num-speculative-tokens", "2"]) == 0
+        assert [json.loads(line)["token_ids"] for line in spec_file.read_text().splitlines()] == [r["token_ids"] for r in records]
     assert cli_main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "w1", "--max-tokens", "0",
                      "--no-compile", "--quiet"]) == 2
     assert "max_tokens" in capsys.readouterr().err

@@ -8,6 +8,7 @@ tensors: it runs in the scheduler's bookkeeping time.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 
@@ -57,6 +58,8 @@ class DraftModelDrafter:
         self.model = model.eval()
         self.num_speculative_tokens = num_speculative_tokens
         self.device = next(model.parameters()).device
+        # transformers renamed `past_key_values` to `cache` (5.2x); older versions know only the former
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._caches: dict[str, tuple[object, list[int]]] = {}  # request -> (cache, tokens it holds)
 
     def propose(self, request_id: str, token_ids: list[int], max_tokens: int | None = None) -> list[int]:
@@ -79,7 +82,7 @@ class DraftModelDrafter:
         drafts: list[int] = []
         with torch.inference_mode():
             for _ in range(k):
-                logits = self.model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+                logits = self.model(input_ids=ids, use_cache=True, **{self._cache_kwarg: cache}).logits
                 drafts.append(int(logits[0, -1].argmax()))
                 ids = torch.tensor([[drafts[-1]]], device=self.device)
         self._caches[request_id] = (cache, token_ids + drafts[:-1])  # the last draft was never fed
