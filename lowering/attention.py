@@ -47,8 +47,9 @@ def _is_last_two_transpose(node) -> bool:
     if not is_call(node, {torch.transpose}, "transpose"):
         return False
     v = val(node)
-    dims = {d % v.dim() for d in node.args[1:3]} if v is not None else set()
-    return dims == {v.dim() - 2, v.dim() - 1} if v is not None else False
+    if v is None:
+        return False
+    return {d % v.dim() for d in node.args[1:3]} == {v.dim() - 2, v.dim() - 1}
 
 
 def is_scalar(x) -> bool:
@@ -174,9 +175,9 @@ class AttentionPass:
         return "xyserve.attention.v1"
 
     def __call__(self, gm: fx.GraphModule, report: LoweringReport, impl: str) -> None:
+        # A rewrite erases only its own chain (nodes after the anchor, and repeat_kv nodes), never
+        # another SDPA / softmax anchor, so walking a snapshot of the nodes is safe.
         for node in list(gm.graph.nodes):
-            if node.graph is not gm.graph:
-                continue  # erased by an earlier rewrite in this loop
             if is_call(node, SDPA):
                 pattern, found = "sdpa", _match_sdpa(node)
             elif is_call(node, SOFTMAX, "softmax"):

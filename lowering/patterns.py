@@ -76,12 +76,11 @@ def layer_of(node: fx.Node) -> int | None:
 def prune(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     """Erase the given nodes once they have no users (never a graph-wide dead code pass:
     that would delete in-place cache updates such as `index_copy_`)."""
-    changed = True
-    while changed:
-        changed = False
-        for n in nodes:
-            if n.graph is graph and not n.users and n.op in ("call_function", "call_method"):
-                graph.erase_node(n)
-                nodes.remove(n)
-                changed = True
-                break
+    pending = list(dict.fromkeys(nodes))
+    while True:
+        dead = [n for n in pending if not n.users and n.op in ("call_function", "call_method")]
+        if not dead:
+            return
+        for n in dead:
+            graph.erase_node(n)
+            pending.remove(n)

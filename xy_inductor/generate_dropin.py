@@ -27,19 +27,19 @@ _HARMLESS = {"bos_token_id", "pad_token_id", "decoder_start_token_id", "transfor
              "num_assistant_tokens_schedule", "assistant_confidence_threshold", "max_matching_ngram_size"}
 
 
-def _generation_config(model, generation_config, kwargs: dict) -> tuple[Any, dict]:
+def _generation_config(model, generation_config, kwargs: dict) -> tuple[Any, list[str]]:
+    """The call's effective GenerationConfig and the kwargs it does not know (model inputs)."""
     gc = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    unused = gc.update(**kwargs)
-    return gc, unused
+    unused = gc.update(**{k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask")})
+    return gc, list(unused)
 
 
-def unsupported(model, generation_config, kwargs: dict) -> list[str]:
+def unsupported(gc, unused: list[str]) -> list[str]:
     """Names of the generate arguments the engine does not serve (empty: it serves the call)."""
     from transformers import GenerationConfig
 
-    gc, unused = _generation_config(model, generation_config, kwargs)
     default = GenerationConfig()
-    names = [k for k in unused if k not in ("attention_mask",)]
+    names = list(unused)
     for key, value in gc.to_dict().items():
         if key in _SUPPORTED or key in _HARMLESS:
             continue
@@ -100,7 +100,8 @@ class Accelerated:
 
     def generate(self, inputs=None, generation_config=None, streamer=None, assistant_model=None, **kwargs):
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        names = unsupported(self.model, generation_config, {k: v for k, v in kwargs.items() if k != "input_ids"})
+        gc, unused = _generation_config(self.model, generation_config, kwargs)
+        names = unsupported(gc, unused)
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             names.append("inputs other than input_ids [batch, length]")
         elif streamer is not None and input_ids.shape[0] != 1:
@@ -109,8 +110,6 @@ class Accelerated:
             warnings.warn(f"xyserve: generate falls back to Hugging Face's own for {sorted(set(names))}", stacklevel=2)
             return self._hf_generate(inputs, generation_config=generation_config, streamer=streamer,
                                      assistant_model=assistant_model, **kwargs)
-        gc, _ = _generation_config(self.model, generation_config, {k: v for k, v in kwargs.items()
-                                                                    if k not in ("input_ids", "attention_mask")})
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids, mask)]

@@ -159,10 +159,8 @@ class LLMEngine:
     def _propose_drafts(self) -> None:
         """Give every decoding request up to k drafted tokens (never past its max_tokens / length)."""
         for request in self.scheduler.running:
-            if request.draft_token_ids or request.num_output_tokens == 0:
+            if request.draft_token_ids or not self.scheduler.is_decoding(request):
                 continue
-            if request.num_committed_tokens - request.num_computed_tokens != 1:
-                continue  # still prefilling
             room = min(
                 request.sampling_params.max_tokens - request.num_output_tokens,
                 self.max_model_len - request.num_committed_tokens,

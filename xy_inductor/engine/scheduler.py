@@ -65,7 +65,7 @@ class Scheduler:
         rows: dict[str, ScheduledRequest] = {}
         budget = self.max_num_batched_tokens
         # Decode / verify rows first (they need only their last token), then running prefills.
-        order = sorted(self.running, key=lambda r: (not self._is_decode(r), r.arrival_index))
+        order = sorted(self.running, key=lambda r: (not self.is_decoding(r), r.arrival_index))
         for request in order:
             if request.status is not RequestStatus.RUNNING or budget == 0:
                 continue
@@ -81,7 +81,8 @@ class Scheduler:
         out.rows = list(rows.values())
         return out
 
-    def _is_decode(self, request: Request) -> bool:
+    @staticmethod
+    def is_decoding(request: Request) -> bool:
         """Only its last sampled token (and any drafts after it) is left to compute."""
         return request.num_output_tokens > 0 and request.num_committed_tokens - request.num_computed_tokens == 1
 
@@ -141,7 +142,7 @@ class Scheduler:
         start = request.num_computed_tokens
         table = self.kv.block_table(request.request_id)
         bs = self.kv.block_size
-        decode = self._is_decode(request)
+        decode = self.is_decoding(request)
         drafts = len(request.draft_token_ids) if decode else 0
         return ScheduledRequest(
             request_id=request.request_id,
