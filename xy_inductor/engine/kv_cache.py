@@ -66,10 +66,8 @@ class KVCacheManager:
     def allocate_slots(self, request: Request, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
         """Give the request room for `num_new_tokens` more tokens after its computed ones (plus any
         prefix-cache hits it takes now). False, with nothing changed, when the pool is too small."""
-        table = self._tables.get(request.request_id, [])
         num_cached = len(cached_blocks)
-        total = request.num_computed_tokens + num_cached * self.block_size + num_new_tokens
-        needed = self.num_blocks_for(total) - len(table) - num_cached
+        needed = self._blocks_needed(request, num_cached * self.block_size + num_new_tokens) - num_cached
         # Hits on free blocks leave the free list when taken, so they cannot also be handed out.
         free_hits = sum(1 for b in cached_blocks if self.pool.is_free(b))
         if needed > self.pool.num_free - free_hits:
@@ -83,11 +81,14 @@ class KVCacheManager:
             table.extend(self.pool.allocate(needed))
         return True
 
+    def _blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        """Blocks to add so the request holds its computed tokens plus `num_new_tokens`."""
+        total = request.num_computed_tokens + num_new_tokens
+        return self.num_blocks_for(total) - len(self._tables.get(request.request_id, []))
+
     def can_allocate(self, request: Request, num_new_tokens: int) -> bool:
         """Whether `allocate_slots(request, num_new_tokens)` would succeed without preempting."""
-        total = request.num_computed_tokens + num_new_tokens
-        needed = self.num_blocks_for(total) - len(self._tables.get(request.request_id, []))
-        return needed <= self.pool.num_free
+        return self._blocks_needed(request, num_new_tokens) <= self.pool.num_free
 
     def truncate(self, request: Request) -> None:
         """Free the blocks past the request's computed tokens (rejected drafts' KV). Such blocks
