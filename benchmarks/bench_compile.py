@@ -2,15 +2,21 @@
 
 For `torch.compile(model.forward, backend=B, dynamic=True)` with B = xyserve and B = inductor
 (the baseline, same process): the first call's compile time, then forwards at many token counts
-(1..512): the number of graphs Dynamo compiled and the recompiles. Then the engine: time from
-`LLM(model)` to its first finished request (compile and, where the engine has them, CUDA-graph
-capture, whose time and memory the engine reports in its stats).
+(1..512): the number of graphs Dynamo compiled and the recompiles (graphs after the first call).
+Then the engine, in a fresh process: time from `LLM(model)` to its first finished request (compile
+and, where the engine has them, CUDA-graph capture, whose time and memory the engine reports in its
+stats), and the graphs compiled while it then serves a batch of mixed prompt lengths.
 
     python -m benchmarks.bench_compile [--quick]
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaForCausalLM
@@ -20,12 +26,12 @@ from benchmarks.common import attempt, card_name, cli, llama_config, sync
 TOKEN_COUNTS = [1, 2, 3, 8, 17, 37, 64, 100, 129, 256, 333, 512]
 
 
-def _counts() -> dict:
-    c = torch._dynamo.utils.counters
-    return {"graphs": c["stats"]["unique_graphs"], "recompiles": sum(c["recompiles"].values())}
+def _graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def compile_cost(model, backend: str, counts: list[int]) -> dict:
+    """First call's compile time and graphs; every graph after it is a recompile."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     fwd = torch.compile(model.forward, backend=backend, dynamic=True)
@@ -35,39 +41,65 @@ def compile_cost(model, backend: str, counts: list[int]) -> dict:
         t0 = time.perf_counter()
         fwd(torch.randint(0, vocab, (1, counts[0]), device=device), use_cache=False)
         sync()
-        first = time.perf_counter() - t0
+        first, first_graphs = time.perf_counter() - t0, _graphs()
         t0 = time.perf_counter()
         for n in counts[1:]:
             fwd(torch.randint(0, vocab, (1, n), device=device), use_cache=False)
         sync()
-    return {"first_call_s": first, "other_counts_s": time.perf_counter() - t0, "token_counts": counts, **_counts()}
+    return {"first_call_s": first, "other_counts_s": time.perf_counter() - t0, "token_counts": counts,
+            "graphs": _graphs(), "recompiles": _graphs() - first_graphs}
 
 
-def engine_startup(model) -> dict:
+def engine_startup(size: str) -> dict:
+    """In a fresh process (what a user pays): `LLM(model)` (compile, CUDA-graph capture), the first
+    request, then a mixed batch of prompt lengths; graphs compiled after start-up are recompiles."""
     from xy_inductor import LLM, SamplingParams
 
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(size)).to("cuda" if cuda else "cpu",
+                                                   torch.bfloat16 if cuda else torch.float32).eval()
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     sync()
     t0 = time.perf_counter()
     llm = LLM(model, max_model_len=1024)
     built = time.perf_counter() - t0
-    llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.generate([[1, 2, 3, 4]], params, use_tqdm=False)
     sync()
-    stats = {k: v for k, v in llm.stats.items() if "graph" in k or "capture" in k}
-    return {"construct_s": built, "first_request_s": time.perf_counter() - t0, **stats}
+    first, graphs = time.perf_counter() - t0, _graphs()
+    prompts = [[(7 * i + j) % 1000 + 1 for j in range(n)] for i, n in enumerate((1, 5, 37, 300, 700, 129))]
+    llm.generate(prompts, params, use_tqdm=False)
+    stats = {k: v for k, v in llm.stats.items() if "graph" in k or "capture" in k or k == "eager_steps"}
+    return {"construct_s": built, "first_request_s": first, "graphs_at_startup": graphs,
+            "recompiles_after_startup": _graphs() - graphs, **stats}
+
+
+def engine_startup_fresh(size: str) -> dict:
+    env = dict(os.environ, TORCH_LOGS="recompiles")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_compile", "--engine-startup", size],
+                          capture_output=True, text=True, env=env, timeout=900,
+                          cwd=Path(__file__).resolve().parent.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"engine start-up process failed ({proc.returncode}): {proc.stderr[-800:]}")
+    out = json.loads(lines[-1])
+    reasons = [ln.strip() for ln in proc.stderr.splitlines() if "triggered by" in ln or "guard" in ln.lower()]
+    out["recompile_log"] = reasons[-8:]
+    return out
 
 
 def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
     cuda = torch.cuda.is_available()
     size = size if cuda else "tiny"
     counts = TOKEN_COUNTS if cuda and not quick else [1, 3, 17, 100]
+    results: dict = {"device": card_name(), "model": size}
+    attempt(results, "engine_startup", lambda: engine_startup_fresh(size))
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(size)).to("cuda" if cuda else "cpu",
                                                    torch.bfloat16 if cuda else torch.float32).eval()
-    results: dict = {"device": card_name(), "model": size}
     for backend in ("xyserve", "inductor"):
         attempt(results, backend, lambda: compile_cost(model, backend, counts))
     torch._dynamo.reset()
-    attempt(results, "engine_startup", lambda: engine_startup(model))
     return results
 
 
@@ -85,4 +117,7 @@ def table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    cli(run, table)
+    if len(sys.argv) == 3 and sys.argv[1] == "--engine-startup":
+        print(json.dumps(engine_startup(sys.argv[2]), default=str))
+    else:
+        cli(run, table)

@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from benchmarks.common import (
+    allow_many_graphs,
     attempt,
     card_name,
     card_rates,
@@ -52,7 +53,16 @@ def _tok_s(fn, batch: int, repeats: int = 2) -> dict:
     return {"seconds": seconds, "tok_s": batch * NEW / seconds}
 
 
+def _spec(model, prompts, batch: int, repeats: int) -> dict:
+    llm, fn = _engine(model, prompts, speculative={"method": "draft_model", "draft_model": model,
+                                                   "num_speculative_tokens": 4})
+    out = _tok_s(fn, batch, repeats)
+    out["acceptance_rate"] = llm.stats.get("spec_acceptance_rate")
+    return out
+
+
 def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
+    allow_many_graphs()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     size = "tiny" if device.type != "cuda" else size
@@ -60,24 +70,23 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
     model = LlamaForCausalLM(llama_config(size)).to(device=device, dtype=dtype).eval()
     rates = card_rates()
     results: dict = {"device": card_name(), "model": size, "prompt": PROMPT, "new_tokens": NEW, "card": rates}
+    repeats = 1 if quick else 2
     for batch in (1, 16):
         ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=device)
         prompts = ids.tolist()
         row: dict = {}
         attempt(row, "hf_eager", lambda: _tok_s(_hf(model, ids, False), batch, 1))
         if device.type == "cuda":
-            attempt(row, "hf_static_compile", lambda: _tok_s(_hf(model, ids, True), batch))
+            attempt(row, "hf_static_compile", lambda: _tok_s(_hf(model, ids, True), batch, repeats))
         model.set_attn_implementation("sdpa")
-        attempt(row, "xyserve", lambda: _tok_s(_engine(model, prompts)[1], batch))
+        attempt(row, "xyserve", lambda: _tok_s(_engine(model, prompts)[1], batch, repeats))
         model.set_attn_implementation("sdpa")
-        if not quick:
-            def spec():
-                llm, fn = _engine(model, prompts, speculative={"method": "draft_model", "draft_model": model,
-                                                               "num_speculative_tokens": 4})
-                out = _tok_s(fn, batch)
-                out["acceptance_rate"] = llm.stats.get("spec_acceptance_rate")
-                return out
-            attempt(row, "xyserve_spec_self_draft", spec)
+        # A/B in the same run: q/k/v and gate/up as separate GEMMs (the weights stay packed)
+        unfused = {"compile_options": {"lower_gemm": False, "fuse_sibling_linears": False}}
+        attempt(row, "xyserve_unfused", lambda: _tok_s(_engine(model, prompts, **unfused)[1], batch, repeats))
+        model.set_attn_implementation("sdpa")
+        if not quick or batch == 1:  # quick: the speculative row at batch 1 only
+            attempt(row, "xyserve_spec_self_draft", lambda: _spec(model, prompts, batch, repeats))
             model.set_attn_implementation("sdpa")
         if rates:
             row["floor"] = {"tok_s": batch * rates["copy_bytes_per_s"] / weight_bytes(model)}
@@ -87,20 +96,25 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
 
 def table(results: dict) -> str:
     lines = [f"decode, {results['model']}, prompt {results['prompt']}, {results['new_tokens']} new, {results['device']}",
-             "| batch | variant | tok/s | x HF eager | x HF static+compile | % of floor |", "| --- | --- | --- | --- | --- | --- |"]
+             "| batch | variant | tok/s | x HF eager | x HF static+compile | % of floor | note |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for key in ("batch_1", "batch_16"):
         row = results.get(key, {})
         eager = row.get("hf_eager", {}).get("tok_s")
         static = row.get("hf_static_compile", {}).get("tok_s")
         floor = row.get("floor", {}).get("tok_s")
+        plain = row.get("xyserve", {}).get("tok_s")
         for name, r in row.items():
             if "error" in r:
-                lines.append(f"| {key[6:]} | {name} | error: {r['error'][:60]} | | | |")
+                lines.append(f"| {key[6:]} | {name} | error: {r['error'][:60]} | | | | |")
                 continue
             t = r["tok_s"]
             f = lambda b: f"{t / b:.2f}" if b else ""  # noqa: E731
-            lines.append(f"| {key[6:]} | {name} | {t:,.0f} | {f(eager)} | {f(static)} | {100 * t / floor:.0f}% |"
-                         if floor else f"| {key[6:]} | {name} | {t:,.0f} | {f(eager)} | {f(static)} | |")
+            note = ""
+            if r.get("acceptance_rate") is not None:
+                note = f"acceptance {100 * r['acceptance_rate']:.0f}%, {f(plain)}x plain xyserve"
+            share = f"{100 * t / floor:.0f}%" if floor else ""
+            lines.append(f"| {key[6:]} | {name} | {t:,.0f} | {f(eager)} | {f(static)} | {share} | {note} |")
     return "\n".join(lines)
 
 

@@ -24,7 +24,7 @@ import time
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from benchmarks.common import attempt, card_rates, llama_config, sync, timed
+from benchmarks.common import allow_many_graphs, attempt, card_rates, llama_config, sync, timed
 from xy_inductor import LLM, SamplingParams
 
 
@@ -156,6 +156,7 @@ ENGINES = ("xyserve_eager", "xyserve_compiled", "xyserve_compiled_cublas")
 
 
 def run(quick: bool = False, baselines: bool = True, engines=ENGINES, breakdown: bool = False) -> dict:
+    allow_many_graphs()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     small = quick and device.type != "cuda"  # the CPU smoke run; on a GPU --quick keeps real shapes

@@ -75,13 +75,34 @@ def timed(fn, repeats: int = 1) -> tuple[float, object]:
     return sorted(times)[len(times) // 2], result
 
 
+def allow_many_graphs(limit: int = 64) -> None:
+    """One process runs many compiled variants of the same `forward` (HF static cache at two
+    batch sizes, the engine, ...). Dynamo keeps them all on one code object, and past its default
+    limit of 8 entries it silently runs eagerly: a baseline would then be timed uncompiled."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           4 * limit)
+
+
+def dynamo_counts() -> dict:
+    """Graphs Dynamo has compiled in this process (a recompile is one more graph for a frame)."""
+    return {"graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+
+
 def attempt(results: dict, name: str, fn) -> None:
-    """Run one variant; a failure is recorded in the results (and printed), never fatal."""
+    """Run one variant; a failure is recorded in the results (and printed), never fatal. Each
+    result also gets its wall time (compile and warm-up included) and the graphs Dynamo compiled
+    while it ran."""
+    before, start = dynamo_counts(), time.perf_counter()
     try:
         results[name] = fn()
     except Exception as e:
         results[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
         traceback.print_exc()
+    if isinstance(results[name], dict):
+        after = dynamo_counts()
+        results[name]["wall_s"] = time.perf_counter() - start
+        results[name]["dynamo"] = {k: after[k] - before[k] for k in after}
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -1,4 +1,5 @@
-"""The lowering pipeline: attention first (it consumes the matmuls of eager attention), then GEMM.
+"""The lowering pipeline: attention first (it consumes the matmuls of eager attention), then sibling
+linears fused over adjacent weights (on request), then GEMM.
 
 Each pass is a pattern/replacement pair that records every rewrite in a LoweringReport, so tests
 assert exactly what was rewritten. Passes are idempotent (lowered ops match no pattern), which
@@ -14,19 +15,31 @@ import lowering.ops  # noqa: F401  (registers torch.ops.xyserve.*)
 from lowering.attention import AttentionPass
 from lowering.linear import LinearPass
 from lowering.report import LoweringReport
+from lowering.sibling_linears import SiblingLinearPass
 
 
-def uuid(lower_attention: bool = True, lower_gemm: bool = True, impl: str = "auto") -> str:
+def uuid(lower_attention: bool = True, lower_gemm: bool = True, impl: str = "auto", fuse_sibling_linears: bool = False) -> str:
     """A stable key for Inductor's caches: which passes ran, in which version, with which impl."""
-    parts = [p.uuid() for p, on in ((AttentionPass, lower_attention), (LinearPass, lower_gemm)) if on]
+    passes = ((AttentionPass, lower_attention), (SiblingLinearPass, fuse_sibling_linears), (LinearPass, lower_gemm))
+    parts = [p.uuid() for p, on in passes if on]
     return hashlib.sha256("|".join(parts + [impl]).encode()).hexdigest()
 
 
-def lower(gm: fx.GraphModule, lower_attention: bool = True, lower_gemm: bool = True, impl: str = "auto") -> LoweringReport:
-    """Rewrite `gm` in place; returns what was rewritten and what was left to Inductor (and why)."""
+def lower(
+    gm: fx.GraphModule,
+    lower_attention: bool = True,
+    lower_gemm: bool = True,
+    impl: str = "auto",
+    example_inputs: list | None = None,
+) -> LoweringReport:
+    """Rewrite `gm` in place; returns what was rewritten and what was left to Inductor (and why).
+    With `example_inputs` (the real tensors Dynamo passes a backend), sibling linears over adjacent
+    weights are fused first (see sibling_linears.py)."""
     report = LoweringReport()
     if lower_attention:
         AttentionPass()(gm, report, impl)
+    if example_inputs is not None:
+        SiblingLinearPass()(gm, report, example_inputs)
     if lower_gemm:
         LinearPass()(gm, report, impl)
     gm.graph.lint()

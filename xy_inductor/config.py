@@ -17,6 +17,9 @@ class CompileOptions:
                      pure-torch reference on CPU), "triton" or "reference".
     inductor_config: Inductor config patches, passed to `compile_fx(config_patches=...)`.
     use_inductor:    False runs the lowered graph as is (handy for debugging the passes).
+    fuse_sibling_linears: fuse linears that read one input and whose weights lie back to back in
+                     one storage (q/k/v, gate/up after `pack_sibling_linears`) into one GEMM. Only
+                     while those weights stay in place: the engine turns it on for the model it owns.
     """
 
     lower_attention: bool = True
@@ -24,6 +27,7 @@ class CompileOptions:
     impl: str = "auto"
     inductor_config: dict[str, Any] = field(default_factory=dict)
     use_inductor: bool = True
+    fuse_sibling_linears: bool = False
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:

@@ -59,6 +59,23 @@ def test_compiled_model_gives_the_same_tokens():
     assert llm.engine.runner.forward is not llm.engine.runner.model
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_compiled_engine_fuses_sibling_projections(name):
+    """The engine packs q/k/v and gate/up and the backend fuses each group into one GEMM."""
+    from xy_inductor.backend import reports, reset_reports
+
+    prompts = random_prompts([3, 41, 17], seed=14)
+    expected = reference(name, tuple(map(tuple, prompts)), GREEDY.max_tokens)
+    model = build_model(name)
+    reset_reports()
+    llm = LLM(model, compile=True, compile_backend="xyserve", max_num_batched_tokens=32)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    assert reports()[-1].count("sibling_linears") == 2 * model.config.num_hidden_layers
+    model.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(model.model.layers[0].mlp.up_proj.weight.clone())
+    with pytest.raises(RuntimeError, match="replaced by a new tensor"):
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+
+
 def test_cli_generate_from_checkpoint_folder(tmp_path, capsys):
     model, tok = build_model("llama"), word_tokenizer()
     model.save_pretrained(tmp_path / "ckpt")

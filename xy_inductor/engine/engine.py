@@ -111,6 +111,8 @@ class LLMEngine:
             raise ValueError("xyserve: stop strings need a tokenizer")
 
     def make_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
+        if self.runner.packed is not None:
+            self.runner.packed.check()  # a swapped weight would be read at its old address
         text, token_ids = self.encode(prompt)
         self.validate(token_ids, params)
         request = Request(

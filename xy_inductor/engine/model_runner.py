@@ -38,6 +38,7 @@ from xy_inductor.engine.step_buffer import (
     views,
 )
 from xy_inductor.engine.task_tables import TaskTables, table_capacity
+from xy_inductor.engine.weight_packing import PackedWeights, pack_sibling_linears
 
 log = logging.getLogger("xyserve")
 
@@ -81,6 +82,7 @@ class ModelRunner:
         if self.max_model_len is None:
             raise ValueError("xyserve: the model config has no position limit; pass max_model_len")
         self.config = config
+        self.packed: PackedWeights | None = None
         self.block_size = config.block_size
         self.layers: list[LayerSpec] = check_model(model, self.max_model_len)
         self.num_blocks = self._num_blocks()
@@ -138,10 +140,13 @@ class ModelRunner:
             # Not pip-installed (no entry point): the backend function itself works as well.
             from xy_inductor.backend import xyserve as backend
         options = self.config.compile_options
-        if options is None and self.config.compile_backend == "xyserve":
+        if self.config.compile_backend == "xyserve":
             # Measured on an H200 (benchmarks/RESULTS.md): inside the engine SmoothGEMM's per-call
             # host cost outweighs its gains today, so linears stay on cuBLAS unless asked (`{}`).
-            options = {"lower_gemm": False}
+            options = dict({"lower_gemm": False} if options is None else options)
+            options.setdefault("fuse_sibling_linears", True)
+            if options["fuse_sibling_linears"]:
+                self.packed = pack_sibling_linears(model)  # q/k/v and gate/up: one GEMM each
         compiled = torch.compile(model, backend=backend, dynamic=True, options=options)
 
         def forward(**kwargs):
