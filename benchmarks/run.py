@@ -29,8 +29,8 @@ SUITES = [
     ("engine", "benchmarks.bench_engine", False),
     ("attention", "benchmarks.bench_attention", True),
     ("gemm", "benchmarks.bench_gemm", True),
-    ("serving", "benchmarks.bench_serving", False),
     ("compile", "benchmarks.bench_compile", False),
+    ("serving", "benchmarks.bench_serving", False),
 ]
 
 

@@ -54,6 +54,10 @@ def model_max_len(config) -> int | None:
     return None
 
 
+def _graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 @dataclass(slots=True)
 class PreparedStep:
     """One packed step: the forward's kwargs, the bucket whose graph runs it (None: eager), the
@@ -217,6 +221,7 @@ class ModelRunner:
             return self.forward(**self._static[layout.num_tokens]).logits[0]
 
         graphs = CudaGraphs(self.buckets, self.device)
+        compiled_before = _graphs_compiled()
         try:
             with torch.inference_mode():
                 graphs.capture(run, reset)
@@ -226,6 +231,13 @@ class ModelRunner:
             self.buckets = []
             return
         self.graphs = graphs
+        # every step size is symbolic in one compiled graph; more graphs mean something
+        # specialised a size (each costs a full compile and start-up time)
+        self.graphs_compiled_at_capture = _graphs_compiled() - compiled_before
+        if self.forward is not self.model and self.graphs_compiled_at_capture > 1:
+            log.warning("xyserve: %d graphs compiled while capturing %d buckets (expected 1): a step size was "
+                        "specialised; run with TORCH_LOGS=recompiles to see which", self.graphs_compiled_at_capture,
+                        len(self.buckets))
 
     # ------------------------------------------------------------ one step
     def _inputs(self, v: StepViews) -> dict:
@@ -276,7 +288,10 @@ class ModelRunner:
             flat = self._static_flat
         else:
             if self._device_flat is None or self._device_flat.numel() < layout.size:
-                self._device_flat = torch.empty(2 * layout.size, dtype=torch.int32, device=self.device)
+                # a normal tensor, like the captured graphs' buffer: inference tensors carry other
+                # dispatch keys, and Dynamo would compile a second graph just for eager steps
+                with torch.inference_mode(False):
+                    self._device_flat = torch.empty(2 * layout.size, dtype=torch.int32, device=self.device)
             flat = self._device_flat
         for lo, hi in self.buffer.used(layout, shape, table_len):
             flat[lo:hi].copy_(self.buffer.host[lo:hi], non_blocking=True)
@@ -318,6 +333,8 @@ class ModelRunner:
             stats.update(self.graphs.stats)
         if self.graph_error:
             stats["cuda_graph_error"] = self.graph_error
+        if self.graphs is not None:
+            stats["graphs_compiled_at_capture"] = self.graphs_compiled_at_capture
         if self.tables is not None:
             stats.update(task_tables_planned=self.tables.num_planned, task_tables_reused=self.tables.num_reused)
         return stats
