@@ -85,7 +85,7 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
             unfused = {"compile_options": {"lower_gemm": False, "fuse_sibling_linears": False}}
             attempt(row, "xyserve_unfused", lambda: _tok_s(_engine(model, prompts, **unfused)[1], batch, repeats))
             model.set_attn_implementation("sdpa")
-        if not quick or batch == 1:  # quick: the speculative row at batch 1 only
+        if not quick:  # the speculative row (HF-eager self-draft: slow by construction) in full runs
             attempt(row, "xyserve_spec_self_draft", lambda: _spec(model, prompts, batch, repeats))
             model.set_attn_implementation("sdpa")
         if rates:

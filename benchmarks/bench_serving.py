@@ -61,7 +61,7 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
     cuda = torch.cuda.is_available()
     size = size if cuda else "tiny"
     n, new, lo, hi = (16, 32, 32, 256) if (quick or not cuda) else (64, 128, 32, 1024)
-    rates = [2.0, 8.0, 32.0] if cuda else [50.0]
+    rates = ([4.0, 16.0, 64.0] if quick else [2.0, 8.0, 32.0]) if cuda else [50.0]
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(size)).to("cuda" if cuda else "cpu",
                                                    torch.bfloat16 if cuda else torch.float32).eval()
