@@ -33,6 +33,10 @@ def record_layouts(llm: LLM) -> list[tuple[int, int, bool]]:
     def wrapped(out):
         step = prepare(out)
         seen.append((out.num_tokens, step.layout.num_tokens, step.graph))
+        # Eager steps' inputs are normal tensors, like the captured graphs' (prepare runs under
+        # inference mode): an inference tensor has other dispatch keys, which Dynamo guards on,
+        # so eager steps compiled a second graph (seen with torch 2.11 on CUDA).
+        assert not any(t.is_inference() for t in step.inputs.values() if isinstance(t, torch.Tensor))
         return step
 
     runner.prepare = wrapped

@@ -288,9 +288,7 @@ class ModelRunner:
             flat = self._static_flat
         else:
             if self._device_flat is None or self._device_flat.numel() < layout.size:
-                # a normal tensor, like the captured graphs' buffer: inference tensors carry other
-                # dispatch keys, and Dynamo would compile a second graph just for eager steps
-                with torch.inference_mode(False):
+                with torch.inference_mode(False):  # a normal tensor, see prepare()
                     self._device_flat = torch.empty(2 * layout.size, dtype=torch.int32, device=self.device)
             flat = self._device_flat
         for lo, hi in self.buffer.used(layout, shape, table_len):
@@ -309,7 +307,13 @@ class ModelRunner:
         self.buffer.pack(out.rows, shape, layout, table)
         graph = self.graphs is not None and self.graphs.captured(layout)
         flat = self._upload(layout, shape, len(table) if table is not None else 0, graph)
-        inputs = self._static[layout.num_tokens] if graph else self._inputs(views(flat, layout))
+        if graph:
+            inputs = self._static[layout.num_tokens]
+        else:
+            # built outside inference mode like the captured graphs' inputs: views taken in
+            # inference mode lack a dispatch key, and Dynamo would compile a second graph for them
+            with torch.inference_mode(False):
+                inputs = self._inputs(views(flat, layout))
         sample_ids = [r.request_id for r in out.rows if r.sample]
         return PreparedStep(inputs, layout, graph, shape.num_keep, sample_ids)
 
