@@ -59,6 +59,24 @@ def test_compiled_model_gives_the_same_tokens():
     assert llm.engine.runner.forward is not llm.engine.runner.model
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_attention_switched_back_between_engine_calls(compile, caplog):
+    """HF generate between engine calls (attention back to "sdpa") must not make the engine ignore
+    its paged KV cache: it switches the attention again, says so, and the tokens stay right."""
+    prompts = random_prompts([5, 23], seed=15)
+    expected = reference("llama", tuple(map(tuple, prompts)), GREEDY.max_tokens)
+    model = build_model("llama")
+    llm = LLM(model, compile=compile, max_num_batched_tokens=32)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    model.set_attn_implementation("sdpa")
+    hf_tokens = model.generate(torch.tensor([prompts[0]]), max_new_tokens=5, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompts[0]):].tolist()
+    assert hf_tokens == expected[0]
+    with caplog.at_level("WARNING", logger="xyserve"):
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    assert "switching it back" in caplog.text
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_compiled_engine_fuses_sibling_projections(name):
     """The engine packs q/k/v and gate/up and the backend fuses each group into one GEMM."""
@@ -67,6 +85,7 @@ def test_compiled_engine_fuses_sibling_projections(name):
     prompts = random_prompts([3, 41, 17], seed=14)
     expected = reference(name, tuple(map(tuple, prompts)), GREEDY.max_tokens)
     model = build_model(name)
+    torch._dynamo.reset()  # an earlier test's graph for the same model class would be reused
     reset_reports()
     llm = LLM(model, compile=True, compile_backend="xyserve", max_num_batched_tokens=32)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected

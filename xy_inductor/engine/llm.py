@@ -5,7 +5,8 @@
     for out in llm.stream(prompts, params): print(out.request_id, out.new_token_ids)
 
 The model is switched to attn_implementation="xyserve" (its attention then only runs inside the
-engine; `model.set_attn_implementation("sdpa")` gives it back).
+engine; `model.set_attn_implementation("sdpa")` gives it back, and the engine switches it again, with a
+warning, at its next step that runs the model).
 """
 from __future__ import annotations
 

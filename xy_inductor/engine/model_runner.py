@@ -19,13 +19,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch.fx.experimental import _config as shape_config
 
 from ascend_kernels.profiles import TargetProfile, profile_for
 from lowering.ops import use_triton
 from xy_inductor import hf
 from xy_inductor.config import EngineConfig
 from xy_inductor.engine.attention_metadata import PagedAttentionMetadata
+from xy_inductor.engine.compiled_model import compile_model
 from xy_inductor.engine.cuda_graphs import CudaGraphs, bucket_sizes
 from xy_inductor.engine.model_check import LayerSpec, check_model
 from xy_inductor.engine.outputs import SchedulerOutput
@@ -38,7 +38,6 @@ from xy_inductor.engine.step_buffer import (
     views,
 )
 from xy_inductor.engine.task_tables import TaskTables, table_capacity
-from xy_inductor.engine.weight_packing import PackedWeights, pack_sibling_linears
 
 log = logging.getLogger("xyserve")
 
@@ -86,7 +85,6 @@ class ModelRunner:
         if self.max_model_len is None:
             raise ValueError("xyserve: the model config has no position limit; pass max_model_len")
         self.config = config
-        self.packed: PackedWeights | None = None
         self.block_size = config.block_size
         self.layers: list[LayerSpec] = check_model(model, self.max_model_len)
         self.num_blocks = self._num_blocks()
@@ -95,7 +93,7 @@ class ModelRunner:
         uniform = all(s == self.layers[0] for s in self.layers)
         triton = use_triton(config.impl, self.k_caches[0])
         self._plan_spec = self.layers[0] if uniform and triton else None
-        self.forward = self._maybe_compile(model)
+        self.forward, self.packed = compile_model(model, config, self.device)
         self._setup_steps()
 
     # ------------------------------------------------------------ set-up
@@ -128,38 +126,6 @@ class ModelRunner:
             k.append(torch.zeros(*shape, s.head_dim, dtype=s.dtype, device=self.device))
             v.append(torch.zeros(*shape, s.value_dim, dtype=s.dtype, device=self.device))
         return k, v
-
-    def _maybe_compile(self, model):
-        use = self.config.compile if self.config.compile is not None else self.device.type == "cuda"
-        if not use:
-            return model
-        from torch._dynamo.backends.registry import lookup_backend
-
-        backend = self.config.compile_backend
-        try:
-            lookup_backend(backend)  # fail now, not at the first step
-        except Exception:
-            if backend != "xyserve":
-                raise
-            # Not pip-installed (no entry point): the backend function itself works as well.
-            from xy_inductor.backend import xyserve as backend
-        options = self.config.compile_options
-        if self.config.compile_backend == "xyserve":
-            # Measured on an H200 (benchmarks/RESULTS.md): inside the engine SmoothGEMM's per-call
-            # host cost outweighs its gains today, so linears stay on cuBLAS unless asked (`{}`).
-            options = dict({"lower_gemm": False} if options is None else options)
-            options.setdefault("fuse_sibling_linears", True)
-            if options["fuse_sibling_linears"]:
-                self.packed = pack_sibling_linears(model)  # q/k/v and gate/up: one GEMM each
-        compiled = torch.compile(model, backend=backend, dynamic=True, options=options)
-
-        def forward(**kwargs):
-            # Without duck sizing: sizes that happen to be equal on the first call (e.g. request
-            # slots and block-table columns) must not be guarded equal, or the next step recompiles.
-            with shape_config.patch(use_duck_shape=False):
-                return compiled(**kwargs)
-
-        return forward
 
     def _setup_steps(self) -> None:
         """Step buffers, the Task-Table planner, the token buckets and (CUDA) their graphs."""
@@ -326,9 +292,18 @@ class ModelRunner:
         if step.graph:
             logits = self.graphs.replay(step.layout)
         else:
+            self._own_attention()
             logits = self.forward(**step.inputs).logits[0]
             self.num_eager_steps += 1
         return logits[: step.num_rows], step.sample_ids
+
+    def _own_attention(self) -> None:
+        """The model's attention must be the paged one: a model switched back to "sdpa" (to run HF
+        generate between engine calls) would ignore the paged KV cache and give wrong tokens."""
+        if self.model.config._attn_implementation != hf.ATTN_IMPLEMENTATION:
+            log.warning("xyserve: the model's attention was switched to %r; switching it back to %r for the engine",
+                        self.model.config._attn_implementation, hf.ATTN_IMPLEMENTATION)
+            self.model.set_attn_implementation(hf.ATTN_IMPLEMENTATION)
 
     @property
     def stats(self) -> dict:
