@@ -1,11 +1,12 @@
 """Decode speed at batch 1 and 16 (prompt 128, 128 new tokens): xyserve vs HF generate.
 
 Variants, all in one process on one card: HF generate eager (dynamic cache), HF generate with
-the static cache + torch.compile, the xyserve engine, and the engine with speculative decoding
-(the target itself as the draft model, whose greedy acceptance is 100% by construction: it
-measures the verify path's cost, not a real draft's quality). Random weights make n-gram
-acceptance meaningless, so n-gram drafting is not timed here. Floor: batch x measured copy
-bandwidth / weight bytes (one read of the weights per decode step; KV reads ignored).
+the static cache + torch.compile, the xyserve engine, and (full runs) the engine with q/k/v and
+gate/up unfused and the engine with speculative decoding, the target itself as the draft model (a
+copy run by the engine's own paged, batched, CUDA-graphed draft runner; greedy acceptance is 100%
+in exact arithmetic, lower in bf16 where the draft and verify batches round differently). Random
+weights make n-gram acceptance meaningless, so n-gram drafting is not timed here. Floor: batch x
+measured copy bandwidth / weight bytes (one read of the weights per decode step; KV reads ignored).
 
     python -m benchmarks.bench_decode [--quick]
 """

@@ -66,3 +66,67 @@ def test_speculative_sampling_runs_and_respects_lengths():
     outs, _, stats = _run(model, prompts, params, speculative=spec)
     assert all(len(o.token_ids) == NEW for o in outs)
     assert stats["spec_draft_tokens"] > 0
+
+
+def test_draft_model_runs_batched_in_its_own_paged_runner():
+    """All decoding requests draft together: k batched draft forwards per engine step (more only when
+    a catch-up exceeds the token budget); the draft's KV blocks all come back."""
+    from xy_inductor.engine.paged_drafter import PagedDraftDrafter
+
+    model, k = build_model("llama"), 3
+    prompts = _prompts()[:8]
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    want, _, _ = _run(model, prompts, params)
+    llm = LLM(model, max_num_batched_tokens=512, max_num_seqs=12, compile=False,
+              speculative={"method": "draft_model", "draft_model": build_model("llama", seed=7),
+                           "num_speculative_tokens": k})
+    drafter = llm.engine.drafter
+    assert isinstance(drafter, PagedDraftDrafter)
+    rows_per_call = []
+    execute = drafter.runner.execute
+
+    def recorded(out):
+        rows_per_call.append(len(out.rows))
+        return execute(out)
+
+    drafter.runner.execute = recorded
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert len(rows_per_call) <= k * llm.stats["steps"]
+    assert max(rows_per_call) > 1  # several requests in one draft forward
+    assert drafter.pool.num_free == drafter.runner.num_blocks and not drafter._kv
+
+
+def test_draft_model_the_paged_kernels_cannot_serve_falls_back_visibly(caplog):
+    """A draft without transformers' AttentionInterface drafts through HF's cache: same tokens."""
+    from engine_models import VOCAB
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = build_model("llama")
+    prompts = _prompts()[:4]
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    want, _, _ = _run(model, prompts, params)
+    draft = BloomForCausalLM(BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB)).eval()
+    with caplog.at_level("WARNING", logger="xyserve"):
+        got, _, stats = _run(model, prompts, params,
+                              speculative={"method": "draft_model", "draft_model": draft, "num_speculative_tokens": 3})
+    assert "through HF's cache" in caplog.text
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert stats["spec_draft_tokens"] > 0
+
+
+def test_aborted_request_gives_its_draft_kv_back():
+    model = build_model("llama")
+    llm = LLM(model, max_num_batched_tokens=64, compile=False,
+              speculative={"method": "draft_model", "draft_model": build_model("llama", seed=7),
+                           "num_speculative_tokens": 3})
+    engine, drafter = llm.engine, llm.engine.drafter
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in _prompts()[:3]]
+    for _ in range(4):
+        engine.step()
+    assert ids[0] in drafter._kv  # the short prompt is decoding: it has draft KV
+    engine.abort_request(ids[0])
+    while engine.has_unfinished():
+        engine.step()
+    assert drafter.pool.num_free == drafter.runner.num_blocks and not drafter._kv

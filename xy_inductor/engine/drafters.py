@@ -46,7 +46,8 @@ class NgramDrafter:
 
 class DraftModelDrafter:
     """A small HF causal LM drafts greedily, one request at a time, each request keeping its own
-    KV cache (an HF DynamicCache cropped back to the verified prefix after every step).
+    KV cache (an HF DynamicCache cropped back to the verified prefix after every step). The fallback
+    for draft models the paged runner cannot serve (paged_drafter.py is the batched, fast path).
 
     A greedy draft is a deterministic proposal, i.e. a point-mass q, which the verifier's rejection
     sampling handles exactly; so sampled requests keep the target's distribution too.

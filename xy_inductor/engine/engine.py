@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import os
 from collections.abc import Sequence
 
@@ -22,11 +23,14 @@ from xy_inductor.engine.drafters import DraftModelDrafter, NgramDrafter
 from xy_inductor.engine.kv_cache import KVCacheManager
 from xy_inductor.engine.model_runner import ModelRunner
 from xy_inductor.engine.outputs import RequestOutput
+from xy_inductor.engine.paged_drafter import PagedDraftDrafter
 from xy_inductor.engine.request import Request, RequestStatus
 from xy_inductor.engine.sampler import Sampler, SamplingRow
 from xy_inductor.engine.scheduler import Scheduler
 from xy_inductor.engine.text_output import TextOutput
 from xy_inductor.engine.verifier import verify_greedy, verify_sampled
+
+log = logging.getLogger("xyserve")
 
 
 def _eos_ids(model, tokenizer) -> tuple[int, ...]:
@@ -39,12 +43,25 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
-def make_drafter(spec: SpeculativeConfig | None, target: torch.nn.Module):
-    """The drafter of a speculative config (None: no speculative decoding)."""
+def make_drafter(spec: SpeculativeConfig | None, target: torch.nn.Module, config: EngineConfig,
+                 max_model_len: int, budget: int):
+    """The drafter of a speculative config (None: no speculative decoding). A draft model runs in a
+    ModelRunner of its own (paged KV, batched over requests); one the paged kernels cannot serve
+    falls back, with a warning, to HF's own cache path one request at a time."""
     if spec is None:
         return None
     if spec.method == "ngram":
         return NgramDrafter(spec.num_speculative_tokens, spec.ngram_min, spec.ngram_max)
+    draft = _draft_model(spec, target)
+    try:
+        return PagedDraftDrafter(draft, spec.num_speculative_tokens, config, max_model_len, budget)
+    except (NotImplementedError, ValueError) as e:
+        log.warning("xyserve: the draft model runs through HF's cache, one request at a time (%s)", e)
+    draft.set_attn_implementation("sdpa")
+    return DraftModelDrafter(draft, spec.num_speculative_tokens)
+
+
+def _draft_model(spec: SpeculativeConfig, target: torch.nn.Module) -> torch.nn.Module:
     draft = spec.draft_model
     if isinstance(draft, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
@@ -52,13 +69,12 @@ def make_drafter(spec: SpeculativeConfig | None, target: torch.nn.Module):
         draft = AutoModelForCausalLM.from_pretrained(os.fspath(draft), dtype=next(target.parameters()).dtype)
         draft = draft.to(next(target.parameters()).device)
     if draft is target:
-        # The engine switches the target to the paged "xyserve" attention; the drafter runs HF's own
-        # cache path, so it needs its own module (same weights, copied).
+        # The target's runner owns its module (attention, compiled forward, packed weights): the
+        # draft runs a copy of it (same weights).
         draft = copy.deepcopy(target)
     if draft.config.vocab_size != target.config.vocab_size:
         raise ValueError("xyserve: the draft model's vocabulary differs from the target's")
-    draft.set_attn_implementation("sdpa")
-    return DraftModelDrafter(draft, spec.num_speculative_tokens)
+    return draft
 
 
 def default_budget(device: torch.device) -> int:
@@ -83,7 +99,7 @@ class LLMEngine:
         self.text = TextOutput(tokenizer)
         self._ids = itertools.count()
         self.num_steps = 0
-        self.drafter = make_drafter(config.speculative, model)
+        self.drafter = make_drafter(config.speculative, model, config, self.max_model_len, budget)
 
     # ------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
@@ -134,6 +150,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.finish(request_id, RequestStatus.FINISHED_ABORTED)
+        self.text.drop(request_id)
+        if self.drafter is not None:
+            self.drafter.release(request_id)  # an aborted request gets no last output to release it
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -160,6 +179,7 @@ class LLMEngine:
 
     def _propose_drafts(self) -> None:
         """Give every decoding request up to k drafted tokens (never past its max_tokens / length)."""
+        wanted: list[tuple[Request, int]] = []
         for request in self.scheduler.running:
             if request.draft_token_ids or not self.scheduler.is_decoding(request):
                 continue
@@ -168,7 +188,14 @@ class LLMEngine:
                 self.max_model_len - request.num_committed_tokens,
             ) - 1  # the verify step always adds one token of the target's own
             if room > 0:
-                request.draft_token_ids = self.drafter.propose(request.request_id, request.all_token_ids(), room)
+                wanted.append((request, room))
+        if isinstance(self.drafter, PagedDraftDrafter):  # one batched draft pass for all of them
+            drafts = self.drafter.propose_batch([(r.request_id, r.all_token_ids(), room) for r, room in wanted])
+            for request, _ in wanted:
+                request.draft_token_ids = drafts.get(request.request_id, [])
+            return
+        for request, room in wanted:
+            request.draft_token_ids = self.drafter.propose(request.request_id, request.all_token_ids(), room)
 
     def _sample(self, out, logits: torch.Tensor, sample_ids: list[str]) -> dict[str, list[int]]:
         """Sampled tokens per request: one for plain rows, the verifier's verdict for verify rows."""
