@@ -71,7 +71,7 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
     model = LlamaForCausalLM(llama_config(size)).to(device=device, dtype=dtype).eval()
     rates = card_rates()
     results: dict = {"device": card_name(), "model": size, "prompt": PROMPT, "new_tokens": NEW, "card": rates}
-    repeats = 1 if quick else 2
+    repeats = 2  # median of 2 after a warm-up: a run is 0.2-1.3 s, the compiles dominate the suite's time
     for batch in (1, 16):
         ids = torch.randint(0, model.config.vocab_size, (batch, PROMPT), device=device)
         prompts = ids.tolist()

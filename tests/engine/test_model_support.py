@@ -59,6 +59,30 @@ def test_compiled_model_gives_the_same_tokens():
     assert llm.engine.runner.forward is not llm.engine.runner.model
 
 
+def test_compiled_engine_uses_one_graph_for_every_step_size():
+    """Steps of every token bucket and the eager steps above them run one compiled graph (on the
+    H200 a specialised size once compiled one graph per bucket; benchmarks/RESULTS.md)."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    prompts = random_prompts([3, 41, 17, 90], seed=16)
+    expected = reference("llama", tuple(map(tuple, prompts)), GREEDY.max_tokens)
+    llm = LLM(build_model("llama"), compile=True, cuda_graphs=True, cuda_graph_sizes=[2, 4, 8, 16, 32],
+              max_num_batched_tokens=64)
+    sizes = []
+    prepare = llm.engine.runner.prepare
+
+    def recorded(out):
+        step = prepare(out)
+        sizes.append(step.layout.num_tokens)
+        return step
+
+    llm.engine.runner.prepare = recorded
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    assert len(set(sizes)) >= 3 and max(sizes) > 32  # several buckets and an eager step
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_attention_switched_back_between_engine_calls(compile, caplog):
     """HF generate between engine calls (attention back to "sdpa") must not make the engine ignore
