@@ -1,6 +1,7 @@
 """Shared benchmark helpers: the card, its measured ceilings, model shapes, timing."""
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 
@@ -82,6 +83,30 @@ def allow_many_graphs(limit: int = 64) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            4 * limit)
+    log_recompiles()
+
+
+class _RecompileLog(logging.Handler):
+    """Keeps Dynamo's recompile reasons (the `recompiles` log artifact) for the results."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = record.getMessage().splitlines()
+        self.reasons.append(" | ".join(line.strip() for line in lines[1:4]))
+
+
+_RECOMPILES = _RecompileLog()
+
+
+def log_recompiles() -> None:
+    """Record why Dynamo recompiled (also printed on stderr): attached to every result by attempt()."""
+    logger = logging.getLogger("torch._dynamo.guards.__recompiles")
+    if _RECOMPILES not in logger.handlers:
+        torch._logging.set_logs(recompiles=True)
+        logger.addHandler(_RECOMPILES)
 
 
 def dynamo_counts() -> dict:
@@ -93,7 +118,7 @@ def attempt(results: dict, name: str, fn) -> None:
     """Run one variant; a failure is recorded in the results (and printed), never fatal. Each
     result also gets its wall time (compile and warm-up included) and the graphs Dynamo compiled
     while it ran."""
-    before, start = dynamo_counts(), time.perf_counter()
+    before, start, seen = dynamo_counts(), time.perf_counter(), len(_RECOMPILES.reasons)
     try:
         results[name] = fn()
     except Exception as e:
@@ -103,6 +128,8 @@ def attempt(results: dict, name: str, fn) -> None:
         after = dynamo_counts()
         results[name]["wall_s"] = time.perf_counter() - start
         results[name]["dynamo"] = {k: after[k] - before[k] for k in after}
+        if len(_RECOMPILES.reasons) > seen:
+            results[name]["dynamo"]["recompile_reasons"] = _RECOMPILES.reasons[seen:][:5]
 
 
 def percentile(values: list[float], q: float) -> float | None:
