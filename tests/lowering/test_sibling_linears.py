@@ -74,3 +74,12 @@ def test_in_place_updates_are_seen_and_swaps_are_refused():
     layer.up_proj.weight = torch.nn.Parameter(layer.up_proj.weight.detach().clone())
     with pytest.raises(RuntimeError, match="replaced by a new tensor"):
         packed.check()
+
+
+def test_packed_model_saves_and_loads_as_before(tmp_path):
+    model = build("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pack_sibling_linears(model)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())

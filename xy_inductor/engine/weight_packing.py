@@ -7,8 +7,9 @@ Modules, parameter objects, names and values stay as they were (state_dict is un
 runs as before); only where the numbers live changes. The backend's sibling-linear pass then
 reads the three as one [Nq + Nk + Nv, K] matrix: one GEMM per group instead of three (or two).
 
-A packed model's parameters share storage: safetensors refuses to save shared tensors, so clone
-them (or save before building the engine) to write a checkpoint.
+A packed model's parameters share storage: `save_pretrained` still writes a normal checkpoint
+(tested), but `safetensors.torch.save_file` on its raw state_dict refuses shared tensors (clone them
+first).
 """
 from __future__ import annotations
 
