@@ -16,6 +16,8 @@ tails, not bytes.
 Only on request (`CompileOptions.fuse_sibling_linears`): the graph is correct only while the
 weights stay where they were at compile time, which holds for in-place updates (`load_state_dict`,
 `copy_`) but not for a weight swapped for a new tensor; the engine checks that before each request.
+Dynamo may also reuse the graph for another instance of the same model class (parameters are graph
+inputs); that is right when that instance is packed the same way, as the engine packs every model.
 """
 from __future__ import annotations
 
