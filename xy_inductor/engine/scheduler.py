@@ -72,10 +72,11 @@ class Scheduler:
             if request.draft_token_ids:
                 self._fit_drafts(request, budget)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if self._make_room(request, n, rows, out):
+            fits, freed = self._make_room(request, n, rows, out)
+            budget += freed  # rows of preempted requests give their tokens back
+            if fits:
                 rows[request.request_id] = self._row(request, n)
                 budget -= n
-            budget = self.max_num_batched_tokens - sum(r.num_new_tokens for r in rows.values())
         if not out.preempted_ids:  # admitting while preempting would only thrash the pool
             budget = self._admit_waiting(rows, budget)
         out.rows = list(rows.values())
@@ -96,16 +97,19 @@ class Scheduler:
         ):
             request.draft_token_ids.pop()
 
-    def _make_room(self, request: Request, n: int, rows: dict, out: SchedulerOutput) -> bool:
-        """Allocate KV for n new tokens, preempting the newest running requests as needed."""
+    def _make_room(self, request: Request, n: int, rows: dict, out: SchedulerOutput) -> tuple[bool, int]:
+        """Allocate KV for n new tokens, preempting the newest running requests as needed; whether it
+        fits, and the tokens of the preempted requests' rows dropped from this step."""
+        freed = 0
         while not self.kv.allocate_slots(request, n):
             victim = max(self.running, key=lambda r: r.arrival_index)
             self._preempt(victim)
-            rows.pop(victim.request_id, None)
+            row = rows.pop(victim.request_id, None)
+            freed += row.num_new_tokens if row is not None else 0
             out.preempted_ids.append(victim.request_id)
             if victim is request:
-                return False
-        return True
+                return False, freed
+        return True, freed
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
