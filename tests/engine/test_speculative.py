@@ -130,3 +130,33 @@ def test_aborted_request_gives_its_draft_kv_back():
     while engine.has_unfinished():
         engine.step()
     assert drafter.pool.num_free == drafter.runner.num_blocks and not drafter._kv
+
+
+def test_paged_drafts_are_the_draft_models_greedy_continuations():
+    """Drafts equal HF greedy generate of the draft model, also after a rejection rewrote the tail
+    (its KV is overwritten in place) and across a catch-up longer than the token budget."""
+    import torch
+
+    from xy_inductor.config import EngineConfig
+    from xy_inductor.engine.paged_drafter import PagedDraftDrafter
+
+    draft, k = build_model("llama", seed=7), 4
+
+    def hf_greedy(tokens):
+        out = draft.generate(torch.tensor([tokens]), max_new_tokens=k, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        return out[0, len(tokens):].tolist()
+
+    prompts = _prompts()
+    a, b = prompts[1][:150], prompts[2]
+    expected = {"a": hf_greedy(a), "b": hf_greedy(b)}  # before the drafter switches the attention
+    a2 = a + expected["a"][:2] + [(expected["a"][2] + 1) % 100]  # 2 accepted, then a different token
+    expected["a2"] = hf_greedy(a2)
+    drafter = PagedDraftDrafter(draft, k, EngineConfig(compile=False, block_size=16), max_model_len=256, budget=64)
+    got = drafter.propose_batch([("a", a, k), ("b", b, k)])  # a's 150-token catch-up spans 3 steps
+    assert got == {"a": expected["a"], "b": expected["b"]}
+    assert drafter.propose_batch([("a", a2, k)]) == {"a": expected["a2"]}
+    assert drafter.propose_batch([("b", b, 2)]) == {"b": expected["b"][:2]}  # max_tokens caps k
+    for rid in ("a", "b"):
+        drafter.release(rid)
+    assert drafter.pool.num_free == drafter.runner.num_blocks
