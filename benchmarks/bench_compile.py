@@ -12,7 +12,6 @@ stats), and the graphs compiled while it then serves a batch of mixed prompt len
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -21,13 +20,22 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from benchmarks.common import attempt, card_name, cli, llama_config, sync
+from benchmarks.common import (
+    attempt,
+    card_name,
+    cli,
+    dynamo_counts,
+    llama_config,
+    log_recompiles,
+    recompile_reasons,
+    sync,
+)
 
 TOKEN_COUNTS = [1, 2, 3, 8, 17, 37, 64, 100, 129, 256, 333, 512]
 
 
 def _graphs() -> int:
-    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return dynamo_counts()["graphs"]
 
 
 def compile_cost(model, backend: str, counts: list[int]) -> dict:
@@ -55,6 +63,7 @@ def engine_startup(size: str) -> dict:
     request, then a mixed batch of prompt lengths; graphs compiled after start-up are recompiles."""
     from xy_inductor import LLM, SamplingParams
 
+    log_recompiles()
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(size)).to("cuda" if cuda else "cpu",
@@ -71,21 +80,16 @@ def engine_startup(size: str) -> dict:
     llm.generate(prompts, params, use_tqdm=False)
     stats = {k: v for k, v in llm.stats.items() if "graph" in k or "capture" in k or k == "eager_steps"}
     return {"construct_s": built, "first_request_s": first, "graphs_at_startup": graphs,
-            "recompiles_after_startup": _graphs() - graphs, **stats}
+            "recompiles_after_startup": _graphs() - graphs, "recompile_log": recompile_reasons()[-8:], **stats}
 
 
 def engine_startup_fresh(size: str) -> dict:
-    env = dict(os.environ, TORCH_LOGS="recompiles")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_compile", "--engine-startup", size],
-                          capture_output=True, text=True, env=env, timeout=900,
-                          cwd=Path(__file__).resolve().parent.parent)
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parent.parent)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"engine start-up process failed ({proc.returncode}): {proc.stderr[-800:]}")
-    out = json.loads(lines[-1])
-    reasons = [ln.strip() for ln in proc.stderr.splitlines() if "triggered by" in ln or "guard" in ln.lower()]
-    out["recompile_log"] = reasons[-8:]
-    return out
+    return json.loads(lines[-1])
 
 
 def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:

@@ -109,6 +109,11 @@ def log_recompiles() -> None:
         logger.addHandler(_RECOMPILES)
 
 
+def recompile_reasons() -> list[str]:
+    """The reasons recorded since log_recompiles(), oldest first."""
+    return list(_RECOMPILES.reasons)
+
+
 def dynamo_counts() -> dict:
     """Graphs Dynamo has compiled in this process (a recompile is one more graph for a frame)."""
     return {"graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}

@@ -92,9 +92,7 @@ class PagedDraftDrafter:
             for rid, token in self._forward({rid: feed[rid] for rid in live}).items():
                 drafts[rid].append(token)
                 feed[rid] = [token]
-        for rid in pending:  # the last draft was never fed
-            self._kv[rid].token_ids = pending[rid][0] + drafts[rid][:-1]
-        return drafts
+        return drafts  # each request's draft KV now holds its tokens + all drafts but the last
 
     @torch.inference_mode()
     def _forward(self, feed: dict[str, list[int]]) -> dict[str, int]:
