@@ -1,7 +1,8 @@
 """Decode speed at batch 1 and 16 (prompt 128, 128 new tokens): xyserve vs HF generate.
 
 Variants, all in one process on one card: HF generate eager (dynamic cache), HF generate with
-the static cache + torch.compile, the xyserve engine, and (full runs) the engine with q/k/v and
+the static cache + torch.compile, the xyserve engine (overlapped steps, and the same engine with
+async scheduling off), and (full runs) the engine with q/k/v and
 gate/up unfused and the engine with speculative decoding, the target itself as the draft model (a
 copy run by the engine's own paged, batched, CUDA-graphed draft runner; greedy acceptance is 100%
 in exact arithmetic, lower in bf16 where the draft and verify batches round differently). Random
@@ -54,6 +55,16 @@ def _tok_s(fn, batch: int, repeats: int = 2) -> dict:
     return {"seconds": seconds, "tok_s": batch * NEW / seconds}
 
 
+def _in_order(llm, prompts, batch: int, repeats: int) -> dict:
+    """The same engine with async scheduling off: the host schedules a step only after reading
+    the last one's tokens (what overlapping hides)."""
+    overlap, llm.engine.async_scheduling = llm.engine.async_scheduling, False
+    try:
+        return _tok_s(_engine(None, prompts, llm)[1], batch, repeats)
+    finally:
+        llm.engine.async_scheduling = overlap
+
+
 def _spec(model, prompts, batch: int, repeats: int) -> dict:
     llm, fn = _engine(model, prompts, speculative={"method": "draft_model", "draft_model": model,
                                                    "num_speculative_tokens": 4})
@@ -85,6 +96,8 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
             engine["llm"], fn = _engine(model, prompts, engine.get("llm"))
             return _tok_s(fn, batch, repeats)
         attempt(row, "xyserve", xyserve)
+        if engine.get("llm") is not None:  # A/B on the same engine: each step waits for its tokens
+            attempt(row, "xyserve_in_order", lambda: _in_order(engine["llm"], prompts, batch, repeats))
         model.set_attn_implementation("sdpa")
         if not quick:  # A/B in the same run: q/k/v and gate/up as separate GEMMs (the weights stay packed)
             unfused = {"compile_options": {"lower_gemm": False, "fuse_sibling_linears": False}}

@@ -78,6 +78,7 @@ def profile_steps(engine, n: int = 3) -> dict:
 def step_breakdown(llm, prompts, new) -> dict:
     """Where a step's time goes: each phase timed with the device synchronised around it."""
     engine, runner = llm.engine, llm.engine.runner
+    engine.async_scheduling = False  # phases timed one after another, the device synchronised
     phases = {"schedule": 0.0, "prepare": 0.0, "forward": 0.0, "sample_update": 0.0}
     steps = {"decode_only": [0, 0.0], "with_prefill": [0, 0.0]}
 
@@ -202,6 +203,9 @@ def run(quick: bool = False, baselines: bool = True, engines=ENGINES, breakdown:
             llm = LLM(model, max_model_len=2048, enable_prefix_caching=False, **kwargs)
             out = tok_s(engine_run(llm, prompts, new))
             out.update(steps_per_run=llm.stats["steps"] // 2, kv_blocks=llm.stats["kv_blocks"])
+            if llm.engine.async_scheduling:  # A/B on the same engine: each step waits for its tokens
+                llm.engine.async_scheduling = False
+                out["in_order"] = tok_s(engine_run(llm, prompts, new), repeats=0)
             if breakdown:
                 out["breakdown"] = step_breakdown(llm, prompts, new)
             model.set_attn_implementation("sdpa")
@@ -225,8 +229,10 @@ def table(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {n} | error: {r['error'][:80]} | |")
         else:
-            ratio = f"{r['tok_s'] / base:.2f}" if base else ""
-            lines.append(f"| {n} | {r['tok_s']:,.0f} | {ratio} |")
+            for label, x in ((n, r), (f"{n}, async scheduling off", r.get("in_order"))):
+                if x:
+                    ratio = f"{x['tok_s'] / base:.2f}" if base else ""
+                    lines.append(f"| {label} | {x['tok_s']:,.0f} | {ratio} |")
     return "\n".join(lines)
 
 

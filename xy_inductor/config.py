@@ -111,6 +111,10 @@ class EngineConfig:
                             steps to the buckets without graphs (tests the padding).
     cuda_graph_sizes:       the token buckets; None: 2, 4, 8, ... up to min(token budget, 512). Steps
                             bigger than the largest bucket run eagerly.
+    async_scheduling:       schedule and launch each step while the device still runs the previous one
+                            (engine/overlap.py); the host reads sampled tokens one step late. Steps run
+                            in order while speculative decoding or a repetition penalty needs the
+                            tokens on the host. None means on for CUDA, off elsewhere.
     """
 
     block_size: int = 16
@@ -130,6 +134,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | dict | None = None
     cuda_graphs: bool | None = None
     cuda_graph_sizes: list[int] | None = None
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative, dict):
@@ -162,6 +167,8 @@ class EngineConfig:
             raise ValueError(f"xyserve: compile_options must be a dict, got {self.compile_options!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"xyserve: cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"xyserve: async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if self.cuda_graph_sizes is not None:
             sizes = list(self.cuda_graph_sizes)
             if not sizes:

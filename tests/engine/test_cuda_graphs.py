@@ -30,8 +30,8 @@ def record_layouts(llm: LLM) -> list[tuple[int, int, bool]]:
     runner, seen = llm.engine.runner, []
     prepare = runner.prepare
 
-    def wrapped(out):
-        step = prepare(out)
+    def wrapped(out, feed=None):
+        step = prepare(out, feed)
         seen.append((out.num_tokens, step.layout.num_tokens, step.graph))
         # Eager steps' inputs are normal tensors, like the captured graphs' (prepare runs under
         # inference mode): an inference tensor has other dispatch keys, which Dynamo guards on,
@@ -209,7 +209,8 @@ def test_graphs_equal_eager_equal_hf_on_gpu(compile):
     prompts = random_prompts(LENGTHS)
     model = build_model("llama").cuda()
     expected = _hf_on(model, prompts, NEW)
-    eager = _gpu_llm(model, False, compile=compile).generate(prompts, GREEDY, use_tqdm=False)
+    # in-order steps without graphs vs overlapped steps (the CUDA default) with graphs
+    eager = _gpu_llm(model, False, compile=compile, async_scheduling=False).generate(prompts, GREEDY, use_tqdm=False)
     llm = _gpu_llm(model, True, compile=compile)
     seen = record_layouts(llm)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -221,6 +222,7 @@ def test_graphs_equal_eager_equal_hf_on_gpu(compile):
     assert any(not g for *_, g in seen)  # steps of 65-128 tokens: bigger than the buckets
     assert any(real < ran for real, ran, g in seen if g)  # replays of virtually padded steps
     assert stats["cuda_graph_capture_s"] > 0
+    assert stats["overlapped_steps"] == stats["steps"] > 0  # the sampled tokens fed on the device
 
 
 @pytest.mark.gpu

@@ -17,9 +17,9 @@ def record_steps(llm: LLM) -> list:
     runner = llm.engine.runner
     execute = runner.execute
 
-    def wrapped(out):
+    def wrapped(out, feed=None):
         steps.append([(r.stage, r.num_computed_tokens, r.num_new_tokens, r.sample) for r in out.rows])
-        return execute(out)
+        return execute(out, feed)
 
     runner.execute = wrapped
     return steps

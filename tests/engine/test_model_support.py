@@ -72,8 +72,8 @@ def test_compiled_engine_uses_one_graph_for_every_step_size():
     sizes = []
     prepare = llm.engine.runner.prepare
 
-    def recorded(out):
-        step = prepare(out)
+    def recorded(out, feed=None):
+        step = prepare(out, feed)
         sizes.append(step.layout.num_tokens)
         return step
 

@@ -8,8 +8,17 @@ tensors: it runs in the scheduler's bookkeeping time.
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import logging
+import os
 from dataclasses import dataclass
+
+import torch
+
+from xy_inductor.config import EngineConfig, SpeculativeConfig
+
+log = logging.getLogger("xyserve")
 
 
 @dataclass(slots=True)
@@ -64,7 +73,6 @@ class DraftModelDrafter:
         self._caches: dict[str, tuple[object, list[int]]] = {}  # request -> (cache, tokens it holds)
 
     def propose(self, request_id: str, token_ids: list[int], max_tokens: int | None = None) -> list[int]:
-        import torch
         from transformers import DynamicCache
 
         k = self.num_speculative_tokens if max_tokens is None else min(max_tokens, self.num_speculative_tokens)
@@ -91,3 +99,39 @@ class DraftModelDrafter:
 
     def release(self, request_id: str) -> None:
         self._caches.pop(request_id, None)
+
+
+def make_drafter(spec: SpeculativeConfig | None, target: torch.nn.Module, config: EngineConfig,
+                 max_model_len: int, budget: int):
+    """The drafter of a speculative config (None: no speculative decoding). A draft model runs in a
+    ModelRunner of its own (paged KV, batched over requests); one the paged kernels cannot serve
+    falls back, with a warning, to HF's own cache path one request at a time."""
+    if spec is None:
+        return None
+    if spec.method == "ngram":
+        return NgramDrafter(spec.num_speculative_tokens, spec.ngram_min, spec.ngram_max)
+    draft = _draft_model(spec, target)
+    from xy_inductor.engine.paged_drafter import PagedDraftDrafter  # it imports the runner
+
+    try:
+        return PagedDraftDrafter(draft, spec.num_speculative_tokens, config, max_model_len, budget)
+    except (NotImplementedError, ValueError) as e:
+        log.warning("xyserve: the draft model runs through HF's cache, one request at a time (%s)", e)
+    draft.set_attn_implementation("sdpa")
+    return DraftModelDrafter(draft, spec.num_speculative_tokens)
+
+
+def _draft_model(spec: SpeculativeConfig, target: torch.nn.Module) -> torch.nn.Module:
+    draft = spec.draft_model
+    if isinstance(draft, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
+
+        draft = AutoModelForCausalLM.from_pretrained(os.fspath(draft), dtype=next(target.parameters()).dtype)
+        draft = draft.to(next(target.parameters()).device)
+    if draft is target:
+        # The target's runner owns its module (attention, compiled forward, packed weights): the
+        # draft runs a copy of it (same weights).
+        draft = copy.deepcopy(target)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError("xyserve: the draft model's vocabulary differs from the target's")
+    return draft

@@ -10,19 +10,18 @@ state, so requests already in flight carry on.
 """
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
-import os
 from collections.abc import Sequence
 
 import torch
 
-from xy_inductor.config import EngineConfig, SamplingParams, SpeculativeConfig
-from xy_inductor.engine.drafters import DraftModelDrafter, NgramDrafter
+from xy_inductor.config import EngineConfig, SamplingParams
+from xy_inductor.engine.drafters import make_drafter
 from xy_inductor.engine.kv_cache import KVCacheManager
 from xy_inductor.engine.model_runner import ModelRunner
-from xy_inductor.engine.outputs import RequestOutput
+from xy_inductor.engine.outputs import RequestOutput, SchedulerOutput
+from xy_inductor.engine.overlap import InflightStep, TokenFeed
 from xy_inductor.engine.paged_drafter import PagedDraftDrafter
 from xy_inductor.engine.request import Request, RequestStatus
 from xy_inductor.engine.sampler import Sampler, SamplingRow
@@ -41,40 +40,6 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-
-
-def make_drafter(spec: SpeculativeConfig | None, target: torch.nn.Module, config: EngineConfig,
-                 max_model_len: int, budget: int):
-    """The drafter of a speculative config (None: no speculative decoding). A draft model runs in a
-    ModelRunner of its own (paged KV, batched over requests); one the paged kernels cannot serve
-    falls back, with a warning, to HF's own cache path one request at a time."""
-    if spec is None:
-        return None
-    if spec.method == "ngram":
-        return NgramDrafter(spec.num_speculative_tokens, spec.ngram_min, spec.ngram_max)
-    draft = _draft_model(spec, target)
-    try:
-        return PagedDraftDrafter(draft, spec.num_speculative_tokens, config, max_model_len, budget)
-    except (NotImplementedError, ValueError) as e:
-        log.warning("xyserve: the draft model runs through HF's cache, one request at a time (%s)", e)
-    draft.set_attn_implementation("sdpa")
-    return DraftModelDrafter(draft, spec.num_speculative_tokens)
-
-
-def _draft_model(spec: SpeculativeConfig, target: torch.nn.Module) -> torch.nn.Module:
-    draft = spec.draft_model
-    if isinstance(draft, (str, os.PathLike)):
-        from transformers import AutoModelForCausalLM
-
-        draft = AutoModelForCausalLM.from_pretrained(os.fspath(draft), dtype=next(target.parameters()).dtype)
-        draft = draft.to(next(target.parameters()).device)
-    if draft is target:
-        # The target's runner owns its module (attention, compiled forward, packed weights): the
-        # draft runs a copy of it (same weights).
-        draft = copy.deepcopy(target)
-    if draft.config.vocab_size != target.config.vocab_size:
-        raise ValueError("xyserve: the draft model's vocabulary differs from the target's")
-    return draft
 
 
 def default_budget(device: torch.device) -> int:
@@ -100,6 +65,11 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.drafter = make_drafter(config.speculative, model, config, self.max_model_len, budget)
+        overlap = config.async_scheduling
+        self.async_scheduling = overlap if overlap is not None else self.device.type == "cuda"
+        self.feed = TokenFeed(self.runner.max_keep, self.device)
+        self._inflight: InflightStep | None = None
+        self.num_overlapped_steps = 0
 
     # ------------------------------------------------------------ requests
     def encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
@@ -159,20 +129,67 @@ class LLMEngine:
 
     # ------------------------------------------------------------ one step
     def step(self, stream_text: bool = False) -> list[RequestOutput]:
-        """Schedule, run and sample (or verify) one step; outputs of the requests that got tokens."""
+        """Schedule, run and sample (or verify) one step; outputs of the requests that got tokens.
+        Overlapped (async_scheduling), the outputs are those of the step launched by the last call."""
+        if self._can_overlap():
+            return self._step_overlapped(stream_text)
+        previous, self._inflight = self._inflight, None
+        outputs = self._resolve(stream_text, previous)  # the host needs every token from here on
         if self.drafter is not None:
             self._propose_drafts()
         out = self.scheduler.schedule()
         if out.empty:
-            if self.scheduler.has_unfinished():
+            if self.scheduler.has_unfinished() and not outputs:
                 raise RuntimeError("xyserve: the scheduler found no work for unfinished requests")
-            return []
+            return outputs
         before = {r.request_id: self._num_output(r.request_id) for r in out.rows}
         logits, sample_ids = self.runner.execute(out)
         sampled = self._sample(out, logits, sample_ids)
         changed = self.scheduler.update_from_output(out, sampled)
         self.num_steps += 1
-        return [self._output(r, stream_text, r.num_output_tokens - before[r.request_id]) for r in changed]
+        return outputs + [self._output(r, stream_text, r.num_output_tokens - before[r.request_id]) for r in changed]
+
+    # ------------------------------------------------------------ overlapped steps (overlap.py)
+    def _can_overlap(self) -> bool:
+        if not self.async_scheduling or self.drafter is not None:
+            return False
+        return all(r.sampling_params.repetition_penalty == 1.0 for r in self.scheduler.requests.values())
+
+    def _step_overlapped(self, stream_text: bool) -> list[RequestOutput]:
+        """Launch the next step, then read the tokens of the one in flight (see overlap.py)."""
+        previous, self._inflight = self._inflight, None
+        out = self.scheduler.schedule()
+        if not out.empty:
+            self._inflight = self._launch(out, previous)
+        outputs = self._resolve(stream_text, previous)
+        if self._inflight is not None:
+            self.scheduler.advance(out)
+            self.num_steps += 1
+            self.num_overlapped_steps += 1
+        elif previous is None and self.scheduler.has_unfinished():
+            raise RuntimeError("xyserve: the scheduler found no work for unfinished requests")
+        return outputs
+
+    def _launch(self, out: SchedulerOutput, previous: InflightStep | None) -> InflightStep:
+        feed = None
+        dst, ids = self.feed.pending_rows(out)
+        if dst:  # decode rows whose input is a token of the step in flight
+            index = previous.index()
+            src = [index[rid] for rid in ids]
+            feed = lambda input_ids: self.feed.feed(input_ids, dst, src, previous.tokens)  # noqa: E731
+        logits, sample_ids = self.runner.execute(out, feed)
+        requests = self.scheduler.requests
+        rows = [SamplingRow(requests[rid].sampling_params, None, requests[rid].generator) for rid in sample_ids]
+        tokens = (self.sampler.sample_tensor(logits, rows) if rows
+                  else torch.empty(0, dtype=torch.long, device=self.device))
+        return self.feed.launch(out, sample_ids, tokens)
+
+    def _resolve(self, stream_text: bool, step: InflightStep | None) -> list[RequestOutput]:
+        """Read a launched step's tokens and return its outputs."""
+        if step is None:
+            return []
+        changed = self.scheduler.resolve(step.out, step.wait())
+        return [self._output(r, stream_text) for r in changed]
 
     def _num_output(self, request_id: str) -> int:
         return self.scheduler.requests[request_id].num_output_tokens
@@ -261,6 +278,7 @@ class LLMEngine:
         kv = self.kv
         return {
             "steps": self.num_steps,
+            "overlapped_steps": self.num_overlapped_steps,
             "preemptions": self.scheduler.num_preemptions,
             "prefix_query_tokens": kv.num_query_tokens,
             "prefix_hit_tokens": kv.num_hit_tokens,

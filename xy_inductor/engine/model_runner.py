@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -263,8 +264,10 @@ class ModelRunner:
             self._copied.record()
         return flat
 
-    def prepare(self, out: SchedulerOutput) -> PreparedStep:
-        """Pack the step (inputs and attention metadata) for the device; see PreparedStep."""
+    def prepare(self, out: SchedulerOutput, feed: Callable[[torch.Tensor], None] | None = None) -> PreparedStep:
+        """Pack the step (inputs and attention metadata) for the device; see PreparedStep. `feed`
+        then writes the input ids the host does not know yet (overlap.py) into the device's
+        [T] input_ids."""
         shape = step_shape(out.rows)
         layout, table = self._layout(shape)
         if self._copied is not None:
@@ -280,15 +283,18 @@ class ModelRunner:
             # inference mode lack a dispatch key, and Dynamo would compile a second graph for them
             with torch.inference_mode(False):
                 inputs = self._inputs(views(flat, layout))
+        if feed is not None:
+            feed(inputs["input_ids"][0])
         sample_ids = [r.request_id for r in out.rows if r.sample]
         return PreparedStep(inputs, layout, graph, shape.num_keep, sample_ids)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[str]]:
+    def execute(self, out: SchedulerOutput,
+                feed: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, list[str]]:
         """Run the step; logits [N, V] at the N sampling positions, with the sampling requests' ids
         (a request with d drafted tokens owns d + 1 consecutive rows). Under CUDA graphs the
         logits are a static buffer: valid until the next step."""
-        step = self.prepare(out)
+        step = self.prepare(out, feed)
         if step.graph:
             logits = self.graphs.replay(step.layout)
         else:

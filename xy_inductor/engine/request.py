@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 from xy_inductor.config import SamplingParams
 
+# An output token the device has sampled but the host has not read yet (overlapped steps): the
+# next step's input at its position is copied on the device, see overlap.py.
+PENDING = -1
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -122,6 +126,25 @@ class Request:
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = now
         self.metrics.token_times.append(now)
+
+    def fill_pending(self, token_id: int, now: float) -> None:
+        """The host learns the token sampled for the trailing PENDING placeholder."""
+        if not self.output_token_ids or self.output_token_ids[-1] != PENDING:
+            raise RuntimeError(f"xyserve: request {self.request_id!r} has no pending token to fill")
+        self.output_token_ids.pop()
+        self.append_token(token_id, now)
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING
+
+    @property
+    def at_limit(self) -> bool:
+        """Its tokens (a pending one included) reach max_tokens or max_model_len: nothing more to
+        schedule; it finishes once the pending token is read."""
+        if self.num_output_tokens >= self.sampling_params.max_tokens:
+            return True
+        return self.max_model_len is not None and self.num_committed_tokens >= self.max_model_len
 
     def check_stop(self) -> RequestStatus | None:
         """The finish status implied by the last appended token, or None to keep going."""

@@ -50,28 +50,31 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
         """logits [N, V] (any float dtype), one row per request to sample -> N token ids."""
+        return self.sample_tensor(logits, rows).tolist()
+
+    def sample_tensor(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Like `sample`, as an int64 tensor [N] on the logits' device, without waiting for the
+        device (an overlapped step reads it one step later)."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"xyserve: {logits.shape[0]} logits rows for {len(rows)} requests")
-        out: list[int | None] = [None] * len(rows)
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy and r.params.repetition_penalty == 1.0]
-        if greedy:
-            picked = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < len(rows) else logits.argmax(-1).tolist()
-            for i, token in zip(greedy, picked):
-                out[i] = token
+        # every row's argmax (cheap), then the sampled rows overwritten one by one: no index
+        # tensor built on the host, whose copy would wait for the device
+        out = logits.argmax(dim=-1)
         for i, row in enumerate(rows):
-            if out[i] is None:
-                out[i] = self._sample_row(logits[i].float(), row)
-        return out  # type: ignore[return-value]
+            if not (row.params.greedy and row.params.repetition_penalty == 1.0):
+                out[i : i + 1] = self._sample_row(logits[i].float(), row)
+        return out
 
-    def _sample_row(self, logits: torch.Tensor, row: SamplingRow) -> int:
+    def _sample_row(self, logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+        """One token as a 1-element tensor (on the logits' device unless drawn on a CPU generator)."""
         params = row.params
         if params.repetition_penalty != 1.0 and row.seen_token_ids:
             logits = apply_repetition_penalty(logits, row.seen_token_ids, params.repetition_penalty)
         if params.greedy:
-            return int(logits.argmax())
+            return logits.argmax(dim=-1, keepdim=True)
         logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
         probs = logits.softmax(dim=-1)
         generator = row.generator if row.generator is not None else self.generator
         if generator is not None and generator.device != probs.device:
             probs = probs.cpu()  # a CPU generator draws on the host; tiny next to a forward
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return torch.multinomial(probs, 1, generator=generator)

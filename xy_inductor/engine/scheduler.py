@@ -14,7 +14,7 @@ from collections import deque
 
 from xy_inductor.engine.kv_cache import KVCacheManager
 from xy_inductor.engine.outputs import ScheduledRequest, SchedulerOutput, Stage
-from xy_inductor.engine.request import Request, RequestStatus
+from xy_inductor.engine.request import PENDING, Request, RequestStatus
 
 
 class Scheduler:
@@ -67,8 +67,8 @@ class Scheduler:
         # Decode / verify rows first (they need only their last token), then running prefills.
         order = sorted(self.running, key=lambda r: (not self.is_decoding(r), r.arrival_index))
         for request in order:
-            if request.status is not RequestStatus.RUNNING or budget == 0:
-                continue
+            if request.status is not RequestStatus.RUNNING or budget == 0 or request.at_limit:
+                continue  # at_limit: only with overlapped steps, done once its pending token is read
             if request.draft_token_ids:
                 self._fit_drafts(request, budget)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
@@ -180,10 +180,44 @@ class Scheduler:
                 continue
             for token_id in tokens:
                 request.append_token(token_id, now)
-                status = request.check_stop()
-                if status is not None:
-                    self.finish(request.request_id, status)
+                if self._stopped(request):
                     break
+            changed.append(request)
+        return changed
+
+    def _stopped(self, request: Request) -> bool:
+        status = request.check_stop()
+        if status is not None:
+            self.finish(request.request_id, status)
+        return status is not None
+
+    # ------------------------------------------------------------ overlapped steps (overlap.py)
+    def advance(self, out: SchedulerOutput) -> None:
+        """Right after a step is launched, before its tokens are known: advance computed tokens
+        and give each sampling row a PENDING token, so the next step can be scheduled at once.
+        No drafts: a verify row's computed count depends on its verdict."""
+        for row in out.rows:
+            request = self.requests.get(row.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # finished (or aborted) since it was scheduled: its row is wasted work
+            if row.num_draft_tokens:
+                raise RuntimeError("xyserve: verify rows cannot run overlapped")
+            request.num_computed_tokens += row.num_new_tokens
+            self.kv.cache_full_blocks(request)
+            if row.sample:
+                request.output_token_ids.append(PENDING)
+
+    def resolve(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """The advanced step's tokens are known: fill the PENDING tokens, finish stopped requests.
+        A request preempted since keeps its token (it was sampled from a complete KV)."""
+        now = time.perf_counter()
+        changed = []
+        for row in out.rows:
+            request = self.requests.get(row.request_id)
+            if not row.sample or request is None or not request.has_pending:
+                continue  # aborted, or finished before this step was advanced
+            request.fill_pending(sampled[row.request_id], now)
+            self._stopped(request)
             changed.append(request)
         return changed
 
