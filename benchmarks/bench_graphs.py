@@ -130,7 +130,7 @@ def replay_kernels(llm: LLM, num_tokens: int, n: int = 5) -> dict | None:
             rows.append((e.key[:90], round(us / n, 1), e.count // n))
     rows.sort(key=lambda r: -r[1])
     return {"total_us": round(sum(r[1] for r in rows), 1), "kernels": len(rows),
-            "calls": sum(r[2] for r in rows), "top_us_calls": rows[:14]}
+            "calls": sum(r[2] for r in rows), "top_us_calls": rows[:24]}
 
 
 def engine_variant(model, kwargs: dict, loads: dict, kernels: bool = False) -> dict:
