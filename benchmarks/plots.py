@@ -13,7 +13,12 @@ def _bars(ax, names: list[str], values: list[float], title: str, ylabel: str) ->
 
 
 def _tok_s(row: dict) -> tuple[list[str], list[float]]:
-    items = [(k, v["tok_s"]) for k, v in row.items() if isinstance(v, dict) and "tok_s" in v]
+    items = []
+    for k, v in row.items():
+        if isinstance(v, dict) and "tok_s" in v:
+            items.append((k, v["tok_s"]))
+            if "tok_s" in v.get("in_order", {}):  # the same engine with async scheduling off
+                items.append((f"{k}, in order", v["in_order"]["tok_s"]))
     return [k for k, _ in items], [v for _, v in items]
 
 
