@@ -79,6 +79,18 @@ def _(q, k, v, mask, scale, is_causal, impl):
 
 
 # ---------------------------------------------------------------- paged KV cache
+@torch.library.custom_op("xyserve::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """A contiguous copy Inductor cannot fuse through: `x` is computed once and its consumers read
+    it, instead of each one recomputing x's pointwise chain (lowering/shared_tables.py)."""
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+@materialize.register_fake
+def _(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.custom_op("xyserve::store_kv", mutates_args=("k_cache", "v_cache"))
 def store_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, impl: str) -> None:
     """Write a step's new K/V [T, Hkv, D] into the paged caches at slot_mapping [T] (negative = skip)."""

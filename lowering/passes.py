@@ -1,5 +1,6 @@
 """The lowering pipeline: attention first (it consumes the matmuls of eager attention), then sibling
-linears fused over adjacent weights (on request), then GEMM.
+linears fused over adjacent weights (on request), then GEMM, then cos / sin tables shared by the
+layers that read them.
 
 Each pass is a pattern/replacement pair that records every rewrite in a LoweringReport, so tests
 assert exactly what was rewritten. Passes are idempotent (lowered ops match no pattern), which
@@ -15,12 +16,15 @@ import lowering.ops  # noqa: F401  (registers torch.ops.xyserve.*)
 from lowering.attention import AttentionPass
 from lowering.linear import LinearPass
 from lowering.report import LoweringReport
+from lowering.shared_tables import SharedTablePass
 from lowering.sibling_linears import SiblingLinearPass
 
 
-def uuid(lower_attention: bool = True, lower_gemm: bool = True, impl: str = "auto", fuse_sibling_linears: bool = False) -> str:
+def uuid(lower_attention: bool = True, lower_gemm: bool = True, impl: str = "auto", fuse_sibling_linears: bool = False,
+         share_tables: bool = True) -> str:
     """A stable key for Inductor's caches: which passes ran, in which version, with which impl."""
-    passes = ((AttentionPass, lower_attention), (SiblingLinearPass, fuse_sibling_linears), (LinearPass, lower_gemm))
+    passes = ((AttentionPass, lower_attention), (SiblingLinearPass, fuse_sibling_linears), (LinearPass, lower_gemm),
+              (SharedTablePass, share_tables))
     parts = [p.uuid() for p, on in passes if on]
     return hashlib.sha256("|".join(parts + [impl]).encode()).hexdigest()
 
@@ -31,6 +35,7 @@ def lower(
     lower_gemm: bool = True,
     impl: str = "auto",
     example_inputs: list | None = None,
+    share_tables: bool = True,
 ) -> LoweringReport:
     """Rewrite `gm` in place; returns what was rewritten and what was left to Inductor (and why).
     With `example_inputs` (the real tensors Dynamo passes a backend), sibling linears over adjacent
@@ -42,6 +47,8 @@ def lower(
         SiblingLinearPass()(gm, report, example_inputs)
     if lower_gemm:
         LinearPass()(gm, report, impl)
+    if share_tables:
+        SharedTablePass()(gm, report)
     gm.graph.lint()
     gm.recompile()
     return report

@@ -20,6 +20,8 @@ class CompileOptions:
     fuse_sibling_linears: fuse linears that read one input and whose weights lie back to back in
                      one storage (q/k/v, gate/up after `pack_sibling_linears`) into one GEMM. Only
                      while those weights stay in place: the engine turns it on for the model it owns.
+    share_tables:    compute a cos / sin table read by several layers (RoPE) once, instead of in
+                     every consumer kernel (lowering/shared_tables.py); same values.
     """
 
     lower_attention: bool = True
@@ -28,6 +30,7 @@ class CompileOptions:
     inductor_config: dict[str, Any] = field(default_factory=dict)
     use_inductor: bool = True
     fuse_sibling_linears: bool = False
+    share_tables: bool = True
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:
