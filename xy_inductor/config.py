@@ -112,7 +112,7 @@ class EngineConfig:
     cuda_graphs:            pad each step to a token bucket and replay the bucket's CUDA graph (captured
                             at start-up); None means on for CUDA, off elsewhere. True on CPU pads the
                             steps to the buckets without graphs (tests the padding).
-    cuda_graph_sizes:       the token buckets; None: 2, 4, 8, ... up to min(token budget, 512). Steps
+    cuda_graph_sizes:       the token buckets; None: 2, 4, 8, ... up to min(token budget, 2048). Steps
                             bigger than the largest bucket run eagerly.
     async_scheduling:       schedule and launch each step while the device still runs the previous one
                             (engine/overlap.py); the host reads sampled tokens one step late. Steps run

@@ -45,7 +45,7 @@ def record_layouts(llm: LLM) -> list[tuple[int, int, bool]]:
 
 def test_bucket_sizes():
     assert bucket_sizes(None, 48) == [2, 4, 8, 16, 32, 48]
-    assert bucket_sizes(None, 8192) == [2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert bucket_sizes(None, 8192) == [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
     assert bucket_sizes([1, 3, 100, 9999], 64) == [2, 3, 64]
 
 
