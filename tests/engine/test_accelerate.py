@@ -36,19 +36,21 @@ def test_greedy_generate_equals_hf(extra):
     assert "generate" not in vars(model)  # restored on exit
 
 
-def test_eos_stops_and_pads_like_hf():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_eos_stops_and_pads_like_hf(overlap):
     model = build_model("llama")
     ids, mask = _left_padded([12, 5])
     free = _hf(model, ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     eos = int(free[0, ids.shape[1] + 2])  # a token the first row emits third: it must stop there
     kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=7, eos_token_id=eos)
     want = _hf(model, ids, **kwargs)
-    xy_inductor.accelerate(model, compile=False)
+    xy_inductor.accelerate(model, compile=False, async_scheduling=overlap)
     got = model.generate(ids, **kwargs)
     assert torch.equal(got, want)
 
 
-def test_streamer_sees_the_same_tokens():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_streamer_sees_the_same_tokens(overlap):
     class Collect:
         def __init__(self):
             self.chunks = []
@@ -64,7 +66,7 @@ def test_streamer_sees_the_same_tokens():
     ids = torch.tensor([random_prompts([6])[0]])
     hf_stream, our_stream = Collect(), Collect()
     want = _hf(model, ids, max_new_tokens=5, do_sample=False, streamer=hf_stream, pad_token_id=0)
-    with xy_inductor.accelerate(model, compile=False):
+    with xy_inductor.accelerate(model, compile=False, async_scheduling=overlap):
         got = model.generate(ids, max_new_tokens=5, do_sample=False, streamer=our_stream, pad_token_id=0)
     assert torch.equal(got, want) and our_stream.chunks == hf_stream.chunks
 
