@@ -149,3 +149,40 @@ def test_stream_and_max_model_len_under_overlap():
     assert sorted(len(t) for t in seen.values()) == [6, 13]  # stopped at max_model_len 16
     assert all(0 <= t < VOCAB for t in sum(seen.values(), []))
     _assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prompt_of_exactly_max_model_len_is_prefilled_in_chunks(overlap):
+    prompt = random_prompts([64], seed=1)[0]
+    llm = _llm(max_model_len=64, max_num_batched_tokens=48, async_scheduling=overlap)
+    (out,) = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert out.token_ids == reference("llama", (tuple(prompt),), 1)[0]  # one token fits: 64 + 1 > 64 stops it
+    assert out.finish_reason == "length"
+    _assert_no_leak(llm)
+
+
+def test_a_failed_wait_aborts_the_steps_requests_and_the_engine_goes_on(monkeypatch):
+    """Ctrl-C while the host waits for the device: the two steps' requests end as aborted (never
+    wrong tokens), and the engine serves new requests exactly."""
+    from xy_inductor.engine import overlap
+
+    prompts = random_prompts([9, 20], seed=2)
+    llm = _llm(async_scheduling=True)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    wait, calls = overlap.InflightStep.wait, []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return wait(self)
+
+    monkeypatch.setattr(overlap.InflightStep, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(10):
+            engine.step()
+    assert not engine.has_unfinished() and all(i not in engine.scheduler.requests for i in ids)
+    _assert_no_leak(llm)
+    again = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in again] == reference("llama", tuple(map(tuple, prompts)), GREEDY.max_tokens)

@@ -144,3 +144,21 @@ def test_top_k_one_and_penalty_run_end_to_end(llm):
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, repetition_penalty=1.5, ignore_eos=True),
                        use_tqdm=False)[0]
     assert out.token_ids == expected
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stream_hands_out_new_text_that_adds_up(overlap):
+    """Each streamed output carries the text new since the last one; together they are the text."""
+    stream_llm = LLM(build_model("llama"), tokenizer=word_tokenizer(), max_num_batched_tokens=32,
+                     max_model_len=256, compile=False, async_scheduling=overlap)
+    prompts = ["w1 w2 w3", "w9 w8"]
+    pieces: dict[str, list[str]] = {}
+    final = {}
+    for out in stream_llm.stream(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)):
+        assert out.new_text is not None
+        pieces.setdefault(out.request_id, []).append(out.new_text)
+        if out.finished:
+            final[out.request_id] = out.text
+    assert len(final) == 2
+    for rid, text in final.items():
+        assert "".join(pieces[rid]) == text and len(text.split()) == 6

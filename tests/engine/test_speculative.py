@@ -3,7 +3,7 @@ decodes, greedy outputs equal plain greedy token for token, rejected drafts leak
 from __future__ import annotations
 
 import pytest
-from engine_models import build_model, random_prompts
+from engine_models import build_model, random_prompts, reference
 
 from xy_inductor import LLM, SamplingParams
 from xy_inductor.engine.outputs import Stage
@@ -160,3 +160,20 @@ def test_paged_drafts_are_the_draft_models_greedy_continuations():
     for rid in ("a", "b"):
         drafter.release(rid)
     assert drafter.pool.num_free == drafter.runner.num_blocks
+
+
+def test_stop_string_cuts_accepted_drafts_like_plain_decoding():
+    """A verify step appends several tokens at once; those after a stop string are not output."""
+    from engine_models import word_tokenizer
+
+    tok = word_tokenizer()
+    prompts = random_prompts([40, 12, 25], seed=8)
+    ref = reference("llama", tuple(map(tuple, prompts)), 30)
+    draft = build_model("llama")  # the target's own weights: every draft is accepted
+    for i, p in enumerate(prompts):
+        params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[f"w{ref[i][6]}"])
+        plain = LLM(build_model("llama"), tok, compile=False).generate([p], params, use_tqdm=False)[0]
+        spec = {"method": "draft_model", "draft_model": draft, "num_speculative_tokens": 3}
+        got = LLM(build_model("llama"), tok, compile=False, speculative=spec).generate([p], params, use_tqdm=False)[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
+        assert plain.finish_reason == "stop" and len(plain.token_ids) <= 7

@@ -111,7 +111,9 @@ def make_drafter(spec: SpeculativeConfig | None, target: torch.nn.Module, config
     if spec.method == "ngram":
         return NgramDrafter(spec.num_speculative_tokens, spec.ngram_min, spec.ngram_max)
     draft = _draft_model(spec, target)
-    from xy_inductor.engine.paged_drafter import PagedDraftDrafter  # it imports the runner
+    from xy_inductor.engine.paged_drafter import (
+        PagedDraftDrafter,  # it imports the runner
+    )
 
     try:
         return PagedDraftDrafter(draft, spec.num_speculative_tokens, config, max_model_len, budget)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
 
 import torch
 
@@ -24,6 +23,7 @@ from xy_inductor.engine.outputs import RequestOutput, SchedulerOutput
 from xy_inductor.engine.overlap import InflightStep, TokenFeed
 from xy_inductor.engine.paged_drafter import PagedDraftDrafter
 from xy_inductor.engine.request import Request, RequestStatus
+from xy_inductor.engine.request_checks import check_request, encode_prompt
 from xy_inductor.engine.sampler import Sampler, SamplingRow
 from xy_inductor.engine.scheduler import Scheduler
 from xy_inductor.engine.text_output import TextOutput
@@ -72,35 +72,11 @@ class LLMEngine:
         self.num_overlapped_steps = 0
 
     # ------------------------------------------------------------ requests
-    def encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("xyserve: a text prompt needs a tokenizer; pass token ids or LLM(..., tokenizer=...)")
-            if not prompt:
-                raise ValueError("xyserve: empty prompt")
-            return prompt, list(self.tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        return None, list(prompt)
-
-    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"xyserve: expected SamplingParams, got {type(params).__name__}")
-        if not token_ids:
-            raise ValueError("xyserve: empty prompt (no tokens)")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(f"xyserve: prompt of {len(token_ids)} tokens exceeds max_model_len {self.max_model_len}")
-        for t in token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
-                raise ValueError(f"xyserve: token id {t!r} is not in the vocabulary [0, {self.vocab_size})")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("xyserve: stop strings need a tokenizer")
-
     def make_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> Request:
         if self.runner.packed is not None:
             self.runner.packed.check()  # a swapped weight would be read at its old address
-        text, token_ids = self.encode(prompt)
-        self.validate(token_ids, params)
+        text, token_ids = encode_prompt(prompt, self.tokenizer)
+        check_request(token_ids, params, self.max_model_len, self.vocab_size, self.tokenizer)
         request = Request(
             request_id=request_id if request_id is not None else str(next(self._ids)),
             prompt_token_ids=token_ids,
@@ -158,17 +134,32 @@ class LLMEngine:
     def _step_overlapped(self, stream_text: bool) -> list[RequestOutput]:
         """Launch the next step, then read the tokens of the one in flight (see overlap.py)."""
         previous, self._inflight = self._inflight, None
-        out = self.scheduler.schedule()
-        if not out.empty:
-            self._inflight = self._launch(out, previous)
-        outputs = self._resolve(stream_text, previous)
-        if self._inflight is not None:
+        out, launched = SchedulerOutput(), None
+        try:
+            out = self.scheduler.schedule()
+            if not out.empty:
+                launched = self._launch(out, previous)
+            outputs = self._resolve(stream_text, previous)
+        except BaseException:
+            # The two steps' bookkeeping is half done (a token read or not, a step launched but
+            # not advanced): their requests cannot go on exactly, so they end as aborted.
+            self._abort_rows(previous, out)
+            raise
+        if launched is not None:
             self.scheduler.advance(out)
+            self._inflight = launched
             self.num_steps += 1
             self.num_overlapped_steps += 1
         elif previous is None and self.scheduler.has_unfinished():
             raise RuntimeError("xyserve: the scheduler found no work for unfinished requests")
         return outputs
+
+    def _abort_rows(self, previous: InflightStep | None, out: SchedulerOutput) -> None:
+        rows = (previous.out.rows if previous is not None else []) + out.rows
+        ids = [rid for rid in dict.fromkeys(r.request_id for r in rows) if rid in self.scheduler.requests]
+        log.error("xyserve: a step failed with a step in flight; aborting its requests %s", ids)
+        for rid in ids:
+            self.abort_request(rid)
 
     def _launch(self, out: SchedulerOutput, previous: InflightStep | None) -> InflightStep:
         feed = None
@@ -176,7 +167,7 @@ class LLMEngine:
         if dst:  # decode rows whose input is a token of the step in flight
             index = previous.index()
             src = [index[rid] for rid in ids]
-            feed = lambda input_ids: self.feed.feed(input_ids, dst, src, previous.tokens)  # noqa: E731
+            feed = lambda input_ids: self.feed.feed(input_ids, dst, src, previous.tokens)
         logits, sample_ids = self.runner.execute(out, feed)
         requests = self.scheduler.requests
         rows = [SamplingRow(requests[rid].sampling_params, None, requests[rid].generator) for rid in sample_ids]
@@ -255,6 +246,11 @@ class LLMEngine:
         text = new_text = None
         if self.tokenizer is not None and (stream_text or params.stop or request.finished):
             text, new_text, hit = self.text.update(request)
+            if hit and num_new > 1:  # accepted drafts past the stop string are not output
+                keep = self.text.first_stop(request, num_new)
+                if keep is not None and keep < request.num_output_tokens:
+                    num_new -= request.num_output_tokens - keep
+                    request.truncate_output(keep)
             if hit and not request.finished:
                 self.scheduler.finish(request.request_id, RequestStatus.FINISHED_STOPPED)
         if request.finished:
@@ -271,6 +267,7 @@ class LLMEngine:
             finish_reason=request.status.value if request.finished else None,
             metrics=request.metrics,
             new_token_ids=request.output_token_ids[len(request.output_token_ids) - num_new :] if num_new else [],
+            new_text=new_text,
         )
 
     @property

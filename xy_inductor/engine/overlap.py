@@ -18,6 +18,12 @@ The host reads step N's tokens one step late (a pinned copy and an event), so a 
 stops at step N (EOS, a stop token or string) has one extra token computed in step N+1; it is
 dropped. Steps run overlapped only when every running request can be sampled without its
 history on the host (no drafts, no repetition penalty); otherwise the engine steps in order.
+
+Greedy and seeded requests get exactly the tokens of in-order steps. A sampled request without a
+seed draws from the engine's shared generator, and so does the dropped row of a request that just
+stopped: later draws shift, so such tokens differ from in-order steps, not their distribution. If
+a step fails while another is in flight, the requests of both are aborted (their bookkeeping is
+half done) and the error is raised.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import torch
 from xy_inductor.config import EngineConfig
 from xy_inductor.engine.block_pool import BlockPool
 from xy_inductor.engine.model_runner import ModelRunner
-from xy_inductor.engine.outputs import SchedulerOutput, ScheduledRequest, Stage
+from xy_inductor.engine.outputs import ScheduledRequest, SchedulerOutput, Stage
 
 
 @dataclass(slots=True)

@@ -127,6 +127,11 @@ class Request:
             self.metrics.first_token_time = now
         self.metrics.token_times.append(now)
 
+    def truncate_output(self, num_tokens: int) -> None:
+        """Keep the first num_tokens generated tokens (a stop string ended the output there)."""
+        del self.output_token_ids[num_tokens:]
+        del self.metrics.token_times[num_tokens:]
+
     def fill_pending(self, token_id: int, now: float) -> None:
         """The host learns the token sampled for the trailing PENDING placeholder."""
         if not self.output_token_ids or self.output_token_ids[-1] != PENDING:
@@ -140,8 +145,11 @@ class Request:
 
     @property
     def at_limit(self) -> bool:
-        """Its tokens (a pending one included) reach max_tokens or max_model_len: nothing more to
-        schedule; it finishes once the pending token is read."""
+        """Its pending token reaches max_tokens or max_model_len: nothing more to schedule; it
+        finishes once that token is read. (Without a pending token a request at max_model_len is
+        a prompt of exactly that length, which still has to be prefilled.)"""
+        if not self.has_pending:
+            return False
         if self.num_output_tokens >= self.sampling_params.max_tokens:
             return True
         return self.max_model_len is not None and self.num_committed_tokens >= self.max_model_len

@@ -31,5 +31,15 @@ class TextOutput:
         self._sent[request.request_id] = max(sent, len(visible))
         return text, new_text, hit
 
+    def first_stop(self, request: Request, num_new: int) -> int | None:
+        """The fewest output tokens whose text holds a stop string, among the last `num_new`
+        prefixes (a verify step appends several tokens at once: the ones after the stop go)."""
+        params, ids = request.sampling_params, request.output_token_ids
+        for n in range(max(1, len(ids) - num_new + 1), len(ids) + 1):
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=params.skip_special_tokens)
+            if any(stop in text for stop in params.stop):
+                return n
+        return None
+
     def drop(self, request_id: str) -> None:
         self._sent.pop(request_id, None)
