@@ -186,3 +186,25 @@ def test_a_failed_wait_aborts_the_steps_requests_and_the_engine_goes_on(monkeypa
     _assert_no_leak(llm)
     again = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.token_ids for o in again] == reference("llama", tuple(map(tuple, prompts)), GREEDY.max_tokens)
+
+
+def test_a_failed_wait_before_in_order_steps_aborts_the_step_in_flight(monkeypatch):
+    """The step in flight is read first when steps switch to in order; if that read fails, its
+    requests end as aborted too (a PENDING token must never reach a forward)."""
+    from xy_inductor.engine import overlap
+
+    prompts = random_prompts([9, 20], seed=3)
+    llm = _llm(async_scheduling=True)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
+    for _ in range(3):
+        engine.step()
+    monkeypatch.setattr(overlap.InflightStep, "wait", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=3, repetition_penalty=1.2), "pen")
+    with pytest.raises(KeyboardInterrupt):
+        engine.step()  # in order now: reads the step in flight first
+    monkeypatch.undo()
+    assert all(i not in engine.scheduler.requests for i in ids)
+    while engine.has_unfinished():
+        engine.step()
+    _assert_no_leak(llm)

@@ -110,7 +110,11 @@ class LLMEngine:
         if self._can_overlap():
             return self._step_overlapped(stream_text)
         previous, self._inflight = self._inflight, None
-        outputs = self._resolve(stream_text, previous)  # the host needs every token from here on
+        try:
+            outputs = self._resolve(stream_text, previous)  # the host needs every token from here on
+        except BaseException:
+            self._abort_rows(previous, SchedulerOutput())  # its tokens are lost: see _step_overlapped
+            raise
         if self.drafter is not None:
             self._propose_drafts()
         out = self.scheduler.schedule()
@@ -157,7 +161,7 @@ class LLMEngine:
     def _abort_rows(self, previous: InflightStep | None, out: SchedulerOutput) -> None:
         rows = (previous.out.rows if previous is not None else []) + out.rows
         ids = [rid for rid in dict.fromkeys(r.request_id for r in rows) if rid in self.scheduler.requests]
-        log.error("xyserve: a step failed with a step in flight; aborting its requests %s", ids)
+        log.error("xyserve: a step failed while another was in flight; aborting their requests %s", ids)
         for rid in ids:
             self.abort_request(rid)
 
