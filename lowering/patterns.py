@@ -5,6 +5,7 @@ Dynamo graphs keep the Python-level callables (`torch._C._nn.linear`, `operator.
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from typing import Any
@@ -46,6 +47,18 @@ def val(node: Any):
     if isinstance(node, fx.Node):
         return node.meta.get("example_value", node.meta.get("val"))
     return None
+
+
+def set_fake_value(node: fx.Node, fn, args) -> None:
+    """A new node's fake value, fn over its arguments' fake values, computed without adding
+    guards: Dynamo turns every guard the shape env records before the graph is compiled into a
+    guard of the graph, and running a linear on fake CUDA tensors guarded the token count to a
+    constant (seen on torch 2.11: one graph per CUDA-graph bucket)."""
+    fake = [val(a) if isinstance(a, fx.Node) else a for a in args]
+    mode = next(f.fake_mode for f in fake if hasattr(f, "fake_mode"))
+    quiet = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
+    with mode, quiet:
+        node.meta["example_value"] = fn(*fake)
 
 
 def same_size(a, b) -> bool:

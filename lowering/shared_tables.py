@@ -15,13 +15,12 @@ The values are the same (the chain keeps its explicit dtype conversion, as eager
 """
 from __future__ import annotations
 
-import contextlib
 import operator
 
 import torch
 from torch import fx
 
-from lowering.patterns import DIV, MUL, is_call, layer_of, val
+from lowering.patterns import DIV, MUL, is_call, layer_of, set_fake_value, val
 from lowering.report import LoweringReport
 
 TRIG = {torch.cos, torch.sin}
@@ -63,17 +62,8 @@ class SharedTablePass:
                 continue  # single consumer, or already shared (the pass may run twice per graph)
             with g.inserting_after(point):
                 shared = g.call_function(torch.ops.xyserve.materialize.default, (point,))
-            shared.meta["example_value"] = _like(val(point))
+            if val(point) is not None:  # the op's own fake implementation gives its value
+                set_fake_value(shared, torch.ops.xyserve.materialize.default, (point,))
             point.replace_all_uses_with(shared, delete_user_cb=lambda u: u is not shared)
             report.rewrote(self.name, point, layer_of(point))
 
-
-def _like(fake):
-    """materialize's value: a contiguous tensor like its input (what the op returns), made with
-    guards suppressed so no size of the graph gets pinned (see sibling_linears._fused_meta)."""
-    if fake is None:
-        return None
-    mode = fake.fake_mode
-    quiet = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
-    with mode, quiet:
-        return torch.empty_like(fake, memory_format=torch.contiguous_format)

@@ -21,13 +21,12 @@ inputs); that is right when that instance is packed the same way, as the engine 
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch
 from torch import fx
 
-from lowering.patterns import LINEAR, arg, is_call, layer_of, val
+from lowering.patterns import LINEAR, arg, is_call, layer_of, set_fake_value
 from lowering.report import LoweringReport
 
 
@@ -71,18 +70,6 @@ def _bias_follows(a: fx.Node, b: fx.Node, real: dict) -> bool:
     return _dense(ra, 1) and _dense(rb, 1) and _adjacent(ra, rb)
 
 
-def _fused_meta(node: fx.Node, fn, args) -> None:
-    """The new node's fake value, computed without adding guards: Dynamo turns every guard the
-    shape env records before the graph is compiled into a guard of the graph, and running the
-    fused linear on fake CUDA tensors guarded the token count to a constant (seen on torch 2.11:
-    one graph per CUDA-graph bucket)."""
-    fake = [val(a) if isinstance(a, fx.Node) else a for a in args]
-    mode = next(f.fake_mode for f in fake if hasattr(f, "fake_mode"))
-    quiet = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
-    with mode, quiet:
-        node.meta["example_value"] = fn(*fake)
-
-
 def _linear_meta(x, w, b):
     """F.linear's output shape without running a matmul on fake tensors."""
     return x.new_empty(*x.shape[:-1], w.shape[0])
@@ -120,20 +107,20 @@ class SiblingLinearPass:
         with g.inserting_before(first):
             w_args = (arg(run[0], 1, "weight"), (total, *inner), w0.stride(), w0.storage_offset())
             w = g.call_function(torch.as_strided, w_args)
-            _fused_meta(w, torch.as_strided, w_args)
+            set_fake_value(w, torch.as_strided, w_args)
             b = arg(run[0], 2, "bias")
             if b is not None:
                 b0 = real[b]
                 b_args = (b, (total,), (1,), b0.storage_offset())
                 b = g.call_function(torch.as_strided, b_args)
-                _fused_meta(b, torch.as_strided, b_args)
+                set_fake_value(b, torch.as_strided, b_args)
             y = g.call_function(torch._C._nn.linear, (x, w, b))
-            _fused_meta(y, _linear_meta, (x, w, b))
+            set_fake_value(y, _linear_meta, (x, w, b))
             y.meta["nn_module_stack"] = run[0].meta.get("nn_module_stack", {})
             start = 0
             for node, n in zip(run, sizes):
                 piece = g.call_function(torch.narrow, (y, -1, start, n))
-                _fused_meta(piece, torch.narrow, (y, -1, start, n))
+                set_fake_value(piece, torch.narrow, (y, -1, start, n))
                 piece.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
                 node.replace_all_uses_with(piece)
                 start += n
