@@ -134,7 +134,7 @@ class Request:
 
     def fill_pending(self, token_id: int, now: float) -> None:
         """The host learns the token sampled for the trailing PENDING placeholder."""
-        if not self.output_token_ids or self.output_token_ids[-1] != PENDING:
+        if not self.has_pending:
             raise RuntimeError(f"xyserve: request {self.request_id!r} has no pending token to fill")
         self.output_token_ids.pop()
         self.append_token(token_id, now)
