@@ -63,7 +63,6 @@ class TokenFeed:
 
     def __init__(self, capacity: int, device: torch.device) -> None:
         cuda = device.type == "cuda"
-        self.device = device
         self.capacity = capacity
         # [dst rows | src indices]: one pinned buffer, one copy per step
         self._index_host = torch.empty(2 * capacity, dtype=torch.int64, pin_memory=cuda)
