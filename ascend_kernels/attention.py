@@ -57,7 +57,6 @@ class Operands:
 
     block_table: torch.Tensor
     cu_seqlens_q: torch.Tensor
-    seq_lens: torch.Tensor
     tree: torch.Tensor
     mask: torch.Tensor
     mask_kind: int
@@ -88,9 +87,9 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
     sm = ops.mask.stride() if ops.mask.dim() == 4 else (0, 0, 0, 0)
     interp = interpreting()
     meta_attention_kernel[(grid or profile.num_programs,)](
-        table, q, out, k, v, ops.block_table, ops.cu_seqlens_q, ops.seq_lens, ops.tree, ops.mask,
+        table, q, out, k, v, ops.block_table, ops.cu_seqlens_q, ops.tree, ops.mask,
         part, ml, counters,
-        ops.num_requests, q.shape[0] if ops.paged else 0, ops.dense_q_len, ops.dense_kv_len, scale * LOG2E,
+        ops.num_requests, q.shape[0] if ops.paged else 0, ops.dense_q_len, ops.dense_kv_len, table.numel(), scale * LOG2E,
         *sq, *so, ops.block_table.stride(0) if ops.paged else 0, *sk, *sv,
         ops.tree.stride(0) if ops.tree.dim() == 2 else 0, *sm,
         SMALL_M=tiles.small_rows, LARGE_M=tiles.large_rows, SMALL_N=tiles.small_kv_tile, LARGE_N=tiles.kv_tile,
@@ -147,7 +146,6 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, sc
         task_table = task_table.to(q.device, non_blocking=True)
     ops = Operands(
         block_table=block_table.to(torch.int32), cu_seqlens_q=cu_seqlens_q.to(torch.int32),
-        seq_lens=seq_lens.to(torch.int32),
         tree=tree_mask.view(torch.uint8) if tree_mask is not None else q.new_empty(0, dtype=torch.uint8),
         mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=seq_lens.shape[0],
     )
@@ -218,7 +216,7 @@ def dense_attention(q, k, v, mask, scale, is_causal, out=None):
             full_mask = full_mask.view(torch.uint8)
     causal = "top_left" if is_causal else "none"
     table = _dense_table(batch, q_len, k.shape[2], num_heads, k.shape[1], head_dim, causal, profile, q.device)
-    ops = Operands(block_table=table, cu_seqlens_q=table, seq_lens=table, tree=q.new_empty(0, dtype=torch.uint8),
+    ops = Operands(block_table=table, cu_seqlens_q=table, tree=q.new_empty(0, dtype=torch.uint8),
                    mask=full_mask, mask_kind=kind, paged=False, causal=is_causal, num_requests=batch,
                    dense_q_len=q_len, dense_kv_len=k.shape[2])
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale

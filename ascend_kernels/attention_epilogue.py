@@ -50,13 +50,13 @@ def _merge_pieces(part_ptr, ml_ptr, count_ptr, acc, m_i, l_i, part_base, split, 
 
 
 @triton.jit
-def _zero_tail_rows(o_ptr, cu_ptr, num_requests, num_rows, stride_ot, stride_oh,
+def _zero_tail_rows(o_ptr, tail_row, num_rows, stride_ot, stride_oh,
                     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM_V: tl.constexpr):
     """Packed rows past the last request (a padded bucket) get zeros, as the reference does."""
     h = tl.arange(0, BLOCK_H)
     dv = tl.arange(0, BLOCK_DV)
     zeros = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32).to(o_ptr.dtype.element_ty)
-    first = tl.load(cu_ptr + num_requests) + tl.program_id(0)
+    first = tail_row + tl.program_id(0)  # tail_row: cu_seqlens_q[num_requests], loaded up front
     row_ptr = o_ptr + first.to(tl.int64) * stride_ot  # advanced by pointer: loop vars may be ints
     for _ in range(first, num_rows, tl.num_programs(0)):
         tl.store(row_ptr + h[:, None] * stride_oh + dv[None, :], zeros,

@@ -25,8 +25,12 @@ import torch
 from ascend_kernels.profiles import AttentionTiles, TargetProfile, profile_for
 
 HEADER = 4
-(F_REQUEST, F_ROW_LO, F_ROW_HI, F_KV_HEAD, F_KV_LO, F_KV_HI, F_PATH, F_PART_BASE, F_SPLIT, F_NUM_SPLITS) = range(10)
-TASK_FIELDS = 10
+(F_REQUEST, F_ROW_LO, F_ROW_HI, F_KV_HEAD, F_KV_LO, F_KV_HI, F_PATH, F_PART_BASE, F_SPLIT, F_NUM_SPLITS,
+ F_Q_ROW0, F_Q_LEN, F_SEQ_LEN) = range(13)
+# The last three repeat the request's packed first row, query length and KV length, so the kernel
+# reads a task in one go instead of following it to cu_seqlens_q / seq_lens (one dependent load
+# fewer before the K/V loads of a decode).
+TASK_FIELDS = 13
 PATH_SMALL, PATH_LARGE = 0, 1
 STAGES = ("prefill", "decode", "verify")
 CAUSAL_MODES = ("bottom_right", "top_left", "none")
@@ -46,11 +50,14 @@ class Task:
     part_base: int = -1  # first merge-workspace slot of a split task's pieces, -1 if not split
     split: int = 0
     num_splits: int = 1
+    q_row0: int = 0  # the request's first packed query row (cu_seqlens_q[request])
+    q_len: int = 0  # the request's new tokens
+    seq_len: int = 0  # the request's KV length, new tokens included
     cost: int = 0
 
     def fields(self) -> list[int]:
         return [self.request, self.row_lo, self.row_hi, self.kv_head, self.kv_lo, self.kv_hi,
-                self.path, self.part_base, self.split, self.num_splits]
+                self.path, self.part_base, self.split, self.num_splits, self.q_row0, self.q_len, self.seq_len]
 
 
 @dataclass(slots=True)
@@ -195,6 +202,9 @@ def plan(q_lens: Sequence[int], kv_lens: Sequence[int], stages: Sequence[str] | 
     rows[:, [F_REQUEST, F_ROW_LO, F_ROW_HI, F_KV_LO, F_KV_HI, F_PATH]] = t[:, :6]
     rows[:, F_KV_HEAD] = np.tile(np.arange(num_kv_heads), len(t) // num_kv_heads)
     rows[:, F_PART_BASE], rows[:, F_NUM_SPLITS] = -1, 1
+    req = rows[:, F_REQUEST]
+    rows[:, F_Q_ROW0] = (np.cumsum(q_arr) - q_arr)[req]
+    rows[:, F_Q_LEN], rows[:, F_SEQ_LEN] = q_arr[req], kv_arr[req]
     costs = t[:, 6] * (np.maximum(t[:, 4], 0) + t[:, 7])
     if schedule == "naive":
         return TaskPlan(max(1, len(rows)), rows, costs, np.arange(len(rows) + 1) if len(rows) else np.zeros(2, np.int64),

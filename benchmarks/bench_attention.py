@@ -224,7 +224,7 @@ def ours(specs, sets, prof, schedule="symmetric") -> tuple[float, float]:
     tiles, prof = p.tiles, prof.for_batch(sum(q_lens), len(q_lens))  # the variant the plan was made for
     runs = []
     for q, kc, vc, cu, lens, bt in sets:
-        ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, seq_lens=lens, tree=q.new_empty(0, dtype=torch.uint8),
+        ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, tree=q.new_empty(0, dtype=torch.uint8),
                                  mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs))
         o = torch.empty_like(q)
         runs.append(lambda q=q, kc=kc, vc=vc, ops=ops, o=o: attention.launch(

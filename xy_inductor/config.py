@@ -105,6 +105,8 @@ class EngineConfig:
     compile_options:        `options` for the backend (for "xyserve": CompileOptions fields); None
                             means {"lower_gemm": False} for "xyserve" (attention lowered, linears
                             on cuBLAS: faster end to end today), {} lowers linears to SmoothGEMM too.
+                            On CUDA the engine adds Inductor's combo kernels (one launch for the
+                            q and k RoPE kernels) unless inductor_config sets combo_kernels.
     impl:                   kernel choice for the paged attention / KV store ops.
     device, dtype:          where and in which dtype to load a checkpoint given by path.
     seed:                   seeds the shared generator of requests sampled without their own seed.

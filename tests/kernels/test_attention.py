@@ -244,7 +244,7 @@ def test_table_of_the_other_variant_gives_the_same_numbers(plan_variant, run_var
     p = plan([s[0] for s in specs], [s[1] for s in specs], num_q_heads=8, num_kv_heads=2, head_dim=64,
              profile=dataclasses.replace(pinned, memory_overrides=()))
     run = variants[run_variant]
-    ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, seq_lens=lens, tree=q.new_empty(0, dtype=torch.uint8),
+    ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, tree=q.new_empty(0, dtype=torch.uint8),
                              mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs))
     out = attention.launch(q, kc, vc, torch.full_like(q, float("nan")), p.tensor(), ops, 0.125,
                            tiles=run.attention_tiles(64), profile=run)

@@ -109,6 +109,10 @@ def test_table_layout_for_the_engine():
     assert starts[0] == 0 and starts[-1] == num_tasks == len(p.tasks)
     body = table[HEADER + num_programs + 1:].view(num_tasks, TASK_FIELDS)
     assert body.tolist() == [t.fields() for t in p.tasks]
+    # every task carries its request's first packed row, query length and KV length
+    cu, q_lens, kv_lens = [0, 3], [3, 1], [10, 40]
+    assert all((t.q_row0, t.q_len, t.seq_len) == (cu[t.request], q_lens[t.request], kv_lens[t.request])
+               for t in p.tasks)
 
 
 def test_naive_schedule_is_one_program_per_task():

@@ -30,7 +30,8 @@ def _backend(name: str):
     return name
 
 
-def _options(model: torch.nn.Module, config: EngineConfig) -> tuple[dict | None, PackedWeights | None]:
+def _options(model: torch.nn.Module, config: EngineConfig,
+             device: torch.device) -> tuple[dict | None, PackedWeights | None]:
     options = config.compile_options
     if config.compile_backend != "xyserve":
         return options, None
@@ -38,6 +39,14 @@ def _options(model: torch.nn.Module, config: EngineConfig) -> tuple[dict | None,
     # cost outweighs its gains today, so linears stay on cuBLAS unless asked (`{}`).
     options = dict({"lower_gemm": False} if options is None else options)
     options.setdefault("fuse_sibling_linears", True)
+    if device.type == "cuda":
+        # Inductor's combo kernels launch independent small kernels as one: a decode step's q and
+        # k RoPE kernels become one launch per layer (Llama-3.2-1B on an H200: graph replay
+        # 1.195 -> 1.170 ms at batch 1, 1.256 -> 1.228 ms at batch 16). A caller's own
+        # inductor_config wins.
+        inductor = dict(options.get("inductor_config") or {})
+        inductor.setdefault("combo_kernels", True)
+        options["inductor_config"] = inductor
     packed = pack_sibling_linears(model) if options["fuse_sibling_linears"] else None
     return options, packed
 
@@ -49,7 +58,7 @@ def compile_model(model: torch.nn.Module, config: EngineConfig,
     if not use:
         return model, None
     backend = _backend(config.compile_backend)
-    options, packed = _options(model, config)
+    options, packed = _options(model, config, device)
     compiled = torch.compile(model, backend=backend, dynamic=True, options=options)
 
     def forward(**kwargs):

@@ -4,9 +4,9 @@ Planning (ascend_kernels.tiling.plan) costs 0.1-0.6 ms of numpy per step, about 
 a small model. Between consecutive decode steps only the KV lengths move (each by the tokens
 the request computed), so a plan is reused while the rows keep their query lengths and stages
 and no KV length shrank or grew by more than `max_drift`: the tasks that end at their request's
-KV end (unsplit tasks and the last piece of a split task) move their end by the growth; every
-other range is unchanged. That is the exact causal range a fresh plan would give the same tiles;
-only the cost balance between programs drifts, which re-planning every `max_drift` tokens bounds.
+KV end (unsplit tasks and the last piece of a split task) move their end by the growth, and every
+task's copy of its request's KV length moves with it; every other range is unchanged. That is
+the exact causal range a fresh plan would give the same tiles; only the cost balance between programs drifts, which re-planning every `max_drift` tokens bounds.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ class _Plan:
     table: np.ndarray  # flat int32 Task-Table
     kv_hi: np.ndarray  # [num_tasks] int32 view of the tasks' KV ends inside `table`
     request: np.ndarray  # [num_tasks] request of each task that follows its KV end, else -1
+    seq_len: np.ndarray  # [num_tasks] int32 view of the tasks' request KV lengths inside `table`
+    owner: np.ndarray  # [num_tasks] request of every task
 
 
 class TaskTables:
@@ -47,6 +49,7 @@ class TaskTables:
             if grow.min() >= 0 and grow.max() <= self.max_drift:
                 follow = last.request >= 0
                 last.kv_hi[follow] += grow[last.request[follow]].astype(np.int32)
+                last.seq_len += grow[last.owner].astype(np.int32)
                 last.kv_lens = kv_lens.copy()
                 self.num_reused += 1
                 return last.table
@@ -65,7 +68,8 @@ class TaskTables:
         # task at its request's KV end: both move with kv_len (q_len is part of the key); the other
         # pieces of a split task cover a fixed prefix
         request = np.where(last_piece, tasks[:, tiling.F_REQUEST], -1).astype(np.int64)
-        return _Plan(key, kv_lens.copy(), table, tasks[:, tiling.F_KV_HI], request)
+        return _Plan(key, kv_lens.copy(), table, tasks[:, tiling.F_KV_HI], request, tasks[:, tiling.F_SEQ_LEN],
+                     tasks[:, tiling.F_REQUEST].astype(np.int64))
 
 
 def table_capacity(profile: TargetProfile, spec: LayerSpec, num_tokens: int, num_seqs: int) -> int:
