@@ -146,6 +146,28 @@ def test_split_kv_long_decodes_merge_and_reset():
     assert (attention._counters["cpu"] == 0).all()
 
 
+def test_cache_positions_past_a_request_are_never_read_into_its_result():
+    """Blocks and slots a request does not own hold NaN (freed pages, other requests' garbage):
+    decodes, verifies, a split-KV decode and a chunked prefill must not see them, though the
+    small path reads whole KV tiles past the request's end."""
+    gen = torch.Generator().manual_seed(11)
+    specs = [(1, 37), (1, 300), (3, 50), (2, 17), (20, 61)]
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=8, num_kv_heads=2, head_dim=32,
+                                          block_size=16, dtype=torch.float32)
+    spare = int(next(i for i in range(kc.shape[0]) if not (bt == i).any()))
+    bt = torch.where(bt == 0, spare, bt)  # block 0 (where masked block-table reads point) is free
+    kc[[0, spare]], vc[[0, spare]] = kc[[spare, 0]], vc[[spare, 0]]
+    owned = torch.zeros(kc.shape[:2], dtype=torch.bool)
+    for b, (_, kv) in enumerate(specs):
+        for j in range(kv):
+            owned[bt[b, j // 16], j % 16] = True
+    kc[~owned], vc[~owned] = float("nan"), float("nan")
+    ref = fp64_paged(q, kc, vc, cu, lens, bt, 0.2)
+    assert not ref.isnan().any()
+    out = attention.paged_attention(q, kc, vc, cu, lens, bt, 0.2, out=torch.full_like(q, float("nan")))
+    assert_close(out, ref, torch.float32, "NaN outside the requests")
+
+
 def test_naive_schedule_same_numbers():
     gen = torch.Generator().manual_seed(5)
     specs = [(9, 30), (1, 44), (2, 20)]
