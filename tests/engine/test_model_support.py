@@ -145,3 +145,22 @@ def test_cli_generate_from_checkpoint_folder(tmp_path, capsys):
     assert cli_main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "w1", "--max-tokens", "0",
                      "--no-compile", "--quiet"]) == 2
     assert "max_tokens" in capsys.readouterr().err
+
+
+def test_engine_compile_options_add_combo_kernels_on_cuda_only():
+    from xy_inductor.config import EngineConfig
+    from xy_inductor.engine.compiled_model import _options
+
+    model = build_model("llama")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    plain = EngineConfig(compile_options={"lower_gemm": False, "fuse_sibling_linears": False})
+    options, packed = _options(model, plain, cuda)
+    assert packed is None and options["inductor_config"] == {"combo_kernels": True}
+    assert "inductor_config" not in _options(model, plain, cpu)[0]
+    # a caller's own setting wins, and the caller's dict is not modified
+    mine = {"combo_kernels": False, "max_autotune": False}
+    own = EngineConfig(compile_options={"fuse_sibling_linears": False, "inductor_config": mine})
+    assert _options(model, own, cuda)[0]["inductor_config"] == mine and mine == {"combo_kernels": False,
+                                                                                  "max_autotune": False}
+    # other backends get the caller's options untouched
+    assert _options(model, EngineConfig(compile_backend="inductor"), cuda)[0] is None
