@@ -115,25 +115,6 @@ def _kv_step(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, start, kv_head, d, dv,
 
 
 @triton.jit
-def _kv_range(acc, m_i, l_i, lo, hi, q, k_ptr, v_ptr, bt_ptr, b, kv_head, d, dv,
-              tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-              stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-              tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-              PAGED: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """KV tiles lo, lo + BLOCK_N, ... < hi through _kv_step: one software-pipelined loop."""
-    for start in range(lo, hi, BLOCK_N):
-        acc, m_i, l_i = _kv_step(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, start, kv_head, d, dv,
-                                 tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                 stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                 tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                 BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, MASKED, CAUSAL, HAS_TREE,
-                                 MASK_KIND, DOT_FP32, IEEE)
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_ptr, ml_ptr, count_ptr,
                  b, row_lo, row_hi, kv_head, kv_lo, kv_hi, part_base, split, num_splits,
                  q_base, o_base, q_row0, q_len, seq_len, pos_offset, scale_log2,
@@ -179,18 +160,20 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
             full = kv_hi
         full = tl.minimum(full, kv_hi)
         full_end = kv_lo + tl.maximum(full - kv_lo, 0) // BLOCK_N * BLOCK_N
-        acc, m_i, l_i = _kv_range(acc, m_i, l_i, kv_lo, full_end, q, k_ptr, v_ptr, bt_ptr, b, kv_head, d, dv,
-                                  tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                  stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                  tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                  BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, False, CAUSAL, HAS_TREE,
-                                  MASK_KIND, DOT_FP32, IEEE)
-    acc, m_i, l_i = _kv_range(acc, m_i, l_i, full_end, kv_hi, q, k_ptr, v_ptr, bt_ptr, b, kv_head, d, dv,
-                              tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                              stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                              tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                              BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
-                              MASK_KIND, DOT_FP32, IEEE)
+        for start in range(kv_lo, full_end, BLOCK_N):
+            acc, m_i, l_i = _kv_step(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, start, kv_head, d, dv,
+                                     tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+                                     stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                     tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                                     BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, False, CAUSAL, HAS_TREE,
+                                     MASK_KIND, DOT_FP32, IEEE)
+    for start in range(full_end, kv_hi, BLOCK_N):
+        acc, m_i, l_i = _kv_step(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, start, kv_head, d, dv,
+                                 tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+                                 stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                 tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                                 BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
+                                 MASK_KIND, DOT_FP32, IEEE)
     if CAN_SPLIT:
         if part_base >= 0:
             _merge_pieces(part_ptr, ml_ptr, count_ptr, acc, m_i, l_i, part_base, split, num_splits,
