@@ -67,6 +67,18 @@ class Operands:
     dense_kv_len: int = 0
 
 
+def chunk_shape(tiles: AttentionTiles, page: int) -> tuple[int, int]:
+    """(KV positions per chunk, block-table entries it reads) of the paged large path.
+
+    A chunk starting anywhere inside a page spans one page more than its length covers, and the
+    entry count must be a power of two: the chunk is (entries - 1) pages, cut to whole KV tiles.
+    """
+    pages = max(2, next_power_of_2(-(-tiles.kv_tile * tiles.kv_chunk_tiles // page)))
+    while (pages - 1) * page < tiles.kv_tile:
+        pages *= 2
+    return (pages - 1) * page // tiles.kv_tile * tiles.kv_tile, pages
+
+
 def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, tiles: AttentionTiles,
            profile: TargetProfile, grid: int | None = None):
     """Run the kernel. q/out are [T, Hq, D] (paged) or [B, Hq, S, D] (dense) views with a unit
@@ -86,6 +98,8 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
     sv = (v.stride(0), v.stride(2), v.stride(1)) if dense else (v.stride(0), v.stride(1), v.stride(2))
     sm = ops.mask.stride() if ops.mask.dim() == 4 else (0, 0, 0, 0)
     interp = interpreting()
+    page = k.shape[1] if ops.paged else 1
+    kv_chunk, chunk_pages = chunk_shape(tiles, page) if ops.paged else (0, 1)
     meta_attention_kernel[(grid or profile.num_programs,)](
         table, q, out, k, v, ops.block_table, ops.cu_seqlens_q, ops.tree, ops.mask,
         part, ml, counters,
@@ -95,9 +109,10 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
         SMALL_M=tiles.small_rows, LARGE_M=tiles.large_rows, SMALL_N=tiles.small_kv_tile, LARGE_N=tiles.kv_tile,
         BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_DV=block_dv, HEAD_DIM=head_dim, HEAD_DIM_V=dim_v,
         NUM_HEADS=num_heads, BLOCK_H=next_power_of_2(num_heads), GROUP=num_heads // num_kv_heads,
-        PAGED=ops.paged, PAGE=k.shape[1] if ops.paged else 1, CAUSAL=ops.causal,
+        PAGED=ops.paged, PAGE=page, CAUSAL=ops.causal,
         HAS_TREE=ops.tree.dim() == 2, MASK_KIND=ops.mask_kind,
         DOT_FP32=interp, IEEE=interp or q.dtype == torch.float32,
+        KV_CHUNK=kv_chunk, CHUNK_PAGES=chunk_pages,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -146,6 +146,19 @@ def test_split_kv_long_decodes_merge_and_reset():
     assert (attention._counters["cpu"] == 0).all()
 
 
+@pytest.mark.parametrize("kv_tile,chunk_tiles,page", [(64, 32, 16), (64, 16, 16), (64, 1, 16), (64, 16, 1024),
+                                                    (64, 16, 128), (16, 4, 16), (16, 2, 32), (128, 3, 48)])
+def test_chunk_of_the_paged_large_path_fits_its_block_table_slice(kv_tile, chunk_tiles, page):
+    """The kernel gathers a chunk's block ids from CHUNK_PAGES entries read at the chunk's start:
+    whole KV tiles per chunk, a power-of-two entry count, and every page the chunk touches from
+    any offset inside its first page among them."""
+    tiles = dataclasses.replace(CPU_INTERPRETER.attention_tiles(64), kv_tile=kv_tile, kv_chunk_tiles=chunk_tiles)
+    chunk, pages = attention.chunk_shape(tiles, page)
+    assert chunk >= kv_tile and chunk % kv_tile == 0
+    assert pages & (pages - 1) == 0
+    assert all((offset + chunk - 1) // page < pages for offset in range(page))
+
+
 def test_cache_positions_past_a_request_are_never_read_into_its_result():
     """Blocks and slots a request does not own hold NaN (freed pages, other requests' garbage):
     decodes, verifies, a split-KV decode and a chunked prefill must not see them, though the
