@@ -132,6 +132,8 @@ def _paged_problem(q, k_cache, v_cache, block_table) -> str | None:
         return "q and the KV caches have different dtypes"
     if q.shape[1] % k_cache.shape[2] or max(q.shape[2], v_cache.shape[3]) > MAX_HEAD_DIM:
         return f"heads {q.shape[1]}/{k_cache.shape[2]} or head dim {q.shape[2]} not supported"
+    if any(c.stride(0) != c.shape[1] * c.stride(1) for c in (k_cache, v_cache)):
+        return "a KV cache whose blocks are not block_size consecutive rows (the kernel addresses block * block_size + slot)"
     return None
 
 

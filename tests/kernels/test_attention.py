@@ -248,6 +248,23 @@ def test_dense_fallback_warns_once_and_matches():
     torch.testing.assert_close(out, reference.dense_attention(q, k, v, None, None, False))
 
 
+def test_paged_cache_with_gaps_between_blocks_falls_back_and_matches():
+    """The kernel addresses a cache row as block * block_size + slot; a cache view whose blocks
+    are not consecutive rows (here one spare row per block) must take the reference path."""
+    gen = torch.Generator().manual_seed(5)
+    specs = [(40, 70), (1, 33)]
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=4, num_kv_heads=2, head_dim=32,
+                                          block_size=16, dtype=torch.float32)
+    padded_k, padded_v = (torch.full((c.shape[0], 17) + c.shape[2:], float("nan")) for c in (kc, vc))
+    padded_k[:, :16], padded_v[:, :16] = kc, vc
+    attention._warned.clear()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = attention.paged_attention(q, padded_k[:, :16], padded_v[:, :16], cu, lens, bt, 0.2)
+    assert any("consecutive rows" in str(w.message) for w in seen)
+    assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.2), torch.float32, "gapped cache")
+
+
 def test_custom_ops_dispatch_to_the_kernel():
     import lowering.ops  # noqa: F401  (registers torch.ops.xyserve.*)
 
