@@ -247,8 +247,10 @@ def configs(quick):
         # earlier H200 sweeps also tried num_stages=2 and 64-row tiles with 8 warps (both slower
         # on every batch) and 4 split pieces per program (slower decodes: merges cost more than
         # the balance gains)
+        # 64-tile block-table chunks beat 16 and 32 on every batch in the fifth session's sweep
         out += [("compute", compute), ("memory", base.for_batch(1, 1)),
-                ("auto,split_pieces_per_program=4", dataclasses.replace(base, split_pieces_per_program=4))]
+                ("auto,split_pieces_per_program=4", dataclasses.replace(base, split_pieces_per_program=4)),
+                ("auto,kv_chunk_tiles=16", dataclasses.replace(base, kv_chunk_tiles=16))]
     return out
 
 
