@@ -72,7 +72,10 @@ def chunk_shape(tiles: AttentionTiles, page: int) -> tuple[int, int]:
 
     A chunk starting anywhere inside a page spans one page more than its length covers, and the
     entry count must be a power of two: the chunk is (entries - 1) pages, cut to whole KV tiles.
+    A profile with kv_chunk_tiles == 0 gets (0, 1): the block table is read per KV tile.
     """
+    if tiles.kv_chunk_tiles == 0:
+        return 0, 1
     pages = max(2, next_power_of_2(-(-tiles.kv_tile * tiles.kv_chunk_tiles // page)))
     while (pages - 1) * page < tiles.kv_tile:
         pages *= 2

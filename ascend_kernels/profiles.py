@@ -31,7 +31,7 @@ class AttentionTiles:
     num_warps: int
     num_stages: int
     small_kv_tile: int = 0  # BLOCK_N of the small path (memory bound: wider tiles, more bytes in flight); 0 = kv_tile
-    kv_chunk_tiles: int = 64  # large path, paged: KV tiles per read of the block table (see attention_kernel.py)
+    kv_chunk_tiles: int = 64  # large path, paged: KV tiles per read of the block table (0: one read per tile)
 
     def __post_init__(self) -> None:
         if self.small_kv_tile == 0:
@@ -41,8 +41,8 @@ class AttentionTiles:
             # tl.dot needs every dimension to be a power of two of at least 16.
             if value < 16 or value & (value - 1):
                 raise ValueError(f"xyserve: {name} must be a power of two >= 16, got {value}")
-        if self.kv_chunk_tiles < 1:
-            raise ValueError(f"xyserve: kv_chunk_tiles must be at least 1, got {self.kv_chunk_tiles}")
+        if self.kv_chunk_tiles < 0:
+            raise ValueError(f"xyserve: kv_chunk_tiles must be >= 0, got {self.kv_chunk_tiles}")
         if self.small_rows > self.large_rows:
             raise ValueError("xyserve: small_rows must not exceed large_rows")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
@@ -66,7 +66,8 @@ class TargetProfile:
                         average runs the memory-bound variant.
     kv_chunk_tiles:     paged large path: KV tiles per read of the block table (the kernel
                         drains its load pipeline once per chunk; H200, 4 x 2048 prefill:
-                        16 tiles 530 us, 32 tiles 506 us, 64 tiles 494 us).
+                        16 tiles 530 us, 32 tiles 506 us, 64 tiles 494 us). 0 reads the block
+                        table per KV tile and needs no `tl.gather` (a portable fallback).
     buffer_limits:      on-chip buffer sizes in bytes a tile set must fit (Ascend), else empty.
     tested:             False where the numbers were never run on the hardware.
     """
@@ -178,6 +179,7 @@ ASCEND_910B = TargetProfile(
     kv_tile=64,
     num_warps=4,
     num_stages=2,
+    kv_chunk_tiles=0,  # no tl.gather on the untested target: the block table is read per KV tile
     buffer_limits=(("L0A", 64 * KB), ("L0B", 64 * KB), ("L0C", 128 * KB), ("UB", 192 * KB)),
     tested=False,
 )

@@ -159,6 +159,20 @@ def test_chunk_of_the_paged_large_path_fits_its_block_table_slice(kv_tile, chunk
     assert all((offset + chunk - 1) // page < pages for offset in range(page))
 
 
+@pytest.mark.parametrize("chunk_tiles", [0, 1, 4, 64])
+def test_block_table_chunking_gives_the_same_numbers(monkeypatch, chunk_tiles):
+    """Prefill / chunked-prefill tiles read the block table per chunk (or per tile with 0); the
+    chunk length changes where the reads happen, never the result."""
+    gen = torch.Generator().manual_seed(21)
+    specs = [(70, 70), (33, 150), (1, 90), (5, 64)]
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=8, num_kv_heads=2, head_dim=32,
+                                          block_size=16, dtype=torch.float32)
+    prof = dataclasses.replace(CPU_INTERPRETER, kv_chunk_tiles=chunk_tiles)
+    monkeypatch.setattr(attention, "profile_for", lambda device=None: prof)
+    out = attention.paged_attention(q, kc, vc, cu, lens, bt, 0.2, out=torch.full_like(q, float("nan")))
+    assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.2), torch.float32, f"{chunk_tiles}-tile chunks")
+
+
 def test_cache_positions_past_a_request_are_never_read_into_its_result():
     """Blocks and slots a request does not own hold NaN (freed pages, other requests' garbage):
     decodes, verifies, a split-KV decode and a chunked prefill must not see them, though the
