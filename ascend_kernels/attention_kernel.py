@@ -35,8 +35,10 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP: tl.constexpr,
                  PAGED: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr,
-                 MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, CAN_SPLIT: tl.constexpr,
-                 ONE_LOOP: tl.constexpr, GATHER: tl.constexpr, KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr):
+                 MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SMALL: tl.constexpr,
+                 KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr):
+    # SMALL: the decode / short-verify path. Its tasks may be split-KV pieces, and it masks every
+    # KV tile in one loop. KV_CHUNK > 0 (paged large path): block-table reads per chunk.
     rows = row_lo + tl.arange(0, BLOCK_M)
     row_ok = rows < row_hi
     tok = rows // GROUP  # query token inside the request
@@ -51,14 +53,14 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # KV tiles below `full` are visible to every row of the tile: they skip all mask work.
-    # ONE_LOOP (the small path) masks every tile in one loop instead. A decode over a few hundred
+    # The small path masks every tile in one loop instead. A decode over a few hundred
     # positions is two or three tiles, bound by the latency of its loads: split in two loops, the
     # masked loop's loads wait for the unmasked loop to drain, while one loop has every tile in
     # flight at once. On an H200, one Llama-3.2-1B decode went from 7.2 to 6.1 us and 16 of them
     # from 8.6 to 7.8 us; long decodes pay for the masks (64 decodes of 0.5-4k positions with
     # Llama-3-8B heads: 183 -> 196 us). Keeping both loop forms behind a run-time test cost more
     # than either (its registers are the union of both: 268 us there).
-    if ONE_LOOP:
+    if SMALL:
         acc, m_i, l_i = _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, kv_lo, kv_hi, kv_head, d, dv,
                                  tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
                                  stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -76,7 +78,7 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
             full = kv_hi
         full = tl.minimum(full, kv_hi)
         full_end = kv_lo + tl.maximum(full - kv_lo, 0) // BLOCK_N * BLOCK_N
-        if GATHER:
+        if KV_CHUNK > 0:
             # The block table is read once per chunk of KV_CHUNK positions and each tile gathers
             # its block ids from registers. A block-table load inside the tile loop feeds the K/V
             # addresses, and Triton's pipeliner then keeps one K/V tile in flight instead of two:
@@ -114,7 +116,7 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
                                      tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
                                      BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
                                      MASK_KIND, DOT_FP32, IEEE, False)
-    if CAN_SPLIT:
+    if SMALL:
         if part_base >= 0:
             _merge_pieces(part_ptr, ml_ptr, count_ptr, acc, m_i, l_i, part_base, split, num_splits,
                           o_ptr, o_base, tok, head, dv, row_ok, stride_ot, stride_oh, BLOCK_M, BLOCK_DV, HEAD_DIM_V)
@@ -146,7 +148,7 @@ def meta_attention_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr,
+    KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr,  # KV_CHUNK: 0 unless paged (launcher)
 ):
     # A decode's time is a chain of dependent loads (table -> task -> block table -> K/V), so
     # everything that does not depend on an earlier load is issued at once: the program count,
@@ -200,7 +202,7 @@ def meta_attention_kernel(
                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                              stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
                              SMALL_M, SMALL_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP,
-                             PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, True, True, False, KV_CHUNK, CHUNK_PAGES)
+                             PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, True, KV_CHUNK, CHUNK_PAGES)
             else:
                 # a table planned for another variant may hold taller tiles: walk them in LARGE_M
                 # row slices (never split, so no partials are involved)
@@ -212,8 +214,8 @@ def meta_attention_kernel(
                                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                                  stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
                                  LARGE_M, LARGE_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP,
-                                 PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, False, False,
-                                 PAGED and KV_CHUNK > 0, KV_CHUNK, CHUNK_PAGES)
+                                 PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, False,
+                                 KV_CHUNK, CHUNK_PAGES)
     if PAGED:
         _zero_tail_rows(o_ptr, tail_row, num_rows, stride_ot, stride_oh,
                         NUM_HEADS, BLOCK_H, BLOCK_DV, HEAD_DIM_V)
