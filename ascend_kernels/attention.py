@@ -67,19 +67,22 @@ class Operands:
     dense_kv_len: int = 0
 
 
-def chunk_shape(tiles: AttentionTiles, page: int) -> tuple[int, int]:
-    """(KV positions per chunk, block-table entries it reads) of the paged large path.
+def chunk_shape(tiles: AttentionTiles, page: int) -> tuple[int, int, int]:
+    """(KV positions per chunk of the large path, of the small path, block-table entries a chunk
+    reads), paged K/V.
 
     A chunk starting anywhere inside a page spans one page more than its length covers, and the
-    entry count must be a power of two: the chunk is (entries - 1) pages, cut to whole KV tiles.
-    A profile with kv_chunk_tiles == 0 gets (0, 1): the block table is read per KV tile.
+    entry count must be a power of two: a chunk is (entries - 1) pages, cut to whole KV tiles of
+    its path. A profile with kv_chunk_tiles == 0 gets (0, 0, 1): the block table is read per KV tile.
     """
     if tiles.kv_chunk_tiles == 0:
-        return 0, 1
+        return 0, 0, 1
+    widest = max(tiles.kv_tile, tiles.small_kv_tile)
     pages = max(2, next_power_of_2(-(-tiles.kv_tile * tiles.kv_chunk_tiles // page)))
-    while (pages - 1) * page < tiles.kv_tile:
+    while (pages - 1) * page < widest:
         pages *= 2
-    return (pages - 1) * page // tiles.kv_tile * tiles.kv_tile, pages
+    span = (pages - 1) * page
+    return span // tiles.kv_tile * tiles.kv_tile, span // tiles.small_kv_tile * tiles.small_kv_tile, pages
 
 
 def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, tiles: AttentionTiles,
@@ -102,7 +105,7 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
     sm = ops.mask.stride() if ops.mask.dim() == 4 else (0, 0, 0, 0)
     interp = interpreting()
     page = k.shape[1] if ops.paged else 1
-    kv_chunk, chunk_pages = chunk_shape(tiles, page) if ops.paged else (0, 1)
+    kv_chunk, small_kv_chunk, chunk_pages = chunk_shape(tiles, page) if ops.paged else (0, 0, 1)
     meta_attention_kernel[(grid or profile.num_programs,)](
         table, q, out, k, v, ops.block_table, ops.cu_seqlens_q, ops.tree, ops.mask,
         part, ml, counters,
@@ -115,7 +118,7 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
         PAGED=ops.paged, PAGE=page, CAUSAL=ops.causal,
         HAS_TREE=ops.tree.dim() == 2, MASK_KIND=ops.mask_kind,
         DOT_FP32=interp, IEEE=interp or q.dtype == torch.float32,
-        KV_CHUNK=kv_chunk, CHUNK_PAGES=chunk_pages,
+        KV_CHUNK=kv_chunk, SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -31,7 +31,7 @@ class AttentionTiles:
     num_warps: int
     num_stages: int
     small_kv_tile: int = 0  # BLOCK_N of the small path (memory bound: wider tiles, more bytes in flight); 0 = kv_tile
-    kv_chunk_tiles: int = 64  # large path, paged: KV tiles per read of the block table (0: one read per tile)
+    kv_chunk_tiles: int = 64  # paged: large-path KV tiles per block-table read (0: one read per tile)
 
     def __post_init__(self) -> None:
         if self.small_kv_tile == 0:
@@ -64,7 +64,7 @@ class TargetProfile:
                         tiles, fewer warps, more programs per core); see for_batch.
     memory_tokens_per_request: a batch with at most this many query tokens per request on
                         average runs the memory-bound variant.
-    kv_chunk_tiles:     paged large path: KV tiles per read of the block table (the kernel
+    kv_chunk_tiles:     paged K/V: large-path KV tiles per read of the block table (the kernel
                         drains its load pipeline once per chunk; H200, 4 x 2048 prefill:
                         16 tiles 530 us, 32 tiles 506 us, 64 tiles 494 us). 0 reads the block
                         table per KV tile and needs no `tl.gather` (a portable fallback).
@@ -157,9 +157,11 @@ KB = 1024
 
 # H100 SXM and H200 share the GH100 die: 132 SMs. Measured on an H200 (bench_attention.py): the
 # compute variant (8 warps, 128-row tiles, ~226 registers: one program per SM) is best for
-# prefill and mixed batches; 4 warps with 64-row tiles (two programs per SM) and 128-wide KV
-# tiles move decode-only batches 1.4x faster.
-_GH100_MEMORY = (("num_warps", 4), ("large_rows", 64), ("programs_per_core", 2), ("small_kv_tile", 128))
+# prefill and mixed batches; 4 warps with 64-row tiles (two programs per SM) move decode-only
+# batches 1.4x faster. Their small path takes 64-wide KV tiles since it reads block ids per chunk
+# (64 decodes of 0.5-4k: 170 us, 197 with 128-wide tiles); the compute variant keeps 128-wide
+# ones for the decodes of a mixed batch (357 vs 382 us with 64).
+_GH100_MEMORY = (("num_warps", 4), ("large_rows", 64), ("programs_per_core", 2), ("small_kv_tile", 64))
 H100 = TargetProfile(name="h100", num_cores=132, small_kv_tile=128, memory_overrides=_GH100_MEMORY)
 H200 = TargetProfile(name="h200", num_cores=132, small_kv_tile=128, memory_overrides=_GH100_MEMORY)
 # The CPU interpreter runs programs one after the other: few programs and tiny tiles keep

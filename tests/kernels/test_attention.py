@@ -146,25 +146,28 @@ def test_split_kv_long_decodes_merge_and_reset():
     assert (attention._counters["cpu"] == 0).all()
 
 
-@pytest.mark.parametrize("kv_tile,chunk_tiles,page", [(64, 32, 16), (64, 16, 16), (64, 1, 16), (64, 16, 1024),
-                                                    (64, 16, 128), (16, 4, 16), (16, 2, 32), (128, 3, 48)])
-def test_chunk_of_the_paged_large_path_fits_its_block_table_slice(kv_tile, chunk_tiles, page):
+@pytest.mark.parametrize("kv_tile,small_kv_tile,chunk_tiles,page", [
+    (64, 128, 32, 16), (64, 64, 16, 16), (64, 128, 1, 16), (64, 16, 16, 1024), (64, 256, 16, 128),
+    (16, 16, 4, 16), (16, 64, 2, 32), (128, 16, 3, 48), (16, 128, 1, 16)])
+def test_chunks_of_the_paged_paths_fit_their_block_table_slice(kv_tile, small_kv_tile, chunk_tiles, page):
     """The kernel gathers a chunk's block ids from CHUNK_PAGES entries read at the chunk's start:
-    whole KV tiles per chunk, a power-of-two entry count, and every page the chunk touches from
-    any offset inside its first page among them."""
-    tiles = dataclasses.replace(CPU_INTERPRETER.attention_tiles(64), kv_tile=kv_tile, kv_chunk_tiles=chunk_tiles)
-    chunk, pages = attention.chunk_shape(tiles, page)
-    assert chunk >= kv_tile and chunk % kv_tile == 0
+    whole KV tiles of each path per chunk, a power-of-two entry count, and every page the chunk
+    touches from any offset inside its first page among them."""
+    tiles = dataclasses.replace(CPU_INTERPRETER.attention_tiles(64), kv_tile=kv_tile, small_kv_tile=small_kv_tile,
+                                kv_chunk_tiles=chunk_tiles)
+    large, small, pages = attention.chunk_shape(tiles, page)
     assert pages & (pages - 1) == 0
-    assert all((offset + chunk - 1) // page < pages for offset in range(page))
+    for chunk, tile in ((large, kv_tile), (small, small_kv_tile)):
+        assert chunk >= tile and chunk % tile == 0
+        assert all((offset + chunk - 1) // page < pages for offset in range(page))
 
 
 @pytest.mark.parametrize("chunk_tiles", [0, 1, 4, 64])
 def test_block_table_chunking_gives_the_same_numbers(monkeypatch, chunk_tiles):
-    """Prefill / chunked-prefill tiles read the block table per chunk (or per tile with 0); the
-    chunk length changes where the reads happen, never the result."""
+    """Paged tiles of both paths read the block table per chunk (or per tile with 0); the chunk
+    length changes where the reads happen, never the result."""
     gen = torch.Generator().manual_seed(21)
-    specs = [(70, 70), (33, 150), (1, 90), (5, 64)]
+    specs = [(70, 70), (33, 150), (1, 90), (5, 64), (1, 230)]
     q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=8, num_kv_heads=2, head_dim=32,
                                           block_size=16, dtype=torch.float32)
     prof = dataclasses.replace(CPU_INTERPRETER, kv_chunk_tiles=chunk_tiles)
