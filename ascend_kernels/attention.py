@@ -7,6 +7,7 @@ with a one-time warning: never wrong numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -85,10 +86,27 @@ def chunk_shape(tiles: AttentionTiles, page: int) -> tuple[int, int, int]:
     return span // tiles.kv_tile * tiles.kv_tile, span // tiles.small_kv_tile * tiles.small_kv_tile, pages
 
 
+# Shared memory one pipeline stage of the small path may take (a K and a V tile): a 128-wide
+# tile of 128-dim bf16 rows. The small path keeps two or three stages in flight, and wider
+# elements or heads get a narrower KV tile (fp32, 128-dim heads: 64 positions) so they still fit.
+SMALL_STAGE_BYTES = 64 * 1024
+
+
+def fit_small_tile(tiles: AttentionTiles, head_dim: int, elem_bytes: int) -> AttentionTiles:
+    """The tiles with the small path's KV tile narrowed to SMALL_STAGE_BYTES per stage. Task rows
+    do not change, and split-KV pieces (whole wider tiles) stay whole narrower ones."""
+    row_bytes = 2 * next_power_of_2(head_dim) * elem_bytes
+    width = tiles.small_kv_tile
+    while width > 16 and width * row_bytes > SMALL_STAGE_BYTES:
+        width //= 2
+    return tiles if width == tiles.small_kv_tile else dataclasses.replace(tiles, small_kv_tile=width)
+
+
 def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, tiles: AttentionTiles,
            profile: TargetProfile, grid: int | None = None):
     """Run the kernel. q/out are [T, Hq, D] (paged) or [B, Hq, S, D] (dense) views with a unit
     last stride; k/v are caches [num_blocks, block_size, Hkv, D] or dense [B, Hkv, L, D]."""
+    tiles = fit_small_tile(tiles, max(q.shape[-1], v.shape[-1]), k.element_size())
     dense = not ops.paged
     num_heads, head_dim, dim_v = q.shape[1], q.shape[-1], v.shape[-1]
     num_kv_heads = k.shape[2] if ops.paged else k.shape[1]

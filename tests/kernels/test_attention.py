@@ -162,6 +162,18 @@ def test_chunks_of_the_paged_paths_fit_their_block_table_slice(kv_tile, small_kv
         assert all((offset + chunk - 1) // page < pages for offset in range(page))
 
 
+@pytest.mark.parametrize("head_dim,elem_bytes,want", [(128, 2, 128), (64, 4, 128), (128, 4, 64), (80, 4, 64),
+                                                     (256, 2, 64), (256, 4, 32)])
+def test_small_kv_tile_narrows_for_wide_elements(head_dim, elem_bytes, want):
+    """A pipelined small-path stage (K and V tile) keeps to SMALL_STAGE_BYTES: fp32 rows of
+    128 dims get half the bf16 tile width (GH100 profiles: 128-wide for bf16)."""
+    from ascend_kernels.profiles import H200
+    tiles = H200.attention_tiles(head_dim)
+    fitted = attention.fit_small_tile(tiles, head_dim, elem_bytes)
+    assert fitted.small_kv_tile == want
+    assert (fitted.large_rows, fitted.small_rows, fitted.kv_tile) == (tiles.large_rows, tiles.small_rows, tiles.kv_tile)
+
+
 @pytest.mark.parametrize("chunk_tiles", [0, 1, 4, 64])
 def test_block_table_chunking_gives_the_same_numbers(monkeypatch, chunk_tiles):
     """Paged tiles of both paths read the block table per chunk (or per tile with 0); the chunk
@@ -318,3 +330,28 @@ def test_table_of_the_other_variant_gives_the_same_numbers(plan_variant, run_var
     out = attention.launch(q, kc, vc, torch.full_like(q, float("nan")), p.tensor(), ops, 0.125,
                            tiles=run.attention_tiles(64), profile=run)
     assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.125), torch.float32, f"{plan_variant} table on {run_variant}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
+def test_every_dtype_and_head_dim_compiles_and_matches_on_the_gpu(dtype, head_dim):
+    """Both kernel variants (a mixed batch runs the compute one, a decode batch the memory one)
+    must fit the GPU's shared memory for every dtype and head dim, paged and dense."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    gen = torch.Generator().manual_seed(31)
+    scale = head_dim ** -0.5
+    for specs in ([(40, 300), (1, 700), (3, 200), (100, 100)], [(1, 700), (1, 333)]):
+        batch = paged_batch(gen, specs, num_heads=8, num_kv_heads=2, head_dim=head_dim, block_size=16, dtype=dtype)
+        ref = fp64_paged(*batch, scale)
+        q, kc, vc, cu, lens, bt = (t.cuda() for t in batch)
+        out = attention.paged_attention(q, kc, vc, cu, lens, bt, scale, out=torch.full_like(q, float("nan")))
+        assert_close(out.cpu(), ref, dtype, f"paged {specs}")
+    for q_len, kv_len in ((1, 300), (64, 64)):
+        q, k, v = (torch.randn(2, h, n, head_dim, generator=gen).to(dtype)
+                   for h, n in ((8, q_len), (2, kv_len), (2, kv_len)))
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=q_len > 1,
+                                              enable_gqa=True)
+        got = attention.dense_attention(q.cuda(), k.cuda(), v.cuda(), None, None, q_len > 1)
+        assert_close(got.cpu(), want, dtype, f"dense {q_len}x{kv_len}")
