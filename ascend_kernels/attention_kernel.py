@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ascend_kernels.attention_epilogue import _merge_pieces, _store_rows, _zero_tail_rows
-from ascend_kernels.attention_kv_span import _kv_span
+from ascend_kernels.attention_kv_span import _kv_spans
 from ascend_kernels.tiling import HEADER, PATH_SMALL, TASK_FIELDS
 
 LOG2E = 1.4426950408889634
@@ -69,27 +69,7 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
     # Llama-3-8B heads: 183 -> 196 us). Keeping both loop forms behind a run-time test cost more
     # than either (its registers are the union of both: 268 us there).
     if SMALL:
-        if KV_CHUNK > 0:
-            # Block ids per chunk, as on the large path below, so decodes keep K/V tiles in flight
-            # too. On an H200 (Llama-3-8B heads): 48 decodes and 4 verifies inside the mixed batch
-            # 220 -> 175 us (the mixed batch 413 -> 357 us), 64 decodes of 0.5-4k 194 -> 170 us
-            # with 64-wide tiles in the memory variant (per-tile reads liked 128-wide ones).
-            for c0 in range(kv_lo, kv_hi, KV_CHUNK):
-                pages, p0 = _chunk_pages(bt_ptr, b, c0, kv_hi, stride_bt, PAGE, CHUNK_PAGES)
-                acc, m_i, l_i = _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c0,
-                                         tl.minimum(c0 + KV_CHUNK, kv_hi), kv_head, d, dv,
-                                         tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                         stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                         tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                         BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
-                                         MASK_KIND, DOT_FP32, IEEE, True)
-        else:
-            acc, m_i, l_i = _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, kv_lo, kv_hi, kv_head, d, dv,
-                                     tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                     stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                     tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                     BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
-                                     MASK_KIND, DOT_FP32, IEEE, False)
+        full_end = kv_lo  # not read: the small path runs its spans ALL_MASKED
     else:
         if MASK_KIND != 0:
             full = kv_lo
@@ -101,42 +81,32 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
             full = kv_hi
         full = tl.minimum(full, kv_hi)
         full_end = kv_lo + tl.maximum(full - kv_lo, 0) // BLOCK_N * BLOCK_N
-        if KV_CHUNK > 0:
-            # The block table is read once per chunk of KV_CHUNK positions and each tile gathers
-            # its block ids from registers. A block-table load inside the tile loop feeds the K/V
-            # addresses, and Triton's pipeliner then keeps one K/V tile in flight instead of two:
-            # on an H200 a 4 x 2048 prefill (Llama-3-8B heads) took 617 us that way, 494 us with
-            # chunks (the same kernel on dense K/V: 383 us). Each chunk drains the pipeline once,
-            # so chunks are long (1k-token chunks: 530 us).
-            for c0 in range(kv_lo, kv_hi, KV_CHUNK):
-                pages, p0 = _chunk_pages(bt_ptr, b, c0, kv_hi, stride_bt, PAGE, CHUNK_PAGES)
-                c_hi = tl.minimum(c0 + KV_CHUNK, kv_hi)
-                c_full = tl.minimum(tl.maximum(full_end, c0), c_hi)
-                acc, m_i, l_i = _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c0, c_full, kv_head, d, dv,
-                                         tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                         stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                         tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                         BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, False, CAUSAL, HAS_TREE,
-                                         MASK_KIND, DOT_FP32, IEEE, True)
-                acc, m_i, l_i = _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c_full, c_hi, kv_head, d, dv,
-                                         tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                         stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                         tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                         BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
-                                         MASK_KIND, DOT_FP32, IEEE, True)
-        else:
-            acc, m_i, l_i = _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, kv_lo, full_end, kv_head, d, dv,
-                                     tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                     stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                     tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                     BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, False, CAUSAL, HAS_TREE,
-                                     MASK_KIND, DOT_FP32, IEEE, False)
-            acc, m_i, l_i = _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, full_end, kv_hi, kv_head, d, dv,
-                                     tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                     stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                     tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                     BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
-                                     MASK_KIND, DOT_FP32, IEEE, False)
+    if KV_CHUNK > 0:
+        # The block table is read once per chunk of KV_CHUNK positions and each tile gathers its
+        # block ids from registers. A block-table load inside the tile loop feeds the K/V
+        # addresses, and Triton's pipeliner then keeps one K/V tile in flight instead of two: on
+        # an H200 a 4 x 2048 prefill (Llama-3-8B heads) took 617 us that way, 494 us with chunks
+        # (the same kernel on dense K/V: 383 us). Each chunk drains the pipeline once, so chunks
+        # are long (1k-token chunks: 530 us). Decodes gain too: 48 decodes and 4 verifies inside
+        # the mixed batch 220 -> 175 us (the mixed batch 413 -> 357 us), 64 decodes of 0.5-4k
+        # 194 -> 170 us with 64-wide tiles in the memory variant (per-tile reads liked 128-wide).
+        for c0 in range(kv_lo, kv_hi, KV_CHUNK):
+            pages, p0 = _chunk_pages(bt_ptr, b, c0, kv_hi, stride_bt, PAGE, CHUNK_PAGES)
+            c_hi = tl.minimum(c0 + KV_CHUNK, kv_hi)
+            acc, m_i, l_i = _kv_spans(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c0,
+                                      tl.minimum(tl.maximum(full_end, c0), c_hi), c_hi, kv_head, d, dv,
+                                      tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+                                      stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                      tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                                      BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, SMALL, CAUSAL, HAS_TREE,
+                                      MASK_KIND, DOT_FP32, IEEE, True)
+    else:
+        acc, m_i, l_i = _kv_spans(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, kv_lo, full_end, kv_hi, kv_head,
+                                  d, dv, tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+                                  stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                  tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                                  BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, SMALL, CAUSAL, HAS_TREE,
+                                  MASK_KIND, DOT_FP32, IEEE, False)
     if SMALL:
         if part_base >= 0:
             _merge_pieces(part_ptr, ml_ptr, count_ptr, acc, m_i, l_i, part_base, split, num_splits,

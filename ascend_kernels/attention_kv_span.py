@@ -108,3 +108,29 @@ def _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, lo, hi, kv_he
         acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def _kv_spans(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, lo, full, hi, kv_head, d, dv,
+              tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+              stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+              tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+              PAGED: tl.constexpr, PAGE: tl.constexpr, ALL_MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+              GATHER: tl.constexpr):
+    """Tiles [lo, full) without masks, then [full, hi) masked; ALL_MASKED: one masked loop over [lo, hi)."""
+    if not ALL_MASKED:
+        acc, m_i, l_i = _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, lo, full, kv_head, d, dv,
+                                 tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+                                 stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                                 tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                                 BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, False, CAUSAL, HAS_TREE,
+                                 MASK_KIND, DOT_FP32, IEEE, GATHER)
+        lo = full
+    return _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, lo, hi, kv_head, d, dv,
+                    tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
+                    stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                    tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
+                    BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, True, CAUSAL, HAS_TREE,
+                    MASK_KIND, DOT_FP32, IEEE, GATHER)

@@ -120,8 +120,12 @@ def correctness() -> dict:
     slots[3] = -1
     new_k, new_v = (torch.randn(args[0].shape[0], HKV, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     reference.store_kv(new_k, new_v, args[1], args[2], slots)
-    _case(res, "store_kv_mismatches", lambda: (kv_store.store_kv(new_k, new_v, kc, vc, slots),
-                                               float((kc != args[1]).sum() + (vc != args[2]).sum()))[1])
+
+    def store_mismatches() -> float:
+        kv_store.store_kv(new_k, new_v, kc, vc, slots)
+        return float((kc != args[1]).sum() + (vc != args[2]).sum())
+
+    _case(res, "store_kv_mismatches", store_mismatches)
     q = torch.randn(2, HQ, 300, D, device=DEV, dtype=torch.bfloat16)
     k, v = (torch.randn(2, HKV, 300, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
     pad = torch.ones(2, 1, 300, 300, dtype=torch.bool, device=DEV).tril()
