@@ -24,6 +24,26 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weigh
     return out.reshape(*x.shape[:-1], n)
 
 
+def norm_linear(
+    x: torch.Tensor,  # [..., K]
+    residual: torch.Tensor | None,  # [..., K] or None
+    norm_weight: torch.Tensor,  # [K]
+    eps: float,
+    weight: torch.Tensor,  # [N, K]; gated: [2N, K] (gate rows, then up rows)
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # (out [..., N], x + residual or None)
+    """HF's decoder-layer chain in its eager order: h = x + residual; a = w * rmsnorm(h) (normalised
+    in fp32, rounded to the model dtype, then scaled); out = a @ W^T, or SiLU(gate) * up."""
+    h = x + residual if residual is not None else x
+    hf = h.to(torch.float32)
+    a = norm_weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    y = F.linear(a, weight)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y, (h if residual is not None else None)
+
+
 def dense_attention(
     q: torch.Tensor,  # [B, Hq, S, D]
     k: torch.Tensor,  # [B, Hkv, L, D]

@@ -2,10 +2,11 @@
 
 Variants, all in one process on one card: HF generate eager (dynamic cache), HF generate with
 the static cache + torch.compile, the xyserve engine (overlapped steps, and the same engine with
-async scheduling off), and (full runs) the engine with q/k/v and
-gate/up unfused and the engine with speculative decoding, the target itself as the draft model (a
-copy run by the engine's own paged, batched, CUDA-graphed draft runner; greedy acceptance is 100%
-in exact arithmetic, lower in bf16 where the draft and verify batches round differently). Random
+async scheduling off), and (full runs) the engine with residual add + RMSNorm fused into the GEMVs
+(opt-in), the engine with q/k/v and gate/up unfused and the engine with speculative decoding, the
+target itself as the draft model (a copy run by the engine's own paged, batched, CUDA-graphed draft
+runner; greedy acceptance is 100% in exact arithmetic, lower in bf16 where the draft and verify
+batches round differently). Random
 weights make n-gram acceptance meaningless, so n-gram drafting is not timed here. Floor: batch x
 measured copy bandwidth / weight bytes (one read of the weights per decode step; KV reads ignored).
 
@@ -99,6 +100,13 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
         if engine.get("llm") is not None:  # A/B on the same engine: each step waits for its tokens
             attempt(row, "xyserve_in_order", lambda: _in_order(engine["llm"], prompts, batch, repeats))
         model.set_attn_implementation("sdpa")
+        if not quick:  # A/B in the same run: residual add + RMSNorm (+ SiLU x up) fused into the GEMVs
+            def norms_fused():  # (lowering/norm_linear.py; opt-in); one engine for both batch sizes
+                opts = {"compile_options": {"lower_gemm": False, "fuse_norm_linear": True}}
+                engine["norms_fused"], fn = _engine(model, prompts, engine.get("norms_fused"), **opts)
+                return _tok_s(fn, batch, repeats)
+            attempt(row, "xyserve_norms_fused", norms_fused)
+            model.set_attn_implementation("sdpa")
         if not quick:  # A/B in the same run: q/k/v and gate/up as separate GEMMs (the weights stay packed)
             unfused = {"compile_options": {"lower_gemm": False, "fuse_sibling_linears": False}}
             attempt(row, "xyserve_unfused", lambda: _tok_s(_engine(model, prompts, **unfused)[1], batch, repeats))

@@ -58,6 +58,40 @@ def _(x, weight, bias, weight_kn, impl):
     return x.new_empty(*x.shape[:-1], n)
 
 
+# ---------------------------------------------------------------- residual add + RMSNorm + linear
+@torch.library.custom_op("xyserve::norm_linear", mutates_args=())
+def norm_linear(
+    x: Tensor,
+    residual: Optional[Tensor],
+    norm_weight: Tensor,
+    eps_tensor: Optional[Tensor],
+    eps: float,
+    weight: Tensor,
+    gated: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    """(out, h): h = x + residual; out = linear(rmsnorm(h) * norm_weight, weight [N, K]), or with
+    `gated` (weight = [W_gate; W_up]) SiLU(gate) * up. Without a residual h is an empty tensor.
+    eps_tensor (a 0-d CPU tensor: how Dynamo passes a module's float under dynamic shapes) wins
+    over eps."""
+    if eps_tensor is not None:
+        eps = float(eps_tensor.item())
+    if use_triton(impl, x):
+        from ascend_kernels import norm_gemv
+
+        out, h = norm_gemv.norm_linear(x, residual, norm_weight, eps, weight, gated)
+    else:
+        out, h = reference.norm_linear(x, residual, norm_weight, eps, weight, gated)
+    return out.contiguous(), (h.contiguous() if h is not None else x.new_empty(0))
+
+
+@norm_linear.register_fake
+def _(x, residual, norm_weight, eps_tensor, eps, weight, gated, impl):
+    n = weight.shape[0] // 2 if gated else weight.shape[0]
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else x.new_empty(0)
+    return x.new_empty(*x.shape[:-1], n), h
+
+
 # ---------------------------------------------------------------- dense attention
 @torch.library.custom_op("xyserve::attention", mutates_args=())
 def attention(

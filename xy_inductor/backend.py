@@ -50,7 +50,7 @@ def xyserve(
     """Lower attention and linear nodes to xyserve ops, then hand the graph to Inductor."""
     opts = CompileOptions.from_options(options)
     fuse = example_inputs if opts.fuse_sibling_linears else None
-    report = lower(gm, opts.lower_attention, opts.lower_gemm, opts.impl, fuse, opts.share_tables)
+    report = lower(gm, opts.lower_attention, opts.lower_gemm, opts.impl, fuse, opts.share_tables, opts.fuse_norm_linear)
     _REPORTS.append(report)
     for s in report.skipped:
         log.warning("xyserve: %s node %s left to Inductor: %s", s.what, s.node, s.reason)

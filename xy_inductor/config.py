@@ -22,6 +22,10 @@ class CompileOptions:
                      while those weights stay in place: the engine turns it on for the model it owns.
     share_tables:    compute a cos / sin table read by several layers (RoPE) once, instead of in
                      every consumer kernel (lowering/shared_tables.py); same values.
+    fuse_norm_linear: residual add + RMSNorm + the one linear they feed (and SiLU x up after a
+                     packed gate/up) become one `xyserve::norm_linear` (lowering/norm_linear.py);
+                     16-bit results differ from eager in the last bits. Off by default, also in
+                     the engine: on an H100 it is 2-3% slower end to end today (RESULTS.md).
     """
 
     lower_attention: bool = True
@@ -31,6 +35,7 @@ class CompileOptions:
     use_inductor: bool = True
     fuse_sibling_linears: bool = False
     share_tables: bool = True
+    fuse_norm_linear: bool = False
 
     def __post_init__(self) -> None:
         if self.impl not in IMPLS:

@@ -119,6 +119,23 @@ def test_compiled_engine_fuses_sibling_projections(name):
         llm.generate(prompts, GREEDY, use_tqdm=False)
 
 
+def test_engine_with_norms_fused_into_the_gemvs():
+    """Opt-in (`fuse_norm_linear`, off by default: slower end to end today, benchmarks/RESULTS.md):
+    each RMSNorm and its residual add run inside the projection they feed; same greedy tokens."""
+    from xy_inductor.backend import reports, reset_reports
+
+    prompts = random_prompts([3, 41, 17], seed=12)
+    expected = reference("llama", tuple(map(tuple, prompts)), GREEDY.max_tokens)
+    model = build_model("llama")
+    torch._dynamo.reset()
+    reset_reports()
+    options = {"lower_gemm": False, "fuse_norm_linear": True}
+    llm = LLM(model, compile=True, compile_options=options, max_num_batched_tokens=32)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == expected
+    layers = model.config.num_hidden_layers
+    assert reports()[-1].count("norm_linear") == layers and reports()[-1].count("norm_linear_gated") == layers
+
+
 def test_cli_generate_from_checkpoint_folder(tmp_path, capsys):
     model, tok = build_model("llama"), word_tokenizer()
     model.save_pretrained(tmp_path / "ckpt")

@@ -59,6 +59,16 @@ def test_fusion_is_off_unless_asked():
     assert fused == 0
 
 
+def test_packing_twice_moves_nothing():
+    """A second engine on the same model packs again: the first one's graph must keep reading the
+    weights where they are."""
+    model = build("llama")
+    first = pack_sibling_linears(model)
+    second = pack_sibling_linears(model)
+    assert second.slots == first.slots
+    first.check()
+
+
 def test_in_place_updates_are_seen_and_swaps_are_refused():
     model = build("llama")
     packed = pack_sibling_linears(model)

@@ -56,7 +56,23 @@ def _group(module: nn.Module, names: tuple[str, ...]) -> list[nn.Linear] | None:
     return linears if same else None
 
 
+def _packed(tensors: list[torch.Tensor]) -> bool:
+    """Already back to back in one storage (a second engine on the same model must not move them:
+    the first one's compiled graph reads them where they are)."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+            return False
+        if t.storage_offset() != offset:
+            return False
+        offset += t.numel()
+    return True
+
+
 def _pack(tensors: list[torch.Tensor]) -> None:
+    if _packed(tensors):
+        return
     with torch.no_grad():
         whole = torch.cat([t.detach() for t in tensors])
         start = 0
