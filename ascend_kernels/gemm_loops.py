@@ -86,7 +86,8 @@ def descriptor_mainloop(x_desc, w_desc, acc, off_m, off_n, k_start, k_end, BLOCK
 
 
 @functools.cache
-def _capability(index: int) -> int:
+def cuda_capability(index: int) -> int:
+    """The major compute capability of CUDA device `index` (cached: launch paths ask every call)."""
     return torch.cuda.get_device_capability(index)[0]
 
 
@@ -102,7 +103,7 @@ def tma_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """Descriptors need a Hopper+ GPU (or the CPU interpreter, which emulates them), unit inner
     strides and 16-byte aligned rows / bases; otherwise the same config runs the masked loop."""
     global _ALLOCATOR_SET
-    if x2d.is_cuda and _capability(x2d.device.index) < 9:
+    if x2d.is_cuda and cuda_capability(x2d.device.index) < 9:
         return False
     size = x2d.element_size()
     aligned = all(v * size % 16 == 0 for v in (x2d.stride(0), weight.stride(0))) and all(

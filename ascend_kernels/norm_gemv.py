@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend_kernels.gemm_loops import dot_options
+from ascend_kernels import reference
+from ascend_kernels.gemm_loops import cuda_capability, dot_options
 from ascend_kernels.profiles import interpreting
 
 MAX_ROWS = 16  # one row tile (the tensor cores' smallest M); larger batches take the fallback
@@ -135,11 +136,6 @@ def norm_gemv_kernel(
 
 
 @functools.cache
-def _pdl_ok(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
-@functools.cache
 def _smem_budget(index: int) -> int:
     """Shared memory a program may use (the CPU interpreter has no limit: a Hopper-sized one)."""
     if index < 0:
@@ -193,6 +189,11 @@ def norm_gemv(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:  # (out [..., N], h [..., K] or None)
     """out = linear(rmsnorm(x + residual)) (gated: SiLU(gate) * up), and h = x + residual."""
     _check(x, residual, norm_weight, weight, gated)
+    return _launch(x, residual, norm_weight, eps, weight, gated, use_pdl, block_n, block_k, num_warps, num_stages)
+
+
+def _launch(x, residual, norm_weight, eps, weight, gated, use_pdl, block_n, block_k, num_warps, num_stages):
+    """norm_gemv past its checks."""
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
     rows = x2d.shape[0]
@@ -209,7 +210,7 @@ def norm_gemv(
     if r2d.stride(1) != 1:
         r2d = r2d.contiguous()
     if use_pdl is None:
-        use_pdl = x.is_cuda and not interpreting() and _pdl_ok(x.device.index)
+        use_pdl = x.is_cuda and not interpreting() and cuda_capability(x.device.index) >= 9
     dot_fp32, precision = dot_options(x2d)
     block_n = block_n or (64 if gated else 32)
     budget = _smem_budget(x.device.index if x.is_cuda else -1)
@@ -239,12 +240,8 @@ def norm_linear(
     _check(x, residual, norm_weight, weight, gated)
     rows = x.numel() // max(x.shape[-1], 1)
     if rows <= MAX_ROWS and x.dtype in (torch.bfloat16, torch.float32):
-        return norm_gemv(x, residual, norm_weight, eps, weight, gated)
+        return _launch(x, residual, norm_weight, eps, weight, gated, None, None, None, 4, None)
     from ascend_kernels.rms_norm import add_rms_norm
 
     a, h = add_rms_norm(x, residual, norm_weight, eps)
-    y = torch.nn.functional.linear(a, weight)
-    if gated:
-        gate, up = y.chunk(2, dim=-1)
-        y = torch.nn.functional.silu(gate) * up
-    return y, h
+    return reference.gated_linear(a, weight, gated), h

@@ -37,11 +37,16 @@ def norm_linear(
     h = x + residual if residual is not None else x
     hf = h.to(torch.float32)
     a = norm_weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return gated_linear(a, weight, gated), (h if residual is not None else None)
+
+
+def gated_linear(a: torch.Tensor, weight: torch.Tensor, gated: bool) -> torch.Tensor:
+    """a @ W^T, or with `gated` (W = [W_gate; W_up]) SiLU(a @ W_gate^T) * (a @ W_up^T)."""
     y = F.linear(a, weight)
-    if gated:
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    return y, (h if residual is not None else None)
+    if not gated:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def dense_attention(

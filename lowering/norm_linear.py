@@ -132,7 +132,7 @@ class NormLinearPass:
 
     def __call__(self, gm: fx.GraphModule, report: LoweringReport, impl: str) -> None:
         for node in list(gm.graph.nodes):
-            if node.graph is None or not is_call(node, LINEAR):
+            if not is_call(node, LINEAR):
                 continue
             norm = arg(node, 0, "input")
             found = match_rms_norm(norm)
