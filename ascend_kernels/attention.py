@@ -106,6 +106,9 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
            profile: TargetProfile, grid: int | None = None):
     """Run the kernel. q/out are [T, Hq, D] (paged) or [B, Hq, S, D] (dense) views with a unit
     last stride; k/v are caches [num_blocks, block_size, Hkv, D] or dense [B, Hkv, L, D]."""
+    if not scale > 0:
+        # the unmasked KV loop takes the row max before scaling (max(s) * scale), right only for scale > 0
+        raise ValueError(f"xyserve attention: the kernel needs a positive softmax scale, got {scale}")
     tiles = fit_small_tile(tiles, max(q.shape[-1], v.shape[-1]), k.element_size())
     dense = not ops.paged
     num_heads, head_dim, dim_v = q.shape[1], q.shape[-1], v.shape[-1]
@@ -137,6 +140,7 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
         HAS_TREE=ops.tree.dim() == 2, MASK_KIND=ops.mask_kind,
         DOT_FP32=interp, IEEE=interp or q.dtype == torch.float32,
         KV_CHUNK=kv_chunk, SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages,
+        KV_CONTIGUOUS=ops.paged and k.is_contiguous() and v.is_contiguous(),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
@@ -144,6 +148,10 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _scale_problem(scale) -> str | None:
+    return None if scale is None or scale > 0 else f"softmax scale {scale} <= 0"
 
 
 def _paged_problem(q, k_cache, v_cache, block_table) -> str | None:
@@ -169,7 +177,7 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, sc
     tiling.build_task_table (host or device); without it the table is planned here, which reads
     cu_seqlens_q / seq_lens back to the host.
     """
-    problem = _paged_problem(q, k_cache, v_cache, block_table)
+    problem = _paged_problem(q, k_cache, v_cache, block_table) or _scale_problem(scale)
     if problem:
         _fallback(problem)
         return reference.paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale, tree_mask)
@@ -238,7 +246,7 @@ def _dense_table(batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, causal
 def dense_attention(q, k, v, mask, scale, is_causal, out=None):
     """SDPA semantics (reference.dense_attention): q [B, Hq, S, D], k/v [B, Hkv, L, D(v)], GQA by
     head ratio, `mask` bool (True = keep) or additive float broadcastable to [B, Hq, S, L]."""
-    problem = _dense_problem(q, k, v, mask, is_causal)
+    problem = _dense_problem(q, k, v, mask, is_causal) or _scale_problem(scale)
     if problem:
         _fallback(problem)
         return reference.dense_attention(q, k, v, mask, scale, is_causal)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ascend_kernels.attention_epilogue import _merge_pieces, _store_rows, _zero_tail_rows
-from ascend_kernels.attention_kv_span import _kv_spans
+from ascend_kernels.attention_kv_span import _kv_spans, _tile_rows
 from ascend_kernels.tiling import HEADER, PATH_SMALL, TASK_FIELDS
 
 LOG2E = 1.4426950408889634
@@ -47,10 +47,7 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
                  KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr):
     # SMALL: the decode / short-verify path. Its tasks may be split-KV pieces, and it masks every
     # KV tile in one loop. KV_CHUNK > 0 (paged): block-table reads per chunk of KV_CHUNK positions.
-    rows = row_lo + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_hi
-    tok = rows // GROUP  # query token inside the request
-    head = kv_head * GROUP + rows % GROUP  # query head
+    tok, head, row_ok = _tile_rows(row_lo, row_hi, kv_head, BLOCK_M, GROUP)  # token in the request, query head
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
     q_ptrs = q_ptr + q_base + tok[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :]
@@ -93,20 +90,20 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
         for c0 in range(kv_lo, kv_hi, KV_CHUNK):
             pages, p0 = _chunk_pages(bt_ptr, b, c0, kv_hi, stride_bt, PAGE, CHUNK_PAGES)
             c_hi = tl.minimum(c0 + KV_CHUNK, kv_hi)
-            acc, m_i, l_i = _kv_spans(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c0,
-                                      tl.minimum(tl.maximum(full_end, c0), c_hi), c_hi, kv_head, d, dv,
-                                      tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                      stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                      tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                      BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, SMALL, CAUSAL, HAS_TREE,
-                                      MASK_KIND, DOT_FP32, IEEE, True)
+            acc, m_i, l_i, row_lo = _kv_spans(
+                acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c0, tl.minimum(tl.maximum(full_end, c0), c_hi),
+                c_hi, kv_head, d, dv, row_lo, row_hi, q_row0, q_len, seq_len, kv_hi, pos_offset, GROUP, scale_log2,
+                stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, tree_ptr, stride_tree,
+                mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml, BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE,
+                SMALL, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, True)
     else:
-        acc, m_i, l_i = _kv_spans(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, kv_lo, full_end, kv_hi, kv_head,
-                                  d, dv, tok, head, q_row0, q_len, seq_len, kv_hi, pos_offset, row_ok, scale_log2,
-                                  stride_bt, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                                  tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml,
-                                  BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, SMALL, CAUSAL, HAS_TREE,
-                                  MASK_KIND, DOT_FP32, IEEE, False)
+        acc, m_i, l_i, row_lo = _kv_spans(
+            acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, kv_lo, full_end, kv_hi, kv_head, d, dv, row_lo, row_hi,
+            q_row0, q_len, seq_len, kv_hi, pos_offset, GROUP, scale_log2, stride_bt, stride_kb, stride_ks, stride_kh,
+            stride_vb, stride_vs, stride_vh, tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms,
+            stride_ml, BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, SMALL, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE,
+            False)
+    tok, head, row_ok = _tile_rows(row_lo, row_hi, kv_head, BLOCK_M, GROUP)
     if SMALL:
         if part_base >= 0:
             _merge_pieces(part_ptr, ml_ptr, count_ptr, acc, m_i, l_i, part_base, split, num_splits,
@@ -140,7 +137,17 @@ def meta_attention_kernel(
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     KV_CHUNK: tl.constexpr, SMALL_KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr,  # 0, 0, 1 unless paged
+    KV_CONTIGUOUS: tl.constexpr,  # paged caches [num_blocks, PAGE, Hkv, D] with no gaps
 ):
+    if KV_CONTIGUOUS:
+        # Compile-time strides: the per-tile row addresses become shifts and adds instead of
+        # 64-bit multiplies by run-time values (H100 probe of a 4 x 2048 prefill: 420 -> 367 us)
+        stride_kh = HEAD_DIM
+        stride_ks = NUM_HEADS // GROUP * HEAD_DIM
+        stride_kb = PAGE * stride_ks
+        stride_vh = HEAD_DIM_V
+        stride_vs = NUM_HEADS // GROUP * HEAD_DIM_V
+        stride_vb = PAGE * stride_vs
     # A decode's time is a chain of dependent loads (table -> task -> block table -> K/V), so
     # everything that does not depend on an earlier load is issued at once: the program count,
     # the first slot's task range (speculatively: the usual table has one slot per program) and

@@ -294,6 +294,46 @@ def test_paged_cache_with_gaps_between_blocks_falls_back_and_matches():
     assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.2), torch.float32, "gapped cache")
 
 
+def test_cache_views_with_run_time_strides_match():
+    """Contiguous caches compile their strides in; views with gaps between heads or tokens (blocks
+    still consecutive rows) take the run-time strides and give the same numbers."""
+    gen = torch.Generator().manual_seed(9)
+    specs = [(37, 37), (1, 50), (4, 29)]
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=4, num_kv_heads=2, head_dim=32,
+                                          block_size=16, dtype=torch.float32)
+    wide_d = torch.full(kc.shape[:3] + (48,), float("nan"))  # head stride 48, not 32
+    wide_h = torch.full(kc.shape[:2] + (3, 32), float("nan"))  # token stride 3 heads, not 2
+    ref = fp64_paged(q, kc, vc, cu, lens, bt, 0.2)
+    for buf, view in ((wide_d, lambda t: t[..., :32]), (wide_h, lambda t: t[:, :, :2])):
+        k_view, v_view = view(buf.clone()), view(buf.clone())
+        k_view.copy_(kc)
+        v_view.copy_(vc)
+        assert not k_view.is_contiguous() and k_view.stride(0) == 16 * k_view.stride(1)
+        out = attention.paged_attention(q, k_view, v_view, cu, lens, bt, 0.2, out=torch.full_like(q, float("nan")))
+        assert_close(out, ref, torch.float32, f"cache strides {tuple(k_view.stride())}")
+
+
+def test_a_non_positive_scale_falls_back_and_the_launcher_refuses_it():
+    """The unmasked loop scales the row max after taking it, right only for scale > 0."""
+    gen = torch.Generator().manual_seed(13)
+    specs = [(9, 20), (1, 17)]
+    q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=4, num_kv_heads=2, head_dim=32,
+                                          block_size=16, dtype=torch.float32)
+    attention._warned.clear()
+    for scale in (0.0, -0.3):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = attention.paged_attention(q, kc, vc, cu, lens, bt, scale)
+        assert any("scale" in str(w.message) for w in seen)
+        assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, scale), torch.float32, f"scale {scale}")
+    ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, tree=q.new_empty(0, dtype=torch.uint8),
+                             mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs))
+    p = plan([s[0] for s in specs], [s[1] for s in specs], num_q_heads=4, num_kv_heads=2, head_dim=32,
+             profile=CPU_INTERPRETER)
+    with pytest.raises(ValueError, match="positive softmax scale"):
+        attention.launch(q, kc, vc, torch.empty_like(q), p.tensor(), ops, -0.3, tiles=p.tiles, profile=CPU_INTERPRETER)
+
+
 def test_custom_ops_dispatch_to_the_kernel():
     import lowering.ops  # noqa: F401  (registers torch.ops.xyserve.*)
 
