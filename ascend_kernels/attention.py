@@ -140,10 +140,18 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
         HAS_TREE=ops.tree.dim() == 2, MASK_KIND=ops.mask_kind,
         DOT_FP32=interp, IEEE=interp or q.dtype == torch.float32,
         KV_CHUNK=kv_chunk, SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages,
-        KV_CONTIGUOUS=ops.paged and k.is_contiguous() and v.is_contiguous(),
+        KV_CONTIGUOUS=_unit_rows(k, v, ops.paged),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
+
+
+def _unit_rows(k: torch.Tensor, v: torch.Tensor, paged: bool) -> bool:
+    """Strides the kernel may compile in: whole contiguous caches (paged), or dense K/V whose
+    consecutive positions are one head-dim apart (head and batch strides stay run-time values)."""
+    if paged:
+        return k.is_contiguous() and v.is_contiguous()
+    return k.stride(2) == k.shape[3] and v.stride(2) == v.shape[3]
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,13 @@ def _mma(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _kv_rows(bt_ptr, b, j, j_ok, stride_bt, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """(block, slot-in-block) of KV positions j; a dense tensor is one block per request."""
+    """(block, slot-in-block) of KV positions j; a dense tensor is one block per request (a
+    scalar block: its offset is added once, not multiplied per position)."""
     if PAGED:
         blk = tl.load(bt_ptr + b * stride_bt + j // PAGE, mask=j_ok, other=0).to(tl.int64)
         return blk, (j % PAGE).to(tl.int64)
     else:
-        return tl.zeros_like(j).to(tl.int64) + b, j.to(tl.int64)
+        return b.to(tl.int64), j.to(tl.int64)
 
 
 @triton.jit
