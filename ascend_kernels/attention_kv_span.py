@@ -77,7 +77,8 @@ def _kv_span(acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, lo, hi, kv_he
     """KV tiles [lo, hi), one basic block each: scores, online-softmax update, P.V accumulation.
 
     Returns the running (acc, m, l) and row_lo: callers rebuild the row vectors from this copy
-    after the loop (at 4 warps and 128 rows: 83 -> 26 register spill instructions per KV tile).
+    after the loop. At 4 warps and 128 rows that is 83 -> 26 spill instructions per KV tile; at 8
+    warps (no spills either way) an H100 prefill of 4 x 2048 went from 409 to 366 us.
     """
     for start in range(lo, hi, BLOCK_N):
         # a loop-carried copy of row_lo: the row vectors built from it after the loop are then not
