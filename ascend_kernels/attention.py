@@ -140,18 +140,25 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
         HAS_TREE=ops.tree.dim() == 2, MASK_KIND=ops.mask_kind,
         DOT_FP32=interp, IEEE=interp or q.dtype == torch.float32,
         KV_CHUNK=kv_chunk, SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages,
-        KV_CONTIGUOUS=_unit_rows(k, v, ops.paged),
+        KV_LAYOUT=kv_layout(k, v, ops.paged),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 
 
-def _unit_rows(k: torch.Tensor, v: torch.Tensor, paged: bool) -> bool:
-    """Strides the kernel may compile in: whole contiguous caches (paged), or dense K/V whose
-    consecutive positions are one head-dim apart (head and batch strides stay run-time values)."""
+def kv_layout(k: torch.Tensor, v: torch.Tensor, paged: bool) -> int:
+    """Which K/V strides the kernel may compile in (KV_LAYOUT): 1 whole contiguous paged caches,
+    2 dense [B, Hkv, L, D] whose positions are one head-dim apart, 3 dense views of [B, L, Hkv, D]
+    (HF's K/V before a cache concatenates them), 0 anything else (run-time strides). Batch strides
+    stay run-time values in the dense layouts."""
     if paged:
-        return k.is_contiguous() and v.is_contiguous()
-    return k.stride(2) == k.shape[3] and v.stride(2) == v.shape[3]
+        return 1 if k.is_contiguous() and v.is_contiguous() else 0
+    hkv = k.shape[1]
+    if all(t.stride(2) == t.shape[3] for t in (k, v)):
+        return 2
+    if all(t.stride(1) == t.shape[3] and t.stride(2) == hkv * t.shape[3] for t in (k, v)):
+        return 3
+    return 0
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

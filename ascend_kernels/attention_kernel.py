@@ -137,20 +137,26 @@ def meta_attention_kernel(
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     KV_CHUNK: tl.constexpr, SMALL_KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr,  # 0, 0, 1 unless paged
-    KV_CONTIGUOUS: tl.constexpr,  # paged: caches [num_blocks, PAGE, Hkv, D] with no gaps; dense: unit rows
+    KV_LAYOUT: tl.constexpr,  # which K/V strides are compiled in (attention.kv_layout): 0 none
 ):
     # Compile-time strides: the per-tile row addresses become shifts and adds instead of 64-bit
     # multiplies by run-time values (H100 probe of a 4 x 2048 prefill: 420 -> 367 us)
-    if KV_CONTIGUOUS and not PAGED:  # dense [B, Hkv, L, D] whose positions are D apart
-        stride_ks = HEAD_DIM
-        stride_vs = HEAD_DIM_V
-    if KV_CONTIGUOUS and PAGED:
+    num_kv_heads: tl.constexpr = NUM_HEADS // GROUP
+    if KV_LAYOUT == 1:  # paged caches [num_blocks, PAGE, Hkv, D] without gaps
         stride_kh = HEAD_DIM
-        stride_ks = NUM_HEADS // GROUP * HEAD_DIM
+        stride_ks = num_kv_heads * HEAD_DIM
         stride_kb = PAGE * stride_ks
         stride_vh = HEAD_DIM_V
-        stride_vs = NUM_HEADS // GROUP * HEAD_DIM_V
+        stride_vs = num_kv_heads * HEAD_DIM_V
         stride_vb = PAGE * stride_vs
+    elif KV_LAYOUT == 2:  # dense [B, Hkv, L, D] whose positions are D apart
+        stride_ks = HEAD_DIM
+        stride_vs = HEAD_DIM_V
+    elif KV_LAYOUT == 3:  # dense views of [B, L, Hkv, D] (HF's projections before the cache)
+        stride_ks = num_kv_heads * HEAD_DIM
+        stride_kh = HEAD_DIM
+        stride_vs = num_kv_heads * HEAD_DIM_V
+        stride_vh = HEAD_DIM_V
     # A decode's time is a chain of dependent loads (table -> task -> block table -> K/V), so
     # everything that does not depend on an earlier load is issued at once: the program count,
     # the first slot's task range (speculatively: the usual table has one slot per program) and

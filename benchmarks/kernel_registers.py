@@ -44,7 +44,7 @@ def default_constexprs(head_dim: int = 128, page: int = 16, group: int = 4, num_
                 LARGE_N=tiles.kv_tile, BLOCK_D=block_d, BLOCK_DV=block_d, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim,
                 NUM_HEADS=num_heads, BLOCK_H=profiles.next_power_of_2(num_heads), GROUP=group, PAGED=True,
                 PAGE=page, CAUSAL=True, HAS_TREE=False, MASK_KIND=0, DOT_FP32=False, IEEE=False, KV_CHUNK=kv_chunk,
-                SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages, KV_CONTIGUOUS=True)
+                SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages, KV_LAYOUT=1)
 
 
 def _arg_type(name: str) -> str:

@@ -229,7 +229,7 @@ def sdpa64(q, k, v, mask, scale, is_causal):
 
 
 @pytest.mark.parametrize("case", ["causal_square", "causal_short_q", "causal_long_q", "pad_bool", "additive_hf",
-                                  "gqa_plain", "decode_long", "strided_q", "strided_kv"])
+                                  "gqa_plain", "decode_long", "strided_q", "strided_kv", "gapped_kv"])
 def test_dense_attention(case):
     gen = torch.Generator().manual_seed(sum(map(ord, case)))
     b, hq, hkv, s, length, d = 2, 4, 2, 19, 19, 64
@@ -249,10 +249,16 @@ def test_dense_attention(case):
         q = torch.randn(b, s, hq, d, generator=gen).to(dtype).transpose(1, 2)
     k = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
     v = torch.randn(b, hkv, length, d, generator=gen).to(dtype)
-    if case == "strided_kv":  # positions Hkv * D apart: run-time strides instead of compiled-in ones
+    if case == "strided_kv":  # HF's [B, L, Hkv, D] -> transpose(1, 2): the other compiled-in layout
         causal = True
         k = torch.randn(b, length, hkv, d, generator=gen).to(dtype).transpose(1, 2)
         v = torch.randn(b, length, hkv, d, generator=gen).to(dtype).transpose(1, 2)
+        assert attention.kv_layout(k, v, paged=False) == 3
+    if case == "gapped_kv":  # rows with a gap after each head dim: run-time strides
+        causal = True
+        k = torch.randn(b, hkv, length, d + 16, generator=gen).to(dtype)[..., :d]
+        v = torch.randn(b, hkv, length, d + 16, generator=gen).to(dtype)[..., :d]
+        assert attention.kv_layout(k, v, paged=False) == 0
     if case == "pad_bool":  # left padding of batch row 1 plus causal, as a bool keep-mask
         mask = torch.ones(s, length, dtype=torch.bool).tril()[None, None].repeat(b, 1, 1, 1)
         mask[1, :, :, :6] = False
