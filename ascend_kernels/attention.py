@@ -102,20 +102,38 @@ def fit_small_tile(tiles: AttentionTiles, head_dim: int, elem_bytes: int) -> Att
     return tiles if width == tiles.small_kv_tile else dataclasses.replace(tiles, small_kv_tile=width)
 
 
+def kernel_constexprs(q, k, v, ops: Operands, tiles: AttentionTiles) -> dict:
+    """The compile-time arguments of one launch (also what `benchmarks.kernel_registers` compiles)."""
+    num_heads, head_dim, dim_v = q.shape[1], q.shape[-1], v.shape[-1]
+    num_kv_heads = k.shape[2] if ops.paged else k.shape[1]
+    interp = interpreting()
+    page = k.shape[1] if ops.paged else 1
+    kv_chunk, small_kv_chunk, chunk_pages = chunk_shape(tiles, page) if ops.paged else (0, 0, 1)
+    return dict(
+        SMALL_M=tiles.small_rows, LARGE_M=tiles.large_rows, SMALL_N=tiles.small_kv_tile, LARGE_N=tiles.kv_tile,
+        BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_DV=max(16, next_power_of_2(dim_v)), HEAD_DIM=head_dim,
+        HEAD_DIM_V=dim_v, NUM_HEADS=num_heads, BLOCK_H=next_power_of_2(num_heads), GROUP=num_heads // num_kv_heads,
+        PAGED=ops.paged, PAGE=page, CAUSAL=ops.causal,
+        HAS_TREE=ops.tree.dim() == 2, MASK_KIND=ops.mask_kind,
+        DOT_FP32=interp, IEEE=interp or q.dtype == torch.float32,
+        KV_CHUNK=kv_chunk, SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages,
+        KV_LAYOUT=kv_layout(k, v, ops.paged),
+    )
+
+
 def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, tiles: AttentionTiles,
            profile: TargetProfile, grid: int | None = None):
     """Run the kernel. q/out are [T, Hq, D] (paged) or [B, Hq, S, D] (dense) views with a unit
     last stride; k/v are caches [num_blocks, block_size, Hkv, D] or dense [B, Hkv, L, D]."""
-    if not scale > 0:
+    problem = _scale_problem(scale)
+    if problem:
         # the unmasked KV loop takes the row max before scaling (max(s) * scale), right only for scale > 0
-        raise ValueError(f"xyserve attention: the kernel needs a positive softmax scale, got {scale}")
+        raise ValueError(f"xyserve attention: the kernel needs a positive softmax scale ({problem})")
     tiles = fit_small_tile(tiles, max(q.shape[-1], v.shape[-1]), k.element_size())
+    constexprs = kernel_constexprs(q, k, v, ops, tiles)
     dense = not ops.paged
-    num_heads, head_dim, dim_v = q.shape[1], q.shape[-1], v.shape[-1]
-    num_kv_heads = k.shape[2] if ops.paged else k.shape[1]
-    block_dv = max(16, next_power_of_2(dim_v))
     parts = profile.max_partials
-    part = torch.empty(parts, tiles.small_rows, block_dv, dtype=torch.float32, device=q.device)
+    part = torch.empty(parts, tiles.small_rows, constexprs["BLOCK_DV"], dtype=torch.float32, device=q.device)
     ml = torch.empty(parts, 2, tiles.small_rows, dtype=torch.float32, device=q.device)
     counters = _counter_buffer(q.device, parts)
     # dense [B, H, S, D] vs packed [T, H, D]: (batch, token, head) strides
@@ -124,24 +142,13 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
     sk = (k.stride(0), k.stride(2), k.stride(1)) if dense else (k.stride(0), k.stride(1), k.stride(2))
     sv = (v.stride(0), v.stride(2), v.stride(1)) if dense else (v.stride(0), v.stride(1), v.stride(2))
     sm = ops.mask.stride() if ops.mask.dim() == 4 else (0, 0, 0, 0)
-    interp = interpreting()
-    page = k.shape[1] if ops.paged else 1
-    kv_chunk, small_kv_chunk, chunk_pages = chunk_shape(tiles, page) if ops.paged else (0, 0, 1)
     meta_attention_kernel[(grid or profile.num_programs,)](
         table, q, out, k, v, ops.block_table, ops.cu_seqlens_q, ops.tree, ops.mask,
         part, ml, counters,
         ops.num_requests, q.shape[0] if ops.paged else 0, ops.dense_q_len, ops.dense_kv_len, table.numel(), scale * LOG2E,
         *sq, *so, ops.block_table.stride(0) if ops.paged else 0, *sk, *sv,
         ops.tree.stride(0) if ops.tree.dim() == 2 else 0, *sm,
-        SMALL_M=tiles.small_rows, LARGE_M=tiles.large_rows, SMALL_N=tiles.small_kv_tile, LARGE_N=tiles.kv_tile,
-        BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_DV=block_dv, HEAD_DIM=head_dim, HEAD_DIM_V=dim_v,
-        NUM_HEADS=num_heads, BLOCK_H=next_power_of_2(num_heads), GROUP=num_heads // num_kv_heads,
-        PAGED=ops.paged, PAGE=page, CAUSAL=ops.causal,
-        HAS_TREE=ops.tree.dim() == 2, MASK_KIND=ops.mask_kind,
-        DOT_FP32=interp, IEEE=interp or q.dtype == torch.float32,
-        KV_CHUNK=kv_chunk, SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages,
-        KV_LAYOUT=kv_layout(k, v, ops.paged),
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out
 

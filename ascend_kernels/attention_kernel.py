@@ -103,6 +103,7 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
             stride_vb, stride_vs, stride_vh, tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms,
             stride_ml, BLOCK_N, HEAD_DIM, HEAD_DIM_V, PAGED, PAGE, SMALL, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE,
             False)
+    # rebuilt from the loop's copy of row_lo, not reused from the Q load: see _kv_span
     tok, head, row_ok = _tile_rows(row_lo, row_hi, kv_head, BLOCK_M, GROUP)
     if SMALL:
         if part_base >= 0:

@@ -24,6 +24,7 @@ import re
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -36,15 +37,18 @@ _FP32_POINTERS = {"part_ptr", "ml_ptr"}
 
 
 def default_constexprs(head_dim: int = 128, page: int = 16, group: int = 4, num_heads: int = 32) -> dict:
-    """The constexprs of a paged launch on an H100/H200 in the compute variant (prefill, mixed)."""
+    """What `attention.launch` compiles for a paged bf16 batch on an H100/H200 in the compute
+    variant (prefill, mixed): its own constexpr builder on shape-only (meta) tensors."""
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    q = meta(1, num_heads, head_dim)
+    cache = meta(1, page, num_heads // group, head_dim)
+    ops = attention.Operands(block_table=meta(1, 1, dtype=torch.int32), cu_seqlens_q=meta(2, dtype=torch.int32),
+                             tree=meta(0, dtype=torch.uint8), mask=meta(0), mask_kind=0, paged=True, causal=True,
+                             num_requests=1)
     tiles = attention.fit_small_tile(profiles.H100.attention_tiles(head_dim), head_dim, 2)
-    kv_chunk, small_kv_chunk, chunk_pages = attention.chunk_shape(tiles, page)
-    block_d = max(16, profiles.next_power_of_2(head_dim))
-    return dict(SMALL_M=tiles.small_rows, LARGE_M=tiles.large_rows, SMALL_N=tiles.small_kv_tile,
-                LARGE_N=tiles.kv_tile, BLOCK_D=block_d, BLOCK_DV=block_d, HEAD_DIM=head_dim, HEAD_DIM_V=head_dim,
-                NUM_HEADS=num_heads, BLOCK_H=profiles.next_power_of_2(num_heads), GROUP=group, PAGED=True,
-                PAGE=page, CAUSAL=True, HAS_TREE=False, MASK_KIND=0, DOT_FP32=False, IEEE=False, KV_CHUNK=kv_chunk,
-                SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages, KV_LAYOUT=1)
+    return attention.kernel_constexprs(q, cache, cache, ops, tiles)
 
 
 def _arg_type(name: str) -> str:
