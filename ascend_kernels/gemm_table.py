@@ -11,6 +11,9 @@ where the tuner measured cuBLAS faster on that range, `"dispatch": "cublas"`::
 The run-time lookup is a dict read (tables are loaded once). M only picks the range, so a new M
 never changes the constexprs, hence never compiles a new kernel. A cuBLAS range is served by
 F.linear unless the caller forbids it (allow_cublas=False), then by the stored Triton config.
+A shape no table covers on a GPU goes to F.linear too (allow_cublas=False: `default_config`):
+untuned Triton tiles are no sane default there (0.68x of cuBLAS, geometric mean of the Llama
+sweep on an H100 before its table existed). The CPU interpreter ('cpu') runs the Triton default.
 """
 from __future__ import annotations
 
@@ -100,7 +103,8 @@ def _prev_pow2(v: int) -> int:
 
 
 def default_config(m: int) -> GemmConfig:
-    """A sane choice when no table covers the shape (no tuning run on this card yet)."""
+    """The Triton config where no table covers the shape (no tuning run on this card yet) and
+    cuBLAS is not an option: the CPU interpreter, or allow_cublas=False."""
     if m <= 16:
         return GemmConfig(block_m=16, block_n=32, block_k=256, group_m=1, num_warps=4, num_stages=4)
     if m <= 32:
@@ -151,10 +155,11 @@ def parse_table(data: dict) -> dict[tuple[int, int], tuple[Entry, ...]]:
 
 def lookup(n: int, k: int, m: int, gpu: str, allow_cublas: bool = True) -> GemmConfig:
     """The config for an [m, k] x [k, n] product: first tuned range whose m_max >= m (the last
-    range serves any larger M); CUBLAS where the tuner found cuBLAS faster and it is allowed."""
+    range serves any larger M); CUBLAS where the tuner found cuBLAS faster and it is allowed, and
+    for an untuned shape on a GPU."""
     entries = load_table(gpu).get((n, k))
     if not entries:
-        return default_config(m)
+        return CUBLAS if allow_cublas and gpu != "cpu" else default_config(m)
     entry = next((e for e in entries if m <= e[0]), entries[-1])
     return CUBLAS if entry[2] and allow_cublas else entry[1]
 

@@ -83,11 +83,11 @@ def test_default_config_leading_dims_and_strided_x(weight_kn):
     _, w, b = _operands(1, torch.float32, weight_kn, True)
     base = torch.randn(5, K + 8, 7, device=DEVICE)
     x = base[:, :K, :].transpose(1, 2)  # [5, 7, K], non-contiguous
-    out = smooth_gemm(x, w, b, weight_kn)
+    out = smooth_gemm(x, w, b, weight_kn, allow_cublas=False)  # the Triton default, on a GPU too
     assert out.shape == (5, 7, N) and out.is_contiguous()
     assert _rel_err(out, x, w, b, weight_kn) < TOL[torch.float32]
     x2 = base[:, :K, 0]  # 2-D with a row stride != K, passed as strides without a copy
-    assert _rel_err(smooth_gemm(x2, w, b, weight_kn), x2, w, b, weight_kn) < TOL[torch.float32]
+    assert _rel_err(smooth_gemm(x2, w, b, weight_kn, allow_cublas=False), x2, w, b, weight_kn) < TOL[torch.float32]
 
 
 def _counters_zero() -> bool:
@@ -264,8 +264,10 @@ def test_table_lookup_round_trip(fake_table):
     got = [lookup(N, K, m, "fake-gpu") for m in (1, 16, 17, 128, 129, 4096)]
     assert got == [small, small, CUBLAS, CUBLAS, big, big]
     assert lookup(N, K, 100, "fake-gpu", allow_cublas=False) == mid
-    assert lookup(N + 1, K, 1, "fake-gpu").block_m == 16  # shape not tuned: default primitive
-    assert lookup(N, K, 1, "no-such-gpu") == gemm_table.default_config(1)
+    # a shape (or a GPU) without a table: cuBLAS, else the default Triton primitive
+    assert lookup(N + 1, K, 1, "fake-gpu") == CUBLAS and lookup(N, K, 1, "no-such-gpu") == CUBLAS
+    assert lookup(N + 1, K, 1, "fake-gpu", allow_cublas=False) == gemm_table.default_config(1)
+    assert lookup(N, K, 1, "cpu") == gemm_table.default_config(1)  # the interpreter runs Triton
     old = {"shapes": {f"{N}x{K}": [{"m_max": 16, "config": {"block_m": 16}}]}}  # a round-1 table
     assert parse_table(old)[(N, K)] == ((16, GemmConfig(block_m=16), False),)
 
