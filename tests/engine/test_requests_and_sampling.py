@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
 )
 
 from xy_inductor import LLM, EngineConfig, SamplingParams
-from xy_inductor.engine.sampler import apply_repetition_penalty, filter_top_k_top_p
+from xy_inductor.engine.sampler import apply_repetition_penalty, argmax_rows, filter_top_k_top_p
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
@@ -130,6 +130,20 @@ def test_filters_and_penalty_match_hf():
         if p < 1.0:
             ref = TopPLogitsWarper(p)(None, ref)
         assert torch.equal(torch.isinf(ours), torch.isinf(ref[0])), (k, p)
+
+
+@pytest.mark.parametrize("vocab", [128256, 50257, 9001])  # a divisor near 2k; prime-ish; a ragged tail
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_argmax_equals_torch_argmax(vocab, dtype):
+    """The accelerator form (chunks first) returns torch.argmax's first maximal index: ties, NaN, -inf."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randint(-3, 4, (6, vocab), generator=g).to(dtype)  # many ties per row
+    x[1, vocab // 3] = x[1, vocab // 2] = float("nan")
+    x[2] = float("-inf")
+    x[3, -1] = 100  # the maximum in the last position (the tail chunk when there is one)
+    x[4, 0] = 100
+    assert torch.equal(argmax_rows(x, chunked=True), x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))  # the default on the CPU: one pass
 
 
 def test_top_k_one_and_penalty_run_end_to_end(llm):

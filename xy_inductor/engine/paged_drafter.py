@@ -25,6 +25,7 @@ from xy_inductor.config import EngineConfig
 from xy_inductor.engine.block_pool import BlockPool
 from xy_inductor.engine.model_runner import ModelRunner
 from xy_inductor.engine.outputs import ScheduledRequest, SchedulerOutput, Stage
+from xy_inductor.engine.sampler import argmax_rows
 
 
 @dataclass(slots=True)
@@ -115,5 +116,5 @@ class PagedDraftDrafter:
                 else:
                     left[rid] = left[rid][len(take):]
             logits, sample_ids = self.runner.execute(SchedulerOutput(rows=rows))
-            done.update(zip(sample_ids, logits.argmax(dim=-1).tolist()))
+            done.update(zip(sample_ids, argmax_rows(logits).tolist()))
         return done

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from xy_inductor.config import SamplingParams
-from xy_inductor.engine.sampler import apply_repetition_penalty, filter_top_k_top_p
+from xy_inductor.engine.sampler import apply_repetition_penalty, argmax_rows, filter_top_k_top_p
 
 
 @dataclass(slots=True)
@@ -37,7 +37,7 @@ def target_probs(logits: torch.Tensor, params: SamplingParams, seen: list[int] |
 
 def verify_greedy(logits: torch.Tensor, draft_ids: list[int]) -> Verdict:
     """logits [k + 1, V] for k drafted tokens."""
-    best = logits.argmax(dim=-1).tolist()
+    best = argmax_rows(logits).tolist()
     n = 0
     while n < len(draft_ids) and draft_ids[n] == best[n]:
         n += 1
