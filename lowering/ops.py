@@ -46,7 +46,9 @@ def gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], weight_kn: bool, imp
     if use_triton(impl, x):
         from ascend_kernels import gemm as smooth
 
-        out = smooth.smooth_gemm(x, weight, bias, weight_kn)
+        # "auto": the tuned table may dispatch to cuBLAS (and does for shapes it has not tuned);
+        # "triton" asks for the Triton primitives themselves
+        out = smooth.smooth_gemm(x, weight, bias, weight_kn, allow_cublas=impl != "triton")
     else:
         out = reference.gemm(x, weight, bias, weight_kn)
     return out.contiguous()

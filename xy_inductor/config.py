@@ -14,7 +14,9 @@ class CompileOptions:
     lower_attention: rewrite SDPA / HF eager attention into `xyserve::attention`.
     lower_gemm:      rewrite linear / addmm / Conv1D into `xyserve::gemm`.
     impl:            kernel choice baked into the lowered ops: "auto" (Triton on CUDA, the
-                     pure-torch reference on CPU), "triton" or "reference".
+                     pure-torch reference on CPU), "triton" or "reference". Under "auto" a GEMM
+                     runs cuBLAS where the card's tuned SmoothGEMM table measured it faster, and
+                     for shapes no table covers; "triton" keeps every GEMM on SmoothGEMM.
     inductor_config: Inductor config patches, passed to `compile_fx(config_patches=...)`.
     use_inductor:    False runs the lowered graph as is (handy for debugging the passes).
     fuse_sibling_linears: fuse linears that read one input and whose weights lie back to back in

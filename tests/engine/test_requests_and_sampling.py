@@ -146,6 +146,18 @@ def test_chunked_argmax_equals_torch_argmax(vocab, dtype):
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))  # the default on the CPU: one pass
 
 
+@pytest.mark.gpu
+def test_chunked_argmax_on_gpu():
+    """On a GPU argmax_rows takes the chunked form by default: equal to torch.argmax, ties included."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randint(-2, 3, (16, 128256), generator=g, device="cuda").to(dtype)
+        x[5, 77] = float("nan")
+        assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+        y = torch.randn(3, 128256, generator=g, device="cuda").to(dtype)
+        assert torch.equal(argmax_rows(y), y.argmax(dim=-1))
+
+
 def test_top_k_one_and_penalty_run_end_to_end(llm):
     prompt = random_prompts([20], seed=11)[0]
     greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
