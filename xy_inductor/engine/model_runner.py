@@ -28,6 +28,7 @@ from xy_inductor.config import EngineConfig
 from xy_inductor.engine.attention_metadata import PagedAttentionMetadata
 from xy_inductor.engine.compiled_model import compile_model
 from xy_inductor.engine.cuda_graphs import CudaGraphs, bucket_sizes
+from xy_inductor.engine.kv_tensors import allocate_kv_caches, num_kv_blocks
 from xy_inductor.engine.model_check import LayerSpec, check_model
 from xy_inductor.engine.outputs import SchedulerOutput
 from xy_inductor.engine.step_buffer import (
@@ -43,7 +44,6 @@ from xy_inductor.engine.task_tables import TaskTables, table_capacity
 log = logging.getLogger("xyserve")
 
 TOKEN_PAD = 8  # an eager step's token count is padded to a multiple of this
-_CPU_KV_BYTES = 2 << 30  # default KV pool cap on CPU, where memory is shared with everything else
 
 
 def model_max_len(config) -> int | None:
@@ -88,8 +88,8 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.layers: list[LayerSpec] = check_model(model, self.max_model_len)
-        self.num_blocks = self._num_blocks()
-        self.k_caches, self.v_caches = self._allocate_caches()
+        self.num_blocks = num_kv_blocks(self.layers, config, self.max_model_len, self.device)
+        self.k_caches, self.v_caches = allocate_kv_caches(self.layers, self.num_blocks, self.block_size, self.device)
         # One Task-Table serves every layer when they share a head layout and Triton runs them.
         uniform = all(s == self.layers[0] for s in self.layers)
         triton = use_triton(config.impl, self.k_caches[0])
@@ -98,36 +98,6 @@ class ModelRunner:
         self._setup_steps()
 
     # ------------------------------------------------------------ set-up
-    def _bytes_per_block(self) -> int:
-        return sum(
-            self.block_size * s.num_kv_heads * (s.head_dim + s.value_dim) * s.dtype.itemsize for s in self.layers
-        )
-
-    def _num_blocks(self) -> int:
-        per_seq = -(-self.max_model_len // self.block_size)
-        num = self.config.num_kv_blocks
-        if num is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                num = int(free * self.config.kv_cache_memory_fraction) // self._bytes_per_block()
-            else:
-                num = min(per_seq * (self.config.max_num_seqs or 64), _CPU_KV_BYTES // self._bytes_per_block())
-                num = max(num, per_seq)
-        if num < per_seq:
-            raise ValueError(
-                f"xyserve: {num} KV blocks of {self.block_size} tokens cannot hold one request of max_model_len "
-                f"{self.max_model_len} ({per_seq} blocks); give more blocks or lower max_model_len"
-            )
-        return num
-
-    def _allocate_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        k, v = [], []
-        for s in self.layers:
-            shape = (self.num_blocks, self.block_size, s.num_kv_heads)
-            k.append(torch.zeros(*shape, s.head_dim, dtype=s.dtype, device=self.device))
-            v.append(torch.zeros(*shape, s.value_dim, dtype=s.dtype, device=self.device))
-        return k, v
-
     def _setup_steps(self) -> None:
         """Step buffers, the Task-Table planner, the token buckets and (CUDA) their graphs."""
         # a module-level import would be circular (the engine imports this module)

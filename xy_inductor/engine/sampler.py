@@ -23,7 +23,7 @@ class SamplingRow:
 
 def _chunk_for(vocab: int) -> int:
     """A divisor of the vocabulary near 2k (no ragged tail to reduce apart), or 2048."""
-    for step in range(0, 1536):
+    for step in range(1536):
         for size in (2048 + step, 2048 - step):
             if vocab % size == 0:
                 return size
