@@ -7,6 +7,7 @@ engine's shared generator.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,10 @@ class SamplingRow:
     generator: torch.Generator | None
 
 
+@functools.cache
 def _chunk_for(vocab: int) -> int:
-    """A divisor of the vocabulary near 2k (no ragged tail to reduce apart), or 2048."""
+    """A divisor of the vocabulary near 2k (no ragged tail to reduce apart), or 2048. Cached: the
+    search takes up to ~3k modulo tests and the sampler asks every step."""
     for step in range(1536):
         for size in (2048 + step, 2048 - step):
             if vocab % size == 0:
@@ -39,12 +42,12 @@ def argmax_rows(logits: torch.Tensor, chunked: bool | None = None) -> torch.Tens
     reduced in parallel; the first chunk holding the row's maximum then gives the first index.
     `chunked` forces either form (default: chunks off the CPU, where one pass is the fast one).
     """
-    num_rows, vocab = logits.shape
-    chunk = _chunk_for(vocab)
     if chunked is None:
         chunked = logits.device.type != "cpu"
-    if not chunked or vocab < 4 * chunk or logits.stride(-1) != 1:
+    num_rows, vocab = logits.shape
+    if not chunked or logits.stride(-1) != 1 or vocab < 4 * _chunk_for(vocab):
         return logits.argmax(dim=-1)
+    chunk = _chunk_for(vocab)
     main = vocab // chunk * chunk
     vals, idx = logits[:, :main].reshape(num_rows, main // chunk, chunk).max(dim=-1)  # [N, C] each
     if main < vocab:  # a ragged tail is one more chunk, starting at `main`
