@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ascend_kernels import reference
+from ascend_kernels import prefill_hopper, reference
 from ascend_kernels.attention_kernel import LOG2E, meta_attention_kernel
 from ascend_kernels.profiles import AttentionTiles, TargetProfile, interpreting, next_power_of_2, profile_for
 from ascend_kernels.tiling import plan
@@ -195,6 +195,9 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, sc
                     task_table=None, out=None):
     """Mixed prefill / chunked prefill / decode / verify attention over a paged cache, one launch.
 
+    Planned here (no `task_table`), a batch of prefills on a Hopper GPU runs the Gluon prefill kernel
+    instead of the meta-kernel (prefill_hopper.py says when).
+
     Semantics of reference.paged_attention. `task_table` is a prebuilt table from
     tiling.build_task_table (host or device); without it the table is planned here, which reads
     cu_seqlens_q / seq_lens back to the host.
@@ -210,6 +213,9 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, sc
     if task_table is None:
         cu = cu_seqlens_q.tolist()
         q_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
+        if (out is None or out.is_contiguous()) and prefill_hopper.problem(q, k_cache, v_cache, q_lens, tree_mask) is None:
+            launcher = prefill_hopper.HopperPrefill(q_lens, seq_lens.tolist(), q.shape[1], k_cache.shape[2], q.device)
+            return launcher(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale, out)
         task_table = plan(q_lens, seq_lens.tolist(), num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2],
                           head_dim=q.shape[-1], profile=profile,
                           causal="none" if tree_mask is not None else "bottom_right").tensor()

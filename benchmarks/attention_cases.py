@@ -103,7 +103,10 @@ def correctness() -> dict:
              ("fp16_d64_mha_page32", [(70, 200), (1, 333), (4, 90)], torch.float16, 8, 8, 64, 32),
              ("fp32_d80_gqa8", [(50, 120), (1, 77)], torch.float32, 16, 2, 80, 16),
              ("bf16_d256", [(40, 100), (1, 500)], torch.bfloat16, 8, 2, 256, 16),
-             ("bf16_d96", [(40, 100), (1, 500)], torch.bfloat16, 8, 4, 96, 16)]
+             ("bf16_d96", [(40, 100), (1, 500)], torch.bfloat16, 8, 4, 96, 16),
+             # prefills only: the Gluon prefill kernel on an sm_90 GPU (prefill_hopper.py), else the meta-kernel
+             ("prefills_bf16", [(300, 300), (128, 1000), (200, 333), (1000, 2077)], torch.bfloat16, HQ, HKV, D, 16),
+             ("prefills_fp16_d64_mha_page32", [(129, 129), (256, 700)], torch.float16, 8, 8, 64, 32)]
     for name, specs, dtype, hq, hkv, d, page in cases:
         args = make_inputs(specs, dtype, hq, hkv, d, page)
         _case(res, name, lambda args=args, d=d: rel_err(attention.paged_attention(
