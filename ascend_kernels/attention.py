@@ -213,9 +213,9 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, sc
     if task_table is None:
         cu = cu_seqlens_q.tolist()
         q_lens = [cu[i + 1] - cu[i] for i in range(len(cu) - 1)]
-        if (out is None or out.is_contiguous()) and prefill_hopper.problem(q, k_cache, v_cache, q_lens, tree_mask) is None:
-            launcher = prefill_hopper.HopperPrefill(q_lens, seq_lens.tolist(), q.shape[1], k_cache.shape[2], q.device)
-            return launcher(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale, out)
+        done = prefill_hopper.try_run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale, q_lens, tree_mask, out)
+        if done is not None:
+            return done
         task_table = plan(q_lens, seq_lens.tolist(), num_q_heads=q.shape[1], num_kv_heads=k_cache.shape[2],
                           head_dim=q.shape[-1], profile=profile,
                           causal="none" if tree_mask is not None else "bottom_right").tensor()

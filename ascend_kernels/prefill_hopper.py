@@ -10,6 +10,7 @@ the kernel's tests are GPU tests.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ MIN_QUERY_TOKENS = 128  # one full tile of query rows per request; shorter ones 
 HEAD_DIMS = (64, 128)
 PAGE_SIZES = (16, 32, 64, 128)  # divide the KV tile; multiples of the 8-row swizzle atom
 SMEM_BYTES = 227 * 1024  # per block on sm_90
+_failed: list[str] = []  # set once a launch raised (e.g. a Triton whose Gluon API moved): the meta-kernel from then on
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ def problem(q, k_cache, v_cache, q_lens, tree_mask=None, config: HopperPrefillCo
     """Why this batch cannot take the Hopper prefill kernel (None when it can)."""
     if q.device.type != "cuda" or not _is_sm90(q.device.index or 0):
         return "needs an sm_90 (Hopper) GPU"
+    if _failed:
+        return _failed[0]
     if tree_mask is not None:
         return "tree masks run on the meta-kernel"
     if not q_lens or min(q_lens) < MIN_QUERY_TOKENS:
@@ -135,3 +139,17 @@ class HopperPrefill:
             num_warps=4, maxnreg=c.maxnreg,
         )
         return out
+
+
+def try_run(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale, q_lens, tree_mask=None, out=None):
+    """Run the batch on the Gluon kernel if it applies (`problem`), else None. A launch that raises
+    (a compile error) is reported once and switches this path off: the caller's meta-kernel runs."""
+    if (out is not None and not out.is_contiguous()) or problem(q, k_cache, v_cache, q_lens, tree_mask):
+        return None
+    try:
+        launcher = HopperPrefill(q_lens, seq_lens.tolist(), q.shape[1], k_cache.shape[2], q.device)
+        return launcher(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale, out)
+    except Exception as exc:  # noqa: BLE001 - reported, and the meta-kernel gives the same numbers
+        _failed.append(f"the Gluon prefill kernel failed ({type(exc).__name__}: {str(exc)[:200]})")
+        warnings.warn(f"xyserve attention: {_failed[0]}; using the meta-kernel", stacklevel=3)
+        return None

@@ -28,6 +28,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
 )
 
+# the TMA load was renamed (Triton 3.6: async_copy_global_to_shared; 3.9: async_load, the old name raises)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
 
 @gluon.jit
 def _tile_info(tiles_ptr, cu_ptr, lens_ptr, idx):
@@ -54,14 +57,12 @@ def _issue_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, bt_ptr, bt_row,
         idx = t * (BLOCK_N // PAGE) + p
         row = gl.load(bt_ptr + bt_row + idx, mask=idx < num_pages, other=0) * PAGE
         for hf in gl.static_range(2):
-            tma.async_copy_global_to_shared(k_desc, [row, kv_col + hf * HALF], kbar.index(slot),
-                                            k_smem.index(slot * 2 + hf).slice(p * PAGE, PAGE))
+            _tma_load(k_desc, [row, kv_col + hf * HALF], kbar.index(slot), k_smem.index(slot * 2 + hf).slice(p * PAGE, PAGE))
     for p in gl.static_range(BLOCK_N // PAGE):
         idx = t * (BLOCK_N // PAGE) + p
         row = gl.load(bt_ptr + bt_row + idx, mask=idx < num_pages, other=0) * PAGE  # an L1 hit now
         for hf in gl.static_range(2):
-            tma.async_copy_global_to_shared(v_desc, [row, kv_col + hf * HALF], vbar.index(slot),
-                                            v_smem.index(slot * 2 + hf).slice(p * PAGE, PAGE))
+            _tma_load(v_desc, [row, kv_col + hf * HALF], vbar.index(slot), v_smem.index(slot * 2 + hf).slice(p * PAGE, PAGE))
 
 
 @gluon.jit
@@ -79,8 +80,7 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, 
             mbarrier.wait(qempty.index(qs), ((it // QBUF) & 1) ^ 1)
             mbarrier.expect(qbar.index(qs), 2 * BLOCK_M * HALF * q_desc.dtype.primitive_bitwidth // 8)
             for hf in gl.static_range(2):
-                tma.async_copy_global_to_shared(q_desc, [q_start + m0, h * D + hf * HALF], qbar.index(qs),
-                                                q_smem.index(qs * 2 + hf))
+                _tma_load(q_desc, [q_start + m0, h * D + hf * HALF], qbar.index(qs), q_smem.index(qs * 2 + hf))
             num_tiles = gl.cdiv(gl.minimum(kv_len, kv_len - q_len + m0 + BLOCK_M), BLOCK_N)
             for t in range(num_tiles):
                 _issue_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, bt_ptr, b * stride_bt,

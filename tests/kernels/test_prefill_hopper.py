@@ -1,4 +1,10 @@
 """Hopper prefill path: its task list and dispatch rules (CPU), its Gluon kernel (sm_90 GPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -39,12 +45,45 @@ def test_problem_names_why_a_batch_stays_on_the_meta_kernel():
     assert "sm_90" in prefill_hopper.problem(q, kc, vc, [300])
 
 
+def test_a_failing_launch_warns_once_and_hands_the_batch_back(monkeypatch):
+    """A Triton whose Gluon API moved fails at compile time: the caller must get None (its meta-kernel
+    runs) and a warning, and later batches must not retry."""
+    monkeypatch.setattr(prefill_hopper, "_failed", [])
+    monkeypatch.setattr(prefill_hopper, "_is_sm90", lambda index: True)
+    monkeypatch.setattr(prefill_hopper, "_gluon_kernel", lambda: None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("async_copy_global_to_shared has been removed")
+    monkeypatch.setattr(prefill_hopper, "HopperPrefill", broken)
+    q = torch.zeros(256, 8, 128, dtype=torch.bfloat16)
+    # CPU tensors stand in for GPU ones
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    kc = torch.zeros(16, 16, 2, 128, dtype=torch.bfloat16)
+    args = (q, kc, kc.clone(), torch.tensor([0, 256]), torch.tensor([256]), torch.zeros(1, 16, dtype=torch.int32), 0.1)
+    with pytest.warns(UserWarning, match="Gluon prefill kernel failed"):
+        assert prefill_hopper.try_run(*args, [256]) is None
+    assert "failed" in prefill_hopper.problem(q, kc, kc, [256])  # switched off from now on
+
+
 def test_config_is_checked():
     with pytest.raises(ValueError):
         prefill_hopper.HopperPrefillConfig(block_m=64)
     with pytest.raises(ValueError):
         prefill_hopper.HopperPrefillConfig(num_buf=1)
     assert prefill_hopper.HopperPrefillConfig().smem_bytes(128, 2) <= prefill_hopper.SMEM_BYTES
+
+
+@pytest.mark.parametrize("head_dim,page,dtype", [(128, 16, "bf16"), (64, 32, "fp16")])
+def test_gluon_kernel_compiles_for_sm90_without_a_gpu(head_dim, page, dtype):
+    """Catches Gluon API drift in the installed Triton (the kernel only runs on Hopper GPUs): compile it
+    for sm_90 as a launch would, in a process without the CPU interpreter (it rewrites tl functions)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.compile_gluon_sm90", str(head_dim), str(page), dtype],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["tma"] and report["wgmma"] and report["setmaxnreg"], report
+    assert report["shared"] <= prefill_hopper.SMEM_BYTES
 
 
 def _sm90() -> bool:
