@@ -80,6 +80,8 @@ def problem(q, k_cache, v_cache, q_lens, tree_mask=None, config: HopperPrefillCo
         return f"page size {k_cache.shape[1]}"
     if not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k_cache, v_cache)):
         return "q and the caches must be contiguous and 16-byte aligned (TMA)"
+    if q.numel() >= 2**31 or k_cache.shape[0] * k_cache.shape[1] >= 2**31:
+        return "more than 2^31 query elements or cache rows (the kernel's offsets and TMA coordinates are int32)"
     if config.smem_bytes(q.shape[-1], q.element_size()) > SMEM_BYTES:
         return "the pipeline does not fit in shared memory"
     kernel = _gluon_kernel()
