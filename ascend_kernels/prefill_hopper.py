@@ -58,6 +58,15 @@ def _gluon_kernel():
 
 
 @functools.cache
+def _smem_layouts(dtype: torch.dtype, block_m: int, page: int, half: int):
+    """The Q-tile and page smem layouts (computing one costs ~6 us of host time per launch)."""
+    gl = _gluon_kernel()[1]
+    elem = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    return (gl.NVMMASharedLayout.get_default_for([block_m, half], elem),
+            gl.NVMMASharedLayout.get_default_for([page, half], elem))
+
+
+@functools.cache
 def _is_sm90(index: int) -> bool:
     return torch.cuda.get_device_capability(index) == (9, 0)
 
@@ -118,15 +127,13 @@ class HopperPrefill:
         self.tasks = torch.tensor(rows, dtype=torch.int32).to(device)
 
     def __call__(self, q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, scale: float, out=None):
-        kernel, gl, descriptor = _gluon_kernel()
+        kernel, _, descriptor = _gluon_kernel()
         c = self.config
         num_tokens, num_heads, d = q.shape
         num_blocks, page, num_kv_heads, _ = k_cache.shape
         if out is None:
             out = torch.empty_like(q)
-        dt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-        q_layout = gl.NVMMASharedLayout.get_default_for([c.block_m, d // 2], dt)
-        kv_layout = gl.NVMMASharedLayout.get_default_for([page, d // 2], dt)
+        q_layout, kv_layout = _smem_layouts(q.dtype, c.block_m, page, d // 2)
         q_desc = descriptor(q.view(num_tokens, num_heads * d), [num_tokens, num_heads * d], [num_heads * d, 1],
                             [c.block_m, d // 2], q_layout)
         rows, cols = num_blocks * page, num_kv_heads * d
