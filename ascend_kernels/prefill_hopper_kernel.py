@@ -18,7 +18,8 @@ copy per page and head-dim half:
 
 Splitting the head dim keeps every smem row one swizzle row, so a page's rows are an aligned slice.
 Per warpgroup, S_j = Q K_j^T and O += P_{j-1} V_{j-1} are issued back to back; the softmax of S_j
-runs while the P.V wgmma is still in flight (FA3's intra-warpgroup overlap).
+runs while the P.V wgmma is still in flight (FA3's intra-warpgroup overlap). The two warpgroups take
+turns to issue (FA3's ping-pong, two mbarriers): one's softmax runs while the other's wgmmas do.
 """
 from __future__ import annotations
 
@@ -57,16 +58,18 @@ def _issue_kv(k_desc, v_desc, k_smem, v_smem, kbar, vbar, empty, bt_ptr, bt_row,
         idx = t * (BLOCK_N // PAGE) + p
         row = gl.load(bt_ptr + bt_row + idx, mask=idx < num_pages, other=0) * PAGE
         for hf in gl.static_range(2):
-            _tma_load(k_desc, [row, kv_col + hf * HALF], kbar.index(slot), k_smem.index(slot * 2 + hf).slice(p * PAGE, PAGE))
+            _tma_load(k_desc, [row, kv_col + hf * HALF], kbar.index(slot),
+                      k_smem.index(slot * 2 + hf).slice(p * PAGE, PAGE))
     for p in gl.static_range(BLOCK_N // PAGE):
         idx = t * (BLOCK_N // PAGE) + p
         row = gl.load(bt_ptr + bt_row + idx, mask=idx < num_pages, other=0) * PAGE  # an L1 hit now
         for hf in gl.static_range(2):
-            _tma_load(v_desc, [row, kv_col + hf * HALF], vbar.index(slot), v_smem.index(slot * 2 + hf).slice(p * PAGE, PAGE))
+            _tma_load(v_desc, [row, kv_col + hf * HALF], vbar.index(slot),
+                      v_smem.index(slot * 2 + hf).slice(p * PAGE, PAGE))
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, bt_ptr,
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
             tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS: gl.constexpr,
             GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
             PAGE: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
@@ -114,17 +117,20 @@ def _qk(q0, q1, k_smem, slot, WM: gl.constexpr, BLOCK_N: gl.constexpr, s_layout:
 
 @gluon.jit
 def _kv_loop(j0, j1, rc0, acc0, acc1, m_i, l_i, p, q0, q1, k_smem, v_smem, kbar, vbar, empty, qk_scale, qpos0,
-             kv_len, MASK: gl.constexpr, WM: gl.constexpr, BLOCK_N: gl.constexpr, NUM_BUF: gl.constexpr,
+             kv_len, my_turn, other_turn, pp0, MASK: gl.constexpr, WM: gl.constexpr, BLOCK_N: gl.constexpr,
+             NUM_BUF: gl.constexpr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     for j in range(j0, j1):
         rc = rc0 + j
         slot = rc % NUM_BUF
         prev = (rc - 1) % NUM_BUF
         mbarrier.wait(kbar.index(slot), (rc // NUM_BUF) & 1)
-        s = _qk(q0, q1, k_smem, slot, WM, BLOCK_N, s_layout)
         mbarrier.wait(vbar.index(prev), ((rc - 1) // NUM_BUF) & 1)
+        mbarrier.wait(my_turn, (pp0 + j - 1) & 1)  # ping-pong: the warpgroups take turns to issue their wgmmas
+        s = _qk(q0, q1, k_smem, slot, WM, BLOCK_N, s_layout)
         acc0 = warpgroup_mma(p, v_smem.index(prev * 2), acc0, is_async=True)
         acc1 = warpgroup_mma(p, v_smem.index(prev * 2 + 1), acc1, is_async=True)
+        mbarrier.arrive(other_turn, count=1)
         s = warpgroup_mma_wait(2, deps=(s, ))
         pf, m_i, l_i, alpha = _softmax(s, m_i, l_i, qk_scale, qpos0, j * BLOCK_N, kv_len, MASK, WM, BLOCK_N, s_layout)
         p_new = gl.convert_layout(pf.to(k_smem.dtype), p_layout)
@@ -152,7 +158,8 @@ def _zero_v_tail(v_smem, slot, keep, BLOCK_N: gl.constexpr):
 
 @gluon.jit
 def _one_tile(q0, q1, k_smem, v_smem, kbar, vbar, empty, qempty_bar, rc, num_tiles, qk_scale, qpos0, kv_len,
-              WM: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr,
+              my_turn, other_turn, pp0, WM: gl.constexpr, BLOCK_N: gl.constexpr, HALF: gl.constexpr,
+              NUM_BUF: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
     """One warpgroup's rows of a tile over K/V tiles rc .. rc+num_tiles-1 of the ring: (O0, O1, l)."""
     n_full = gl.minimum((qpos0 + 1) // BLOCK_N, num_tiles)  # tiles every row sees whole
@@ -169,10 +176,12 @@ def _one_tile(q0, q1, k_smem, v_smem, kbar, vbar, empty, qempty_bar, rc, num_til
     acc0 = gl.zeros([WM, HALF], gl.float32, o_layout)
     acc1 = gl.zeros([WM, HALF], gl.float32, o_layout)
     acc0, acc1, m_i, l_i, p = _kv_loop(1, n_full, rc, acc0, acc1, m_i, l_i, p, q0, q1, k_smem, v_smem, kbar, vbar,
-                                       empty, qk_scale, qpos0, kv_len, False, WM, BLOCK_N, NUM_BUF, s_layout,
+                                       empty, qk_scale, qpos0, kv_len, my_turn, other_turn, pp0, False, WM, BLOCK_N,
+                                       NUM_BUF, s_layout,
                                        o_layout, p_layout)
     acc0, acc1, m_i, l_i, p = _kv_loop(gl.maximum(n_full, 1), num_tiles, rc, acc0, acc1, m_i, l_i, p, q0, q1,
-                                       k_smem, v_smem, kbar, vbar, empty, qk_scale, qpos0, kv_len, True, WM, BLOCK_N,
+                                       k_smem, v_smem, kbar, vbar, empty, qk_scale, qpos0, kv_len, my_turn, other_turn,
+                                       pp0, True, WM, BLOCK_N,
                                        NUM_BUF, s_layout, o_layout, p_layout)
     mbarrier.arrive(qempty_bar, count=1)  # every S of this tile is done: Q's slot may be refilled
     last = rc + num_tiles - 1
@@ -188,8 +197,8 @@ def _one_tile(q0, q1, k_smem, v_smem, kbar, vbar, empty, qempty_bar, rc, num_til
 
 
 @gluon.jit
-def _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, tiles_ptr, cu_ptr, lens_ptr, num_rows,
-             grid, qk_scale, NUM_HEADS: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+def _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, tiles_ptr, cu_ptr, lens_ptr,
+             num_rows, grid, qk_scale, NUM_HEADS: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
              BLOCK_N: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, WG: gl.constexpr):
     WM: gl.constexpr = BLOCK_M // 2
@@ -205,7 +214,8 @@ def _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, til
             acc0, acc1, l_i = _one_tile(q_smem.index(qs * 2).slice(WG * WM, WM),
                                         q_smem.index(qs * 2 + 1).slice(WG * WM, WM), k_smem, v_smem, kbar, vbar,
                                         empty, qempty.index(qs), rc, num_tiles, qk_scale, kv_len - q_len + r0, kv_len,
-                                        WM, BLOCK_N, HALF, NUM_BUF, s_layout, o_layout, p_layout)
+                                        turn.index(WG), turn.index(1 - WG), rc - it, WM, BLOCK_N, HALF, NUM_BUF,
+                                        s_layout, o_layout, p_layout)  # rc - it: this warpgroup's turns so far
             inv = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))[:, None]
             rows = gl.arange(0, WM, layout=gl.SliceLayout(1, o_layout))
             cols = gl.arange(0, HALF, layout=gl.SliceLayout(0, o_layout))
@@ -219,23 +229,23 @@ def _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, til
 
 # the worker partitions (compute 1, loader) must share one signature; compute 0 (the default partition) uses it too
 @gluon.jit
-def _compute0(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, bt_ptr,
+def _compute0(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
               tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS: gl.constexpr,
               GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               PAGE: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-    _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, tiles_ptr, cu_ptr, lens_ptr, num_rows,
-             grid, qk_scale, NUM_HEADS, D, BLOCK_M, BLOCK_N, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 0)
+    _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, tiles_ptr, cu_ptr, lens_ptr,
+             num_rows, grid, qk_scale, NUM_HEADS, D, BLOCK_M, BLOCK_N, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 0)
 
 
 @gluon.jit
-def _compute1(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, bt_ptr,
+def _compute1(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
               tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS: gl.constexpr,
               GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               PAGE: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-    _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, tiles_ptr, cu_ptr, lens_ptr, num_rows,
-             grid, qk_scale, NUM_HEADS, D, BLOCK_M, BLOCK_N, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 1)
+    _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, tiles_ptr, cu_ptr, lens_ptr,
+             num_rows, grid, qk_scale, NUM_HEADS, D, BLOCK_M, BLOCK_N, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 1)
 
 
 @gluon.jit
@@ -264,6 +274,7 @@ def prefill_hopper_kernel(q_desc,  # [T, Hq*D] fp16/bf16, block [BLOCK_M, D/2]
     kbar = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     vbar = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NUM_BUF, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(QBUF):
         mbarrier.init(qbar.index(i), count=1)
         mbarrier.init(qempty.index(i), count=2)  # one arrive per compute warpgroup
@@ -271,16 +282,19 @@ def prefill_hopper_kernel(q_desc,  # [T, Hq*D] fp16/bf16, block [BLOCK_M, D/2]
         mbarrier.init(kbar.index(i), count=1)
         mbarrier.init(vbar.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    mbarrier.arrive(turn.index(0), count=1)  # warpgroup 0 issues first
     gl.warp_specialize([
-        (_compute0, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, bt_ptr,
-                     tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M,
-                     BLOCK_N, PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
-        (_compute1, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, bt_ptr,
-                     tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M,
-                     BLOCK_N, PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, o_ptr, bt_ptr,
-                   tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M,
-                   BLOCK_N, PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
+        (_compute0, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
+                     tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M, BLOCK_N,
+                     PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
+        (_compute1, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
+                     tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M, BLOCK_N,
+                     PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
+                   tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M, BLOCK_N,
+                   PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
     ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
     for i in gl.static_range(QBUF):
         mbarrier.invalidate(qbar.index(i))
@@ -289,3 +303,5 @@ def prefill_hopper_kernel(q_desc,  # [T, Hq*D] fp16/bf16, block [BLOCK_M, D/2]
         mbarrier.invalidate(kbar.index(i))
         mbarrier.invalidate(vbar.index(i))
         mbarrier.invalidate(empty.index(i))
+    for i in gl.static_range(2):
+        mbarrier.invalidate(turn.index(i))
