@@ -25,7 +25,7 @@ _failed: list[str] = []  # set once a launch raised (e.g. a Triton whose Gluon A
 @dataclass(frozen=True, slots=True)
 class HopperPrefillConfig:
     """Tile shape and pipeline depth. Measured on an H100 (benchmarks/RESULTS.md, tenth session):
-    128 x 128 tiles with a 3-slot K/V ring and one Q slot beat 64-wide tiles and deeper Q buffers."""
+    128 x 128 tiles with a 3-slot K/V ring and one Q slot beat 64-wide tiles and a double-buffered Q."""
 
     block_m: int = 128  # two compute warpgroups of 64 rows
     block_n: int = 128
