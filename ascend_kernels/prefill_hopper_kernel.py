@@ -73,7 +73,7 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, 
             tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS: gl.constexpr,
             GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
             PAGE: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
-            s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
+            s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, WG: gl.constexpr):
     rc = 0  # K/V ring position, continued across tiles (the compute partitions count the same way)
     it = 0
     for idx in range(gl.program_id(0), num_rows, grid):
@@ -196,10 +196,13 @@ def _one_tile(q0, q1, k_smem, v_smem, kbar, vbar, empty, qempty_bar, rc, num_til
     return acc0, acc1, l_i
 
 
+# every partition takes the loader's signature (warp_specialize wants the workers' signatures equal); WG is the
+# compute warpgroup (the loader ignores it)
 @gluon.jit
-def _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, tiles_ptr, cu_ptr, lens_ptr,
-             num_rows, grid, qk_scale, NUM_HEADS: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-             BLOCK_N: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
+def _compute(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
+             tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS: gl.constexpr,
+             GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             PAGE: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, WG: gl.constexpr):
     WM: gl.constexpr = BLOCK_M // 2
     rc = 0
@@ -225,27 +228,6 @@ def _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_pt
             gl.store(ptrs + HALF, (acc1 * inv).to(o_ptr.dtype.element_ty), mask=ok)
             rc += num_tiles
             it += 1
-
-
-# the worker partitions (compute 1, loader) must share one signature; compute 0 (the default partition) uses it too
-@gluon.jit
-def _compute0(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
-              tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS: gl.constexpr,
-              GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              PAGE: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-    _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, tiles_ptr, cu_ptr, lens_ptr,
-             num_rows, grid, qk_scale, NUM_HEADS, D, BLOCK_M, BLOCK_N, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 0)
-
-
-@gluon.jit
-def _compute1(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
-              tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS: gl.constexpr,
-              GROUP: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              PAGE: gl.constexpr, HALF: gl.constexpr, NUM_BUF: gl.constexpr, QBUF: gl.constexpr,
-              s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr):
-    _compute(q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, tiles_ptr, cu_ptr, lens_ptr,
-             num_rows, grid, qk_scale, NUM_HEADS, D, BLOCK_M, BLOCK_N, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 1)
 
 
 @gluon.jit
@@ -286,15 +268,15 @@ def prefill_hopper_kernel(q_desc,  # [T, Hq*D] fp16/bf16, block [BLOCK_M, D/2]
         mbarrier.init(turn.index(i), count=1)
     mbarrier.arrive(turn.index(0), count=1)  # warpgroup 0 issues first
     gl.warp_specialize([
-        (_compute0, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
-                     tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M, BLOCK_N,
-                     PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
-        (_compute1, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
-                     tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M, BLOCK_N,
-                     PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr, bt_ptr,
-                   tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D, BLOCK_M, BLOCK_N,
-                   PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout)),
+        (_compute, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr,
+                    bt_ptr, tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D,
+                    BLOCK_M, BLOCK_N, PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 0)),
+        (_compute, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr,
+                    bt_ptr, tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D,
+                    BLOCK_M, BLOCK_N, PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 1)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, qbar, qempty, kbar, vbar, empty, turn, o_ptr,
+                   bt_ptr, tiles_ptr, cu_ptr, lens_ptr, num_rows, grid, stride_bt, qk_scale, NUM_HEADS, GROUP, D,
+                   BLOCK_M, BLOCK_N, PAGE, HALF, NUM_BUF, QBUF, s_layout, o_layout, p_layout, 0)),
     ], [4, 1], [COMPUTE_REGS, LOADER_REGS])
     for i in gl.static_range(QBUF):
         mbarrier.invalidate(qbar.index(i))
