@@ -43,6 +43,16 @@ def bench(fn) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")  # us
 
 
+def bench_rotating(runs) -> float:
+    """us per call, each call running the next of `runs` (one per input set, so no set stays in L2)."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(runs)
+        runs[state["i"]]()
+    return bench(call)
+
+
 def ceilings() -> dict:
     src = torch.randn(2**28, device=DEV, dtype=torch.bfloat16)  # 512 MiB
     dst = torch.empty_like(src)
@@ -140,12 +150,7 @@ def ours(specs, sets, prof, schedule="symmetric") -> tuple[float, float]:
         o = torch.empty_like(q)
         runs.append(lambda q=q, kc=kc, vc=vc, ops=ops, o=o: attention.launch(
             q, kc, vc, o, table, ops, SCALE, tiles=tiles, profile=prof, grid=p.num_programs))
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(runs)
-        runs[state["i"]]()
-    return bench(call), plan_us
+    return bench_rotating(runs), plan_us
 
 
 def hopper_prefill(specs, sets) -> float | None:
@@ -154,13 +159,7 @@ def hopper_prefill(specs, sets) -> float | None:
     if prefill_hopper.problem(sets[0][0], sets[0][1], sets[0][2], q_lens) is not None:
         return None
     launcher = prefill_hopper.HopperPrefill(q_lens, kv_lens, HQ, HKV, sets[0][0].device)
-    runs = [lambda s=s, o=torch.empty_like(s[0]): launcher(*s, SCALE, o) for s in sets]
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(runs)
-        runs[state["i"]]()
-    return bench(call)
+    return bench_rotating([lambda s=s, o=torch.empty_like(s[0]): launcher(*s, SCALE, o) for s in sets])
 
 
 def configs(quick):
