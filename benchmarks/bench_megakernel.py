@@ -1,0 +1,174 @@
+"""The decode megakernel probe (benchmarks/decode_megakernel.py) against the engine's per-kernel path.
+
+Workload: 16 Llama-3.2-1B layers without attention at M = 1 and 2 rows, bf16 weights (1.95 GB,
+16 distinct weight sets), random weights. Per replay of a CUDA graph, in one process on one card:
+- `inductor_cublas`: torch.compile of the eager layers (Inductor norms and SiLU, cuBLAS GEMVs,
+  bf16 activations): the engine's path;
+- `megakernel`: one persistent launch (fp32 activations), plus the two small kernels that reset
+  its counters and load the input rows;
+- `megakernel_no_sync` (diagnostic, wrong results): the grid waits removed, i.e. what streaming
+  the weights with the same compute costs;
+- the floor: weight bytes / measured copy bandwidth.
+Errors are relative to a float32 reference of the same layers (max |err| / max |ref|).
+
+    python -m benchmarks.bench_megakernel        (sm_90 only; ~1 minute)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import card_name, card_rates, cli
+
+H, I, NQ, L, EPS = 2048, 8192, 3072, 16, 1e-5
+SMEM_BYTES = 227 * 1024
+
+
+@dataclasses.dataclass(slots=True)
+class MegakernelConfig:
+    m: int = 1  # batch rows
+    bn: int = 8  # output rows per tile
+    box: int = 256  # columns per TMA box
+    num_boxes: int = 8  # boxes per chunk = compute warps
+    num_buf: int = 4  # ring slots of one chunk each
+
+    def __post_init__(self):
+        if self.m not in (1, 2):
+            raise ValueError(f"m must be 1 or 2, got {self.m}")
+        if H % (self.box * self.num_boxes) or I % (self.box * self.num_boxes):
+            raise ValueError("a chunk (box * num_boxes columns) must divide the hidden and MLP sizes")
+        smem = self.num_buf * self.num_boxes * self.bn * self.box * 2 + self.m * I * 4
+        if smem > SMEM_BYTES:
+            raise ValueError(f"ring + activations need {smem} bytes of shared memory (> {SMEM_BYTES})")
+
+
+def _weights(dev: str) -> dict:
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, device=dev, generator=g) * scale).to(torch.bfloat16)
+
+    return {"wq": rnd(L * NQ, H, scale=H**-0.5), "wo": rnd(L * H, H, scale=H**-0.5),
+            "wg": rnd(L * 2 * I, H, scale=H**-0.5), "wd": rnd(L * H, I, scale=I**-0.5),
+            "n1": (torch.rand(L, H, device=dev, generator=g) + 0.5).to(torch.bfloat16),
+            "n2": (torch.rand(L, H, device=dev, generator=g) + 0.5).to(torch.bfloat16)}
+
+
+def _layers(w: dict, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The reference layers; dtype=bfloat16 rounds activations like the model, float32 does not."""
+    def norm(x, g):
+        xf = x.float()
+        return g.to(dtype) * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)).to(dtype)
+
+    h = h.to(dtype)
+    for i in range(L):
+        q = F.linear(norm(h, w["n1"][i]), w["wq"][i * NQ:(i + 1) * NQ].to(dtype))
+        h = h + F.linear(q[:, :H], w["wo"][i * H:(i + 1) * H].to(dtype))
+        gu = F.linear(norm(h, w["n2"][i]), w["wg"][i * 2 * I:(i + 1) * 2 * I].to(dtype))
+        h = h + F.linear(F.silu(gu[:, :I]) * gu[:, I:], w["wd"][i * H:(i + 1) * H].to(dtype))
+    return h
+
+
+def _graph_us(fn, reps: int = 50) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def _megakernel(w: dict, x: torch.Tensor, cfg: MegakernelConfig, sync: bool):
+    """A callable that runs the probe on rows x (fp32 result in its `h`)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from benchmarks.decode_megakernel import decode_megakernel_kernel
+
+    layout = gl.NVMMASharedLayout(0, 16, rank=2)
+    descs = [TensorDescriptor.from_tensor(w[k], [cfg.bn, cfg.box], layout) for k in ("wq", "wo", "wg", "wd")]
+    grid = torch.cuda.get_device_properties(0).multi_processor_count
+    if H // cfg.bn < grid:
+        raise ValueError("every program needs a row tile in every stage")
+    h = torch.empty(cfg.m, H, device="cuda")
+    scratch_q, scratch_g = torch.empty(cfg.m, NQ, device="cuda"), torch.empty(cfg.m, I, device="cuda")
+    counters = torch.zeros(L * 4, device="cuda", dtype=torch.int32)
+
+    def run():
+        h.copy_(x)
+        counters.zero_()
+        decode_megakernel_kernel[(grid,)](*descs, h, scratch_q, scratch_g, w["n1"], w["n2"], counters, EPS, grid,
+                                          M=cfg.m, NL=L, H=H, I=I, NQ=NQ, BN=cfg.bn, BOX=cfg.box,
+                                          NB=cfg.num_boxes, NBUF=cfg.num_buf, SYNC=int(sync),
+                                          num_warps=cfg.num_boxes)
+    run.h = h
+    return run
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def run(quick: bool = False) -> dict:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return {"skipped": "needs an sm_90 GPU"}
+    w = _weights("cuda")
+    wbytes = sum(t.numel() * t.element_size() for t in w.values())
+    rates = card_rates()
+    res = {"card": card_name(), "weight_bytes": wbytes, "copy_bytes_per_s": rates["copy_bytes_per_s"],
+           "floor_us": wbytes / rates["copy_bytes_per_s"] * 1e6, "rows": {}}
+    x0 = torch.randn(2, H, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    compiled = torch.compile(lambda h: _layers(w, h, torch.bfloat16))
+    for m in (1, 2):
+        x = x0[:m].contiguous()
+        ref = _layers(w, x, torch.float32)
+        row = {}
+        with torch.no_grad():
+            row["inductor_cublas"] = {"us": _graph_us(lambda x=x: compiled(x)), "err": _rel_err(compiled(x), ref)}
+        for name, sync in (("megakernel", True), ("megakernel_no_sync", False)):
+            fn = _megakernel(w, x, MegakernelConfig(m=m), sync)
+            us = _graph_us(fn)
+            errs = []
+            for _ in range(3):  # replays must agree with the reference every time (counters reset)
+                fn()
+                torch.cuda.synchronize()
+                errs.append(_rel_err(fn.h, ref))
+            row[name] = {"us": us, "err": max(errs)}
+        for v in row.values():
+            v["floor_pct"] = 100 * res["floor_us"] / v["us"]
+        res["rows"][f"M={m}"] = row
+        print(m, row, flush=True)
+    return res
+
+
+def table(res: dict) -> str:
+    if "rows" not in res:
+        return str(res)
+    lines = [f"{res['card']}: 16 Llama-3.2-1B layers without attention, floor {res['floor_us']:.0f} us",
+             "| rows | Inductor + cuBLAS | megakernel | speedup | no grid sync (diagnostic) |",
+             "| --- | --- | --- | --- | --- |"]
+    for m, r in res["rows"].items():
+        base, mk, ns = r["inductor_cublas"], r["megakernel"], r["megakernel_no_sync"]
+        lines.append(f"| {m} | {base['us']:.0f} us ({base['floor_pct']:.0f}%, err {base['err']:.1e}) | "
+                     f"{mk['us']:.0f} us ({mk['floor_pct']:.0f}%, err {mk['err']:.1e}) | "
+                     f"{base['us'] / mk['us']:.2f}x | {ns['us']:.0f} us ({ns['floor_pct']:.0f}%) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli(run, table)
