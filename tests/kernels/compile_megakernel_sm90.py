@@ -1,6 +1,6 @@
-"""Compile the decode megakernel probe (benchmarks/decode_megakernel.py) for sm_90 without a GPU; print
-what the PTX holds as JSON. Run in a fresh process from the repository root:
-`python -m tests.kernels.compile_megakernel_sm90 M`.
+"""Compile a decode megakernel probe for sm_90 without a GPU; print what the PTX holds as JSON.
+Run in a fresh process from the repository root: `python -m tests.kernels.compile_megakernel_sm90 ARG`,
+ARG = 1 or 2 (benchmarks/decode_megakernel.py at M = ARG) or `step` (benchmarks/decode_step_kernel.py).
 """
 import inspect
 import json
@@ -11,32 +11,46 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
+from benchmarks import bench_decode_step
 from benchmarks.bench_megakernel import MegakernelConfig
 from benchmarks.decode_megakernel import decode_megakernel_kernel
+from benchmarks.decode_step_kernel import decode_step_kernel
+
+_TYPES = {"n1_ptr": "*bf16", "n2_ptr": "*bf16", "nf_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
+          "embed_ptr": "*bf16", "cnt_ptr": "*i32", "bt_ptr": "*i32", "pos_ptr": "*i32", "best_idx_ptr": "*i32",
+          "token_ptr": "*i64", "tokens_out_ptr": "*i64", "eps": "fp32", "rope_scale": "fp32", "qk_scale": "fp32"}
 
 
-def main(m: int) -> dict:
-    cfg = MegakernelConfig(m=m)
+def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int) -> dict:
     layout = gl.NVMMASharedLayout(0, 16, rank=2)
-    const = {"M": m, "NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "BN": cfg.bn, "BOX": cfg.box, "NB": cfg.num_boxes,
-             "NBUF": cfg.num_buf, "SYNC": 1}
-    params = list(inspect.signature(decode_megakernel_kernel.fn).parameters)
+    params = list(inspect.signature(kernel.fn).parameters)
     sig = {}
     for name in params:
         if name in const:
             sig[name] = "constexpr"
         elif name.endswith("_desc"):
-            sig[name] = f"tensordesc<bf16[{cfg.bn},{cfg.box}],{layout!r}>"
+            sig[name] = f"tensordesc<bf16[{box[0]},{box[1]}],{layout!r}>"
         else:
-            sig[name] = {"n1_ptr": "*bf16", "n2_ptr": "*bf16", "cnt_ptr": "*i32", "eps": "fp32"}.get(
-                name, "*fp32" if name.endswith("_ptr") else "i32")
-    src = GluonASTSource(decode_megakernel_kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
+            sig[name] = _TYPES.get(name, "*fp32" if name.endswith("_ptr") else "i32")
+    src = GluonASTSource(kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
                          attrs={(params.index(k),): [["tt.divisibility", 16]] for k in params if k.endswith("_ptr")})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_boxes})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     ptx = compiled.asm["ptx"]
     return {"tma": "cp.async.bulk.tensor" in ptx, "acquire": "acquire" in ptx, "release": "release" in ptx,
             "shared": compiled.metadata.shared, "triton": triton.__version__}
 
 
+def main(arg: str) -> dict:
+    if arg == "step":
+        b = bench_decode_step
+        const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": b.BS,
+                 "NSPLIT": b.NSPLIT, "T": b.T, "BN": b.BN, "BOX": b.BOX, "NB": b.NB, "NBUF": b.NBUF}
+        return _compile(decode_step_kernel, const, (b.BN, b.BOX), b.NB)
+    cfg = MegakernelConfig(m=int(arg))
+    const = {"M": cfg.m, "NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "BN": cfg.bn, "BOX": cfg.box,
+             "NB": cfg.num_boxes, "NBUF": cfg.num_buf, "SYNC": 1}
+    return _compile(decode_megakernel_kernel, const, (cfg.bn, cfg.box), cfg.num_boxes)
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(int(sys.argv[1]))))
+    print(json.dumps(main(sys.argv[1])))

@@ -1,0 +1,253 @@
+"""A whole batch-1 decode step in one persistent launch (benchmarks/decode_step_kernel.py) against HF
+and the engine, Llama-3.2-1B shapes, bf16, random weights, prompt 128, 128 new tokens (issue 6 probe).
+
+`DecodeStep` stacks the model's weights per kind (one TMA descriptor each), keeps a paged KV cache
+in the engine's layout (stacked over layers, a shuffled block table), and captures one CUDA graph per
+step: embedding row -> the kernel -> argmax -> position + 1. Replaying it NEW times decodes NEW tokens
+with no host work between steps. Correctness: logits of one step and greedy tokens over NEW steps,
+each against HF float32 (the reference) next to HF bf16's own distance from it.
+
+    python -m benchmarks.bench_decode_step [--quick]      (sm_90 only)
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from transformers import LlamaForCausalLM
+
+from benchmarks.common import card_name, card_rates, cli, llama_config, weight_bytes
+
+PROMPT, NEW, BS, NSPLIT, T = 128, 128, 16, 2, 128
+BN, BOX, NB, NBUF = 8, 256, 8, 4
+
+
+def _cache_kv(cache, layer: int):
+    """(keys, values) [1, NKV, n, D] of one layer of an HF cache (transformers 5: .layers)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+class DecodeStep:
+    """One request's batch-1 decode on the megakernel: weights, paged cache, scratch, CUDA graph."""
+
+    def __init__(self, model: LlamaForCausalLM, max_len: int, nbuf: int = NBUF, nsplit: int = NSPLIT,
+                 tile: int = T, launches_per_graph: int = 1):
+        c, layers = model.config, model.model.layers
+        self.nbuf, self.nsplit, self.tile, self.launches_per_graph = nbuf, nsplit, tile, launches_per_graph
+        self.nl, self.h, self.i, self.v = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+        self.nqh, self.nkv = c.num_attention_heads, c.num_key_value_heads
+        self.d = getattr(c, "head_dim", None) or self.h // self.nqh
+        att = [layer.self_attn for layer in layers]
+        mlp = [layer.mlp for layer in layers]
+        self.w = {"wq": torch.cat([torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in att]),
+                  "wo": torch.cat([a.o_proj.weight for a in att]),
+                  "wg": torch.cat([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlp]),
+                  "wd": torch.cat([m.down_proj.weight for m in mlp]), "wl": model.lm_head.weight}
+        self.n1 = torch.stack([layer.input_layernorm.weight for layer in layers])
+        self.n2 = torch.stack([layer.post_attention_layernorm.weight for layer in layers])
+        self.nf, self.embed, self.eps = model.model.norm.weight, model.model.embed_tokens.weight, c.rms_norm_eps
+        rotary = model.model.rotary_emb
+        self.inv_freq, self.rope_scale = rotary.inv_freq.float().contiguous(), float(rotary.attention_scaling)
+        dev = self.embed.device
+        self.num_blocks = math.ceil(max_len / BS)
+        shape = (self.nl, self.num_blocks, BS, self.nkv, self.d)
+        self.k_cache = torch.zeros(shape, device=dev, dtype=self.embed.dtype)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.block_table = torch.randperm(self.num_blocks, device=dev).to(torch.int32)  # paging, not contiguity
+        f32 = {"device": dev, "dtype": torch.float32}
+        self.hidden, self.qkv = torch.empty(self.h, **f32), torch.empty((self.nqh + 2 * self.nkv) * self.d, **f32)
+        self.g, self.logits = torch.empty(self.i, **f32), torch.empty(self.v, **f32)
+        self.part = torch.empty(self.nqh * nsplit * (self.d + 2), **f32)
+        self.best_val = torch.empty(1024, **f32)
+        self.best_idx = torch.empty(1024, device=dev, dtype=torch.int32)
+        self.counters = torch.zeros(self.nl * 5 + 1, device=dev, dtype=torch.int32)
+        self.pos = torch.zeros(1, device=dev, dtype=torch.int32)
+        self.token = torch.zeros(1, device=dev, dtype=torch.int64)
+        self.tokens_out = torch.zeros(max_len + 1, device=dev, dtype=torch.int64)  # [p]: the token after position p
+        self.graph = None
+        self._descs()
+
+    def _descs(self):
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        layout = gl.NVMMASharedLayout(0, 16, rank=2)
+        self.descs = [TensorDescriptor.from_tensor(self.w[k], [BN, BOX], layout)
+                      for k in ("wq", "wo", "wg", "wd", "wl")]
+        self.grid = torch.cuda.get_device_properties(self.embed.device).multi_processor_count
+        if self.h // BN < self.grid or self.nqh * self.nsplit > self.grid:
+            raise ValueError("every program needs a row tile of every GEMV, and every attention split a program")
+
+    def load_prompt(self, cache, token: int, n: int) -> None:
+        """Copy an HF cache of n positions into the paged cache; the next step decodes `token` at n."""
+        p = torch.arange(n, device=self.embed.device)
+        slots = self.block_table[p // BS].long() * BS + p % BS
+        for layer in range(self.nl):
+            k, v = _cache_kv(cache, layer)
+            self.k_cache[layer].view(-1, self.nkv, self.d)[slots] = k[0, :, :n].transpose(0, 1).to(self.k_cache.dtype)
+            self.v_cache[layer].view(-1, self.nkv, self.d)[slots] = v[0, :, :n].transpose(0, 1).to(self.v_cache.dtype)
+        self.pos.fill_(n)
+        self.token.fill_(token)
+        self.hidden.copy_(self.embed[token].float())
+        self.counters.zero_()
+
+    def _launch(self):
+        from benchmarks.decode_step_kernel import LOG2E, decode_step_kernel
+
+        decode_step_kernel[(self.grid,)](
+            *self.descs, self.hidden, self.qkv, self.g, self.part, self.logits, self.n1, self.n2, self.nf,
+            self.k_cache, self.v_cache, self.block_table, self.pos, self.inv_freq, self.counters, self.token,
+            self.tokens_out, self.embed, self.best_val, self.best_idx, self.eps,
+            self.rope_scale, LOG2E / math.sqrt(self.d), self.k_cache[0].numel(), self.grid,
+            NL=self.nl, H=self.h, I=self.i, V=self.v, NQH=self.nqh, NKV=self.nkv, D=self.d, BS=BS, NSPLIT=self.nsplit,
+            T=self.tile, BN=BN, BOX=BOX, NB=NB, NBUF=self.nbuf, num_warps=NB)
+
+    def step(self) -> None:
+        """`launches_per_graph` decode steps: the kernel also picks the token, steps the position and
+        loads the next embedding row, so a step is one launch (graph replays once captured)."""
+        if self.graph is None:
+            live = (self.pos, self.token, self.hidden, self.counters)
+            state = [t.clone() for t in live]
+            self._launch()  # compile outside the capture
+            for t, saved in zip(live, state):
+                t.copy_(saved)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                for _ in range(self.launches_per_graph):
+                    self._launch()
+        self.graph.replay()
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _agree(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _float_cache(cache, num_layers: int):
+    """A float32 copy of an HF cache."""
+    cache = copy.deepcopy(cache)
+    for layer in range(num_layers):
+        k, v = _cache_kv(cache, layer)
+        k.data, v.data = k.data.float(), v.data.float()
+    return cache
+
+
+@torch.no_grad()
+def _one_step(model, ref, ids):
+    """HF bf16 prefill -> t0 and the prompt cache; the logits of decoding t0 from that cache by the bf16
+    model and by its float32 copy (the reference: same inputs, no rounding of activations)."""
+    out = model(ids, use_cache=True)
+    t0 = out.logits[0, -1].argmax().view(1, 1)
+    prompt_cache = copy.deepcopy(out.past_key_values)
+    cache32 = _float_cache(out.past_key_values, model.config.num_hidden_layers)
+    logits = model(t0, past_key_values=out.past_key_values).logits[0, -1].float()
+    logits_ref = ref(t0, past_key_values=cache32).logits[0, -1]
+    return t0, prompt_cache, logits, logits_ref
+
+
+@torch.no_grad()
+def _greedy_from(model, cache, t0: int, n: int) -> list[int]:
+    """n greedy tokens by HF eager from a prompt cache (copied) and its first token t0 (t0 included)."""
+    cache, tokens = copy.deepcopy(cache), [t0]
+    for _ in range(n - 1):
+        logits = model(torch.tensor([[tokens[-1]]], device="cuda"), past_key_values=cache).logits[0, -1]
+        tokens.append(logits.argmax().item())
+    return tokens
+
+
+def _megakernel_decode(step: DecodeStep, cache, t0: int, repeats: int = 3) -> tuple[list[int], list[float]]:
+    """Greedy tokens from the prompt cache (graph replays, no host work between steps), and the seconds
+    per step of each timed run (the steps a whole number of graphs covers, up to NEW - 1)."""
+    n = (NEW - 1) // step.launches_per_graph * step.launches_per_graph
+    per_step = []
+    for _ in range(repeats + 1):  # the first run captures the graph
+        step.load_prompt(cache, t0, PROMPT)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n // step.launches_per_graph):
+            step.step()
+        end.record()
+        torch.cuda.synchronize()
+        per_step.append(start.elapsed_time(end) / 1e3 / n)
+    return [t0] + step.tokens_out[PROMPT:PROMPT + n].tolist(), per_step[1:]
+
+
+def run(quick: bool = False) -> dict:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return {"skipped": "needs an sm_90 GPU"}
+    from benchmarks.bench_decode import _engine, _hf, _tok_s
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    ref = copy.deepcopy(model).float()
+    rates = card_rates()
+    res = {"card": card_name(), "prompt": PROMPT, "new_tokens": NEW,
+           "floor_tok_s": rates["copy_bytes_per_s"] / weight_bytes(model)}
+    ids = torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda")
+    t0, cache, logits_bf16, logits_ref = _one_step(model, ref, ids)
+    step = DecodeStep(model, PROMPT + NEW + BS)
+    step.load_prompt(cache, t0.item(), PROMPT)
+    step._launch()
+    torch.cuda.synchronize()
+    res["one_step"] = {"err_megakernel": _rel_err(step.logits, logits_ref),
+                       "err_hf_bf16": _rel_err(logits_bf16, logits_ref),
+                       "argmax_ref": logits_ref.argmax().item(), "argmax_megakernel": step.logits.argmax().item(),
+                       "argmax_hf_bf16": logits_bf16.argmax().item(), "token_megakernel": step.token.item()}
+    del step
+    # greedy from the same start (bf16 prompt cache, t0): the float32 model is the reference
+    n = NEW - 1 - (NEW - 1) % 8
+    ref_tokens = _greedy_from(ref, _float_cache(cache, model.config.num_hidden_layers), t0.item(), n + 1)
+    bf16_tokens = _greedy_from(model, cache, t0.item(), n + 1)
+    del ref
+    res["hf_bf16_greedy_agreement_with_fp32"] = _agree(bf16_tokens, ref_tokens)
+    res["greedy_tokens_compared"] = n + 1
+    for name, graphs in (("megakernel", 1), ("megakernel_8_steps_per_graph", 8)):
+        step = DecodeStep(model, PROMPT + NEW + BS, launches_per_graph=graphs)
+        tokens, per_step = _megakernel_decode(step, cache, t0.item())
+        best = sorted(per_step)[len(per_step) // 2]
+        res[name] = {"tok_s": 1 / best, "us_per_step": best * 1e6, "seconds_per_step": per_step,
+                     "greedy_agreement": {"with_hf_fp32": _agree(tokens, ref_tokens),
+                                          "with_hf_bf16": _agree(tokens, bf16_tokens)}}
+        del step
+    res["hf_eager"] = _tok_s(_hf(model, ids, False), 1, 1)
+    if not quick:
+        res["hf_static_compile"] = _tok_s(_hf(model, ids, True), 1, 2)
+    model.set_attn_implementation("sdpa")
+    res["xyserve_engine"] = _tok_s(_engine(model, ids.tolist())[1], 1, 2)
+    for k in ("megakernel", "megakernel_8_steps_per_graph", "hf_eager", "hf_static_compile", "xyserve_engine"):
+        if k in res:
+            res[k]["floor_pct"] = 100 * res[k]["tok_s"] / res["floor_tok_s"]
+    print(res, flush=True)
+    return res
+
+
+def table(res: dict) -> str:
+    if "megakernel" not in res:
+        return str(res)
+    lines = [(f"{res['card']}: Llama-3.2-1B shapes, batch 1, prompt {res['prompt']}, {res['new_tokens']} new, "
+              f"floor {res['floor_tok_s']:.0f} tok/s"),
+             "| variant | tok/s | % of floor |", "| --- | --- | --- |"]
+    for k in ("hf_eager", "hf_static_compile", "xyserve_engine", "megakernel", "megakernel_8_steps_per_graph"):
+        if k in res:
+            lines.append(f"| {k} | {res[k]['tok_s']:.0f} | {res[k]['floor_pct']:.0f}% |")
+    one = res["one_step"]
+    lines.append(f"one step: logits err vs HF fp32 {one['err_megakernel']:.1e} (HF bf16 {one['err_hf_bf16']:.1e}); "
+                 f"argmax {one['argmax_megakernel']} / ref {one['argmax_ref']}; greedy tokens equal to HF fp32's: "
+                 f"{res['megakernel']['greedy_agreement']['with_hf_fp32']} (HF bf16: "
+                 f"{res['hf_bf16_greedy_agreement_with_fp32']}) of the first {res['greedy_tokens_compared']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli(run, table)

@@ -1,0 +1,373 @@
+"""A whole batch-1 decode step of a Llama-3.2-1B-shaped model in ONE persistent launch (issue 6 probe).
+
+Extends benchmarks/decode_megakernel.py (the 16 layers' GEMVs) with what the step still lacked:
+RoPE, the paged KV cache write, split-KV attention, the final norm, lm_head and the greedy token.
+A step is one launch: the last program to finish picks the token (argmax over the programs' best
+logits), steps the position and loads the next token's embedding row into h for the next launch.
+
+Per layer the grid passes five counters (a fire-and-forget `red.release` per program, polled with
+acquire loads), one per stage:
+
+    qkv GEMV (norm 1) -> attention (no weights) -> o GEMV (+ h) -> gate/up GEMV (norm 2) -> down GEMV (+ h)
+    ... 16 layers ... -> lm_head GEMV (final norm) -> logits [V] fp32
+
+The loader warp streams only the GEMVs' weights, so while the compute warps do attention the next
+o / gate/up chunks keep arriving. Attention task p < NQH * NSPLIT: q head p // NSPLIT over one
+NSPLIT-th of the positions (split-KV); it writes an unnormalised partial (acc, max, sum) that the
+o stage merges while it stages its input. The new token's K/V come from the q/k/v scratch (RoPE in
+registers), not from the cache: the first program of each KV head stores them for later steps.
+
+    k_cache, v_cache: [NL, num_blocks, BS, NKV, D] bf16 (the engine's per-layer layout, stacked)
+"""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from benchmarks.decode_megakernel import (
+    _barrier,
+    _stage_layout,
+    _tile_out,
+    _tma_load,
+    _view,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _locate(i, P, offB, offC, offD, NL: gl.constexpr, CG: gl.constexpr, CD: gl.constexpr):
+    """Chunk i of a program's stream -> (layer, stage 0..4, row tile j, chunk c); stage 4 is lm_head
+    (layer == NL), 0-3 are q/k/v, o, gate/up, down. Returns r (chunk inside the layer) too."""
+    layer = gl.minimum(i // P, NL)
+    r = i - layer * P
+    s = (r >= offB).to(gl.int32) + (r >= offC).to(gl.int32) + (r >= offD).to(gl.int32)
+    start = gl.where(s == 0, 0, gl.where(s == 1, offB, gl.where(s == 2, offC, offD)))
+    per = gl.where(s == 2, 2 * CG, gl.where(s == 3, CD, CG))
+    last = layer == NL
+    s = gl.where(last, 4, s)
+    start = gl.where(last, 0, start)
+    per = gl.where(last, CG, per)
+    return layer, s, (r - start) // per, (r - start) % per, r
+
+
+@gluon.jit
+def _offsets(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, CG: gl.constexpr,
+             CD: gl.constexpr):
+    pid = gl.program_id(0)
+    offB = (NQ // BN - pid + G - 1) // G * CG
+    offC = offB + (H // BN - pid + G - 1) // G * CG
+    offD = offC + (I // BN - pid + G - 1) // G * 2 * CG
+    return offB, offC, offD, offD + (H // BN - pid + G - 1) // G * CD
+
+
+@gluon.jit
+def _issue(i, P, offB, offC, offD, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ring, ready,
+           NL: gl.constexpr, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr,
+           BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+    CG: gl.constexpr = H // (BOX * NB)
+    layer, s, j, c, _ = _locate(i, P, offB, offC, offD, NL, CG, I // (BOX * NB))
+    row = (gl.program_id(0) + j * G) * BN
+    slot = i % NBUF
+    bar = ready.index(slot)
+    mbarrier.expect(bar, BN * BOX * NB * 2)
+    for b in gl.static_range(NB):
+        col = ((c % CG) * NB + b) * BOX
+        if s == 0:
+            _tma_load(wq_desc, [layer * NQ + row, col], bar, ring.index(slot * NB + b))
+        elif s == 1:
+            _tma_load(wo_desc, [layer * H + row, col], bar, ring.index(slot * NB + b))
+        elif s == 2:  # gate rows for the first CG chunks of the tile, then the matching up rows
+            _tma_load(wg_desc, [layer * 2 * I + (c // CG) * I + row, col], bar, ring.index(slot * NB + b))
+        elif s == 3:
+            _tma_load(wd_desc, [layer * H + row, (c * NB + b) * BOX], bar, ring.index(slot * NB + b))
+        else:
+            _tma_load(wl_desc, [row, col], bar, ring.index(slot * NB + b))
+
+
+@gluon.jit
+def _wait(cnt_ptr, idx, G):
+    while gl.atomic_add(cnt_ptr + idx, 0, sem="acquire") < G:
+        pass
+
+
+@gluon.jit
+def _signal(cnt_ptr, idx):
+    """Bump a grid counter once for the CTA, after its stores: a fire-and-forget `red.release` (an
+    atomic's returned value would cost the signalling program another round trip to L2)."""
+    _barrier()  # every warp's stores are issued
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+        "@p red.release.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
+        "=r,l", [cnt_ptr + idx], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _rope(src_ptr, d, cos_a, sin_a, D: gl.constexpr):
+    """RoPE (rotate-half form) of one head of D values at src_ptr: x cos + rotate_half(x) sin, in fp32
+    (sin_a carries rotate_half's sign)."""
+    x = gl.load(src_ptr + d, cache_modifier=".cg")
+    return x * cos_a + gl.load(src_ptr + (d + D // 2) % D, cache_modifier=".cg") * sin_a
+
+
+@gluon.jit
+def _kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, base, t0, end, pos, d, BS: gl.constexpr, NKV: gl.constexpr,
+             D: gl.constexpr, T: gl.constexpr, ROW: gl.constexpr):
+    """Positions t0 .. t0 + T - 1 and their cached K/V rows (bf16; zero past the cached positions)."""
+    p = t0 + gl.arange(0, T, layout=ROW)
+    cached = p < gl.minimum(end, pos)
+    slot = gl.load(bt_ptr + p // BS, mask=cached, other=0) * BS + p % BS
+    offs = base + gl.expand_dims(slot * (NKV * D), 1) + gl.expand_dims(d, 0)
+    ok = gl.expand_dims(cached, 1)
+    return p, gl.load(k_cache_ptr + offs, mask=ok, other=0.0), gl.load(v_cache_ptr + offs, mask=ok, other=0.0)
+
+
+@gluon.jit
+def _attend(p, k, v, q, k_new, v_new, pos, end, m_i, l_i, acc):
+    """Online softmax over one tile (the new token's row comes from registers)."""
+    is_new = gl.expand_dims(p == pos, 1)
+    k = gl.where(is_new, gl.expand_dims(k_new, 0), k.to(gl.float32))
+    v = gl.where(is_new, gl.expand_dims(v_new, 0), v.to(gl.float32))
+    s = gl.where(p < end, gl.sum(k * gl.expand_dims(q, 0), axis=1), -1.0e30)
+    m_new = gl.maximum(m_i, gl.max(s, axis=0))
+    alpha = gl.exp2(m_i - m_new)
+    e = gl.where(p < end, gl.exp2(s - m_new), 0.0)
+    return m_new, l_i * alpha + gl.sum(e, axis=0), acc * alpha + gl.sum(gl.expand_dims(e, 1) * v, axis=0)
+
+
+@gluon.jit
+def _attention(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr, rope_scale, qk_scale,
+               layer_stride, cnt_ptr, qkv_done, G, NQH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+               BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
+    """This program's split of one q head over positions 0..pos (pos = the new token). The cached K/V
+    and RoPE's angles do not depend on this step: they are loaded before the wait for q/k/v."""
+    LA: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NB, 1], [1, 0])  # [T positions, D]
+    COL: gl.constexpr = gl.SliceLayout(0, LA)
+    ROW: gl.constexpr = gl.SliceLayout(1, LA)
+    pid = gl.program_id(0)
+    hq = pid // NSPLIT
+    sp = pid % NSPLIT
+    kvh = hq // (NQH // NKV)
+    d = gl.arange(0, D, layout=COL)
+    span = (pos + NSPLIT) // NSPLIT  # cdiv(pos + 1, NSPLIT)
+    start = sp * span
+    end = gl.minimum(pos + 1, start + span)
+    base = layer * layer_stride + kvh * D
+    p, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, base, start, end, pos, d, BS, NKV, D, T, ROW)
+    ang = pos.to(gl.float32) * gl.load(inv_freq_ptr + d % (D // 2))
+    cos_a = gl.cos(ang) * rope_scale
+    sin_a = gl.where(d < D // 2, -1.0, 1.0) * gl.sin(ang) * rope_scale
+    _wait(cnt_ptr, qkv_done, G)
+    q = _rope(qkv_ptr + hq * D, d, cos_a, sin_a, D) * qk_scale  # log2 domain
+    k_new = _rope(qkv_ptr + (NQH + kvh) * D, d, cos_a, sin_a, D)
+    v_new = gl.load(qkv_ptr + (NQH + NKV + kvh) * D + d, cache_modifier=".cg")
+    m_i, l_i, acc = _attend(p, k, v, q, k_new, v_new, pos, end, gl.to_tensor(-1.0e30), gl.to_tensor(0.0),
+                            gl.zeros([D], gl.float32, COL))
+    for t0 in range(start + T, end, T):  # longer contexts than NSPLIT * T
+        p, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, base, t0, end, pos, d, BS, NKV, D, T, ROW)
+        m_i, l_i, acc = _attend(p, k, v, q, k_new, v_new, pos, end, m_i, l_i, acc)
+    out = part_ptr + (hq * NSPLIT + sp) * (D + 2)
+    gl.store(out + d, acc)
+    gl.store(out + D + d, gl.where(d == 0, m_i, l_i), mask=d < 2)
+    if (sp == 0) & (hq % (NQH // NKV) == 0):  # the new token's K/V, for later steps
+        new_slot = gl.load(bt_ptr + pos // BS) * BS + pos % BS
+        dst = base + new_slot * (NKV * D) + d
+        gl.store(k_cache_ptr + dst, k_new.to(k_cache_ptr.dtype.element_ty))
+        gl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty))
+
+
+@gluon.jit
+def _stage_merge(xs, part_ptr, H: gl.constexpr, D: gl.constexpr, NSPLIT: gl.constexpr, NB: gl.constexpr):
+    """The o GEMV's input: every head's NSPLIT partials merged (flash-decoding's combine) into xs."""
+    kk = _stage_layout(H, NB)
+    head = kk // D
+    base = part_ptr + head * (NSPLIT * (D + 2))
+    m = gl.load(base + D, cache_modifier=".cg")
+    for sp in gl.static_range(1, NSPLIT):
+        m = gl.maximum(m, gl.load(base + sp * (D + 2) + D, cache_modifier=".cg"))
+    num = gl.zeros_like(m)
+    den = gl.zeros_like(m)
+    for sp in gl.static_range(NSPLIT):
+        w = gl.exp2(gl.load(base + sp * (D + 2) + D, cache_modifier=".cg") - m)
+        num += w * gl.load(base + sp * (D + 2) + kk % D, cache_modifier=".cg")
+        den += w * gl.load(base + sp * (D + 2) + D + 1, cache_modifier=".cg")
+    xs.slice(0, H // 8, dim=0).store(num / den)
+
+
+@gluon.jit
+def _stage_norm(xs, src_ptr, nw, eps, K: gl.constexpr, NORM: gl.constexpr, NB: gl.constexpr):
+    x = gl.load(src_ptr + _stage_layout(K, NB), cache_modifier=".cg")
+    if NORM:
+        x = x * gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps) * nw
+    xs.slice(0, K // 8, dim=0).store(x)
+
+
+@gluon.jit
+def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
+                 embed_ptr, h_ptr, G, NL: gl.constexpr, H: gl.constexpr, V: gl.constexpr, NB: gl.constexpr):
+    """After the lm_head: publish this program's best logit; the last program to arrive picks the token
+    (first index of the maximum, like torch.argmax without NaN), writes it, steps the position, loads the
+    next step's embedding row into h and zeroes the counters for the next launch."""
+    pid = gl.program_id(0)
+    gl.store(best_val_ptr + pid, best_v)
+    gl.store(best_idx_ptr + pid, best_i)
+    _barrier()
+    if gl.atomic_add(cnt_ptr + NL * 5, 1, sem="acq_rel") == G - 1:  # every other program is done
+        LG: gl.constexpr = gl.BlockedLayout([1], [32], [NB], [0])
+        p = gl.arange(0, 32 * NB, layout=LG)
+        vals = gl.load(best_val_ptr + p, mask=p < G, other=float("-inf"), cache_modifier=".cg")
+        idxs = gl.load(best_idx_ptr + p, mask=p < G, other=V, cache_modifier=".cg")
+        top = gl.max(vals, axis=0)
+        token = gl.min(gl.where(vals == top, idxs, V), axis=0)
+        gl.store(token_ptr, token.to(gl.int64))
+        gl.store(tokens_out_ptr + pos, token.to(gl.int64))
+        gl.store(pos_ptr, pos + 1)
+        kk = _stage_layout(H, NB)
+        gl.store(h_ptr + kk, gl.load(embed_ptr + token.to(gl.int64) * H + kk).to(gl.float32))
+        gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 5 + 1)
+
+
+@gluon.jit
+def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
+            n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
+            token_ptr, tokens_out_ptr, embed_ptr,
+            best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
+            NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
+            NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
+            BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+    KC: gl.constexpr = BOX * NB
+    NQ: gl.constexpr = (NQH + 2 * NKV) * D
+    offB, offC, offD, P = _offsets(G, NQ, H, I, BN, H // KC, I // KC)
+    total = NL * P + (V // BN - gl.program_id(0) + G - 1) // G * (H // KC)
+    for i in range(total):
+        mbarrier.wait(empty.index(i % NBUF), ((i // NBUF) & 1) ^ 1)
+        _issue(i, P, offB, offC, offD, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ring, ready,
+               NL, NQ, H, I, BN, BOX, NB, NBUF)
+
+
+@gluon.jit
+def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
+             n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
+             token_ptr, tokens_out_ptr, embed_ptr,
+             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
+             NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
+             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
+             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+    KC: gl.constexpr = BOX * NB
+    CG: gl.constexpr = H // KC
+    CD: gl.constexpr = I // KC
+    NQ: gl.constexpr = (NQH + 2 * NKV) * D
+    L4: gl.constexpr = gl.BlockedLayout([1, BN, 1, 8], [1, 1, 32, 1], [NB, 1, 1, 1], [3, 2, 1, 0])
+    ACC: gl.constexpr = gl.SliceLayout(3, L4)
+    XL: gl.constexpr = gl.SliceLayout(1, L4)
+    ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, ACC))
+    pid = gl.program_id(0)
+    offB, offC, offD, P = _offsets(G, NQ, H, I, BN, CG, CD)
+    total = NL * P + (V // BN - pid + G - 1) // G * CG
+    ringv = _view(ring, gl.bfloat16, [NBUF, NB, BN, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    xsv = _view(xs, gl.float32, [CD, NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    rows_in = gl.arange(0, BN, layout=ROWS)
+    acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
+    gate = gl.zeros([BN], gl.float32, ROWS)
+    pos = gl.load(pos_ptr)
+    best_v = gl.to_tensor(float("-inf"))
+    best_i = gl.to_tensor(0)
+    for i in range(total):
+        layer, s, j, c, r = _locate(i, P, offB, offC, offD, NL, CG, CD)
+        in_layer = layer < NL
+        ci = gl.where(s == 4, NL * 5, layer * 5 + s + (s >= 1).to(gl.int32))  # the counter this stage bumps
+        if (r == 0) | (in_layer & ((r == offB) | (r == offC) | (r == offD))):  # a stage starts
+            kk = _stage_layout(H, NB)  # norm weights first: they do not depend on the grid
+            nw_ptr = gl.where(s == 0, n1_ptr + layer * H, gl.where(s == 2, n2_ptr + layer * H, nf_ptr))
+            nw = gl.load(nw_ptr + kk, mask=(kk < H) & (s % 2 == 0), other=0.0).to(gl.float32)
+            if s == 1:  # attention between the q/k/v and o GEMVs (programs without a split only sign in)
+                if pid < NQH * NSPLIT:
+                    _attention(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr,
+                               rope_scale, qk_scale, layer_stride, cnt_ptr, ci - 2, G, NQH, NKV, D, BS, NSPLIT, T, NB)
+                _signal(cnt_ptr, ci - 1)
+            if ci > 0:
+                _wait(cnt_ptr, ci - 1, G)
+            _barrier()  # the previous stage's last chunk has read xs
+            if s == 1:
+                _stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
+            elif s == 3:
+                _stage_norm(xs, g_ptr, nw, eps, I, False, NB)
+            else:
+                _stage_norm(xs, h_ptr, nw, eps, H, True, NB)
+            _barrier()
+        slot = i % NBUF
+        mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
+        w = ringv.index(slot).load(L4).to(gl.float32)
+        _barrier()  # every warp holds its part of the chunk
+        mbarrier.arrive(empty.index(slot), count=1)
+        acc += gl.sum(w * gl.expand_dims(xsv.index(gl.where(s == 2, c % CG, c)).load(XL), 1), axis=3)
+        rows = (pid + j * G) * BN + rows_in
+        if (s == 2) & (c == CG - 1):  # the gate half of a gate/up tile
+            gate = _tile_out(acc)
+            acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
+        elif c == gl.where(s == 2, 2 * CG, gl.where(s == 3, CD, CG)) - 1:
+            val = _tile_out(acc)
+            if s == 0:
+                gl.store(qkv_ptr + rows, val)
+            elif s == 2:
+                gl.store(g_ptr + rows, gate / (1.0 + gl.exp(-gate)) * val)
+            elif s == 4:
+                gl.store(logits_ptr + rows, val)
+                top = gl.max(val, axis=0)
+                if top > best_v:  # tiles come in row order: strict > keeps the first maximal index
+                    best_i = gl.min(gl.where(val == top, rows, V), axis=0)
+                    best_v = top
+            else:
+                gl.store(h_ptr + rows, gl.load(h_ptr + rows, cache_modifier=".cg") + val)
+            acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
+        if in_layer & ((r == offB - 1) | (r == offC - 1) | (r == offD - 1) | (r == P - 1)):
+            _signal(cnt_ptr, ci)
+    _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
+                 embed_ptr, h_ptr, G, NL, H, V, NB)
+
+
+@gluon.jit
+def decode_step_kernel(
+    wq_desc, wo_desc, wg_desc, wd_desc, wl_desc,  # TMA over [NL * N, K] bf16 (q;k;v, o, gate;up, down), lm [V, H]
+    h_ptr,  # [H] fp32: the token's embedding in, the last residual out
+    qkv_ptr, g_ptr,  # [NQ], [I] fp32 scratch
+    part_ptr,  # [NQH, NSPLIT, D + 2] fp32 attention partials (acc, max, sum)
+    logits_ptr,  # [V] fp32
+    n1_ptr, n2_ptr, nf_ptr,  # [NL, H], [NL, H], [H] bf16 norm weights
+    k_cache_ptr, v_cache_ptr,  # [NL, num_blocks, BS, NKV, D] bf16
+    bt_ptr,  # [max_blocks] int32 the request's block table
+    pos_ptr,  # [1] int32 the new token's position
+    inv_freq_ptr,  # [D / 2] fp32 RoPE frequencies (the model's, scaling included)
+    cnt_ptr,  # [NL * 5 + 1] int32 grid counters, zero at launch (and left zero)
+    token_ptr,  # [1] int64: the step's input token (its embedding is already in h); the next one out
+    tokens_out_ptr,  # [max_len + 1] int64: [pos] = the token chosen after position pos
+    embed_ptr,  # [V, H] bf16 embedding (the next token's row is loaded into h)
+    best_val_ptr, best_idx_ptr,  # [G] fp32 / int32 per-program best logit
+    eps, rope_scale, qk_scale, layer_stride, G,
+    NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
+    D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, BN: gl.constexpr,
+    BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
+):
+    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * NB, BN, BOX], gl.NVMMASharedLayout(0, 16, rank=2))
+    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    xs = gl.allocate_shared_memory(gl.float32, [I // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    for b in gl.static_range(NBUF):
+        mbarrier.init(ready.index(b), count=1)
+        mbarrier.init(empty.index(b), count=1)
+    gl.warp_specialize([
+        (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
+                    n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
+                    token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
+                    layer_stride, G, ring, xs, ready, empty,
+                    NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF)),
+        (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
+                   n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
+                   token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
+                   layer_stride, G, ring, xs, ready, empty,
+                   NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF)),
+    ], [1], [48])
+    for b in gl.static_range(NBUF):
+        mbarrier.invalidate(ready.index(b))
+        mbarrier.invalidate(empty.index(b))

@@ -1,0 +1,56 @@
+"""The whole-decode-step megakernel probe (benchmarks/decode_step_kernel.py): an sm_90 compile in a fresh
+process (CPU; catches Gluon API drift), and on a Hopper GPU one step's logits and token against the
+model's float32 copy fed the same prompt cache, then several steps against the same reference."""
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import bench_decode_step as bench
+
+
+def test_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.compile_megakernel_sm90", "step"], env=env,
+                         capture_output=True, text=True, timeout=600, check=False, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["tma"] and report["acquire"] and report["release"], report
+    assert report["shared"] <= 227 * 1024
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="needs an sm_90 GPU")
+def test_steps_match_float32_reference():
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.common import llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
+    ref = copy.deepcopy(model).float()
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), device="cuda")  # 40: a partly filled page
+    t0, cache, _, logits_ref = bench._one_step(model, ref, ids)
+    step = bench.DecodeStep(model, 64)
+    step.load_prompt(cache, t0.item(), ids.shape[1])
+    step._launch()
+    torch.cuda.synchronize()
+    assert bench._rel_err(step.logits, logits_ref) < 1e-4
+    assert step.token.item() == logits_ref.argmax().item()
+    assert step.pos.item() == ids.shape[1] + 1
+    # the next steps read the K/V this one stored: compare with the float32 model fed our tokens
+    cache32 = bench._float_cache(cache, model.config.num_hidden_layers)
+    with torch.no_grad():
+        ref(t0, past_key_values=cache32)
+        for _ in range(3):
+            token = step.token.clone()
+            step._launch()
+            torch.cuda.synchronize()
+            expected = ref(token.view(1, 1), past_key_values=cache32).logits[0, -1]
+            assert bench._rel_err(step.logits, expected) < 1e-2  # the cache holds bf16 K/V, the reference fp32
