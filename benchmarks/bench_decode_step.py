@@ -1,11 +1,12 @@
-"""A whole batch-1 decode step in one persistent launch (benchmarks/decode_step_kernel.py) against HF
-and the engine, Llama-3.2-1B shapes, bf16, random weights, prompt 128, 128 new tokens (issue 6 probe).
+"""A whole batch-1 decode step in one persistent launch (ascend_kernels/decode_step_kernel.py) against HF
+and the engine, Llama-3.2-1B shapes, bf16, random weights, prompt 128, 128 new tokens (issue 6).
 
-`DecodeStep` stacks the model's weights per kind (one TMA descriptor each), keeps a paged KV cache
-in the engine's layout (stacked over layers, a shuffled block table), and captures one CUDA graph per
-step: embedding row -> the kernel -> argmax -> position + 1. Replaying it NEW times decodes NEW tokens
-with no host work between steps. Correctness: logits of one step and greedy tokens over NEW steps,
-each against HF float32 (the reference) next to HF bf16's own distance from it.
+`DecodeStep` runs the kernel on its own paged KV cache (the engine's layout stacked over layers, a
+shuffled block table); the kernel picks each greedy token and steps the position, so replaying its
+CUDA graph decodes token after token with no host work between steps. `xyserve_engine_decode_megakernel`
+is the engine with `decode_megakernel=True` (its batch-1 decode steps on the same kernel).
+Correctness: logits of one step and greedy tokens over NEW steps, each against HF float32 (the
+reference) next to HF bf16's own distance from it.
 
     python -m benchmarks.bench_decode_step [--quick]      (sm_90 only)
 """
@@ -19,8 +20,7 @@ from transformers import LlamaForCausalLM
 
 from benchmarks.common import card_name, card_rates, cli, llama_config, weight_bytes
 
-PROMPT, NEW, BS, NSPLIT, T = 128, 128, 16, 2, 128
-BN, BOX, NB, NBUF = 8, 256, 8, 4
+PROMPT, NEW, BS = 128, 128, 16
 
 
 def _cache_kv(cache, layer: int):
@@ -31,55 +31,30 @@ def _cache_kv(cache, layer: int):
 
 
 class DecodeStep:
-    """One request's batch-1 decode on the megakernel: weights, paged cache, scratch, CUDA graph."""
+    """One request's batch-1 greedy decode on the whole-step kernel (ascend_kernels/decode_step.py):
+    the model's stacked weights, a paged cache of its own, and CUDA graphs of `launches_per_graph`
+    launches (the kernel picks each token and steps the position itself)."""
 
-    def __init__(self, model: LlamaForCausalLM, max_len: int, nbuf: int = NBUF, nsplit: int = NSPLIT,
-                 tile: int = T, launches_per_graph: int = 1):
-        c, layers = model.config, model.model.layers
-        self.nbuf, self.nsplit, self.tile, self.launches_per_graph = nbuf, nsplit, tile, launches_per_graph
-        self.nl, self.h, self.i, self.v = c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.vocab_size
-        self.nqh, self.nkv = c.num_attention_heads, c.num_key_value_heads
-        self.d = getattr(c, "head_dim", None) or self.h // self.nqh
-        att = [layer.self_attn for layer in layers]
-        mlp = [layer.mlp for layer in layers]
-        self.w = {"wq": torch.cat([torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in att]),
-                  "wo": torch.cat([a.o_proj.weight for a in att]),
-                  "wg": torch.cat([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlp]),
-                  "wd": torch.cat([m.down_proj.weight for m in mlp]), "wl": model.lm_head.weight}
-        self.n1 = torch.stack([layer.input_layernorm.weight for layer in layers])
-        self.n2 = torch.stack([layer.post_attention_layernorm.weight for layer in layers])
-        self.nf, self.embed, self.eps = model.model.norm.weight, model.model.embed_tokens.weight, c.rms_norm_eps
-        rotary = model.model.rotary_emb
-        self.inv_freq, self.rope_scale = rotary.inv_freq.float().contiguous(), float(rotary.attention_scaling)
-        dev = self.embed.device
-        self.num_blocks = math.ceil(max_len / BS)
-        shape = (self.nl, self.num_blocks, BS, self.nkv, self.d)
-        self.k_cache = torch.zeros(shape, device=dev, dtype=self.embed.dtype)
-        self.v_cache = torch.zeros_like(self.k_cache)
-        self.block_table = torch.randperm(self.num_blocks, device=dev).to(torch.int32)  # paging, not contiguity
-        f32 = {"device": dev, "dtype": torch.float32}
-        self.hidden, self.qkv = torch.empty(self.h, **f32), torch.empty((self.nqh + 2 * self.nkv) * self.d, **f32)
-        self.g, self.logits = torch.empty(self.i, **f32), torch.empty(self.v, **f32)
-        self.part = torch.empty(self.nqh * nsplit * (self.d + 2), **f32)
-        self.best_val = torch.empty(1024, **f32)
-        self.best_idx = torch.empty(1024, device=dev, dtype=torch.int32)
-        self.counters = torch.zeros(self.nl * 5 + 1, device=dev, dtype=torch.int32)
+    def __init__(self, model: LlamaForCausalLM, max_len: int, launches_per_graph: int = 1):
+        from ascend_kernels.decode_step import DecodeStepKernel
+        from xy_inductor.engine.decode_kernel import stack_weights
+
+        w = stack_weights(model)
+        self.nl, self.nkv, self.d = w.dims["NL"], w.num_kv_heads, w.head_dim
+        self.embed, self.launches_per_graph = w.embed, launches_per_graph
+        dev = w.embed.device
+        num_blocks = math.ceil(max_len / BS)
+        k_cache = torch.zeros((self.nl, num_blocks, BS, self.nkv, self.d), device=dev, dtype=w.embed.dtype)
+        self.kernel = DecodeStepKernel(w, k_cache, torch.zeros_like(k_cache), BS)
+        self.block_table = torch.randperm(num_blocks, device=dev).to(torch.int32)  # paging, not contiguity
         self.pos = torch.zeros(1, device=dev, dtype=torch.int32)
         self.token = torch.zeros(1, device=dev, dtype=torch.int64)
-        self.tokens_out = torch.zeros(max_len + 1, device=dev, dtype=torch.int64)  # [p]: the token after position p
+        self.tokens_out = torch.zeros(max_len + 1, device=dev, dtype=torch.int64)  # [p]: the token after p
         self.graph = None
-        self._descs()
 
-    def _descs(self):
-        from triton.experimental.gluon import language as gl
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-        layout = gl.NVMMASharedLayout(0, 16, rank=2)
-        self.descs = [TensorDescriptor.from_tensor(self.w[k], [BN, BOX], layout)
-                      for k in ("wq", "wo", "wg", "wd", "wl")]
-        self.grid = torch.cuda.get_device_properties(self.embed.device).multi_processor_count
-        if self.h // BN < self.grid or self.nqh * self.nsplit > self.grid:
-            raise ValueError("every program needs a row tile of every GEMV, and every attention split a program")
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.kernel.logits
 
     def load_prompt(self, cache, token: int, n: int) -> None:
         """Copy an HF cache of n positions into the paged cache; the next step decodes `token` at n."""
@@ -87,32 +62,20 @@ class DecodeStep:
         slots = self.block_table[p // BS].long() * BS + p % BS
         for layer in range(self.nl):
             k, v = _cache_kv(cache, layer)
-            self.k_cache[layer].view(-1, self.nkv, self.d)[slots] = k[0, :, :n].transpose(0, 1).to(self.k_cache.dtype)
-            self.v_cache[layer].view(-1, self.nkv, self.d)[slots] = v[0, :, :n].transpose(0, 1).to(self.v_cache.dtype)
+            for src, dst in ((k, self.kernel.k_cache), (v, self.kernel.v_cache)):
+                dst[layer].view(-1, self.nkv, self.d)[slots] = src[0, :, :n].transpose(0, 1).to(dst.dtype)
         self.pos.fill_(n)
         self.token.fill_(token)
-        self.hidden.copy_(self.embed[token].float())
-        self.counters.zero_()
 
     def _launch(self):
-        from benchmarks.decode_step_kernel import LOG2E, decode_step_kernel
-
-        decode_step_kernel[(self.grid,)](
-            *self.descs, self.hidden, self.qkv, self.g, self.part, self.logits, self.n1, self.n2, self.nf,
-            self.k_cache, self.v_cache, self.block_table, self.pos, self.inv_freq, self.counters, self.token,
-            self.tokens_out, self.embed, self.best_val, self.best_idx, self.eps,
-            self.rope_scale, LOG2E / math.sqrt(self.d), self.k_cache[0].numel(), self.grid,
-            NL=self.nl, H=self.h, I=self.i, V=self.v, NQH=self.nqh, NKV=self.nkv, D=self.d, BS=BS, NSPLIT=self.nsplit,
-            T=self.tile, BN=BN, BOX=BOX, NB=NB, NBUF=self.nbuf, num_warps=NB)
+        self.kernel.launch(self.token, self.pos, self.block_table, self.tokens_out)
 
     def step(self) -> None:
-        """`launches_per_graph` decode steps: the kernel also picks the token, steps the position and
-        loads the next embedding row, so a step is one launch (graph replays once captured)."""
+        """`launches_per_graph` decode steps (graph replays once captured)."""
         if self.graph is None:
-            live = (self.pos, self.token, self.hidden, self.counters)
-            state = [t.clone() for t in live]
+            state = [t.clone() for t in (self.pos, self.token)]
             self._launch()  # compile outside the capture
-            for t, saved in zip(live, state):
+            for t, saved in zip((self.pos, self.token), state):
                 t.copy_(saved)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
@@ -225,7 +188,12 @@ def run(quick: bool = False) -> dict:
         res["hf_static_compile"] = _tok_s(_hf(model, ids, True), 1, 2)
     model.set_attn_implementation("sdpa")
     res["xyserve_engine"] = _tok_s(_engine(model, ids.tolist())[1], 1, 2)
-    for k in ("megakernel", "megakernel_8_steps_per_graph", "hf_eager", "hf_static_compile", "xyserve_engine"):
+    model.set_attn_implementation("sdpa")
+    llm, fn = _engine(model, ids.tolist(), decode_megakernel=True)
+    res["xyserve_engine_decode_megakernel"] = _tok_s(fn, 1, 2)
+    res["xyserve_engine_decode_megakernel"]["kernel_steps"] = llm.stats.get("decode_megakernel_steps")
+    for k in ("megakernel", "megakernel_8_steps_per_graph", "hf_eager", "hf_static_compile", "xyserve_engine",
+              "xyserve_engine_decode_megakernel"):
         if k in res:
             res[k]["floor_pct"] = 100 * res[k]["tok_s"] / res["floor_tok_s"]
     print(res, flush=True)
@@ -238,7 +206,8 @@ def table(res: dict) -> str:
     lines = [(f"{res['card']}: Llama-3.2-1B shapes, batch 1, prompt {res['prompt']}, {res['new_tokens']} new, "
               f"floor {res['floor_tok_s']:.0f} tok/s"),
              "| variant | tok/s | % of floor |", "| --- | --- | --- |"]
-    for k in ("hf_eager", "hf_static_compile", "xyserve_engine", "megakernel", "megakernel_8_steps_per_graph"):
+    for k in ("hf_eager", "hf_static_compile", "xyserve_engine", "xyserve_engine_decode_megakernel", "megakernel",
+              "megakernel_8_steps_per_graph"):
         if k in res:
             lines.append(f"| {k} | {res[k]['tok_s']:.0f} | {res[k]['floor_pct']:.0f}% |")
     one = res["one_step"]

@@ -31,22 +31,12 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-# the TMA load was renamed (Triton 3.6: async_copy_global_to_shared; 3.9: async_load)
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-# so were the CTA barrier (3.6: thread_barrier; 3.9: barrier) and shared-memory views (_reinterpret / reinterpret)
-_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-_NEW_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
-
-
-@gluon.jit
-def _view(smem, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
-    """The same shared memory under another shape (both layouts plain row-major)."""
-    if _NEW_REINTERPRET:
-        return smem.reinterpret(dtype, shape, layout)
-    else:
-        return smem._reinterpret(dtype, shape, layout)
+from ascend_kernels.decode_step_kernel import _stage_layout, _tile_out
+from ascend_kernels.gluon_compat import cta_barrier as _barrier
+from ascend_kernels.gluon_compat import smem_view as _view
+from ascend_kernels.gluon_compat import tma_load as _tma_load
 
 
 @gluon.jit
@@ -97,14 +87,6 @@ def _issue(i, P, offB, offC, offD, G, wq_desc, wo_desc, wg_desc, wd_desc, ring, 
 
 
 @gluon.jit
-def _stage_layout(K: gl.constexpr, NB: gl.constexpr):
-    LS: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [NB, 1], [1, 0])
-    rr = gl.arange(0, K // 8, layout=gl.SliceLayout(1, LS))
-    ee = gl.arange(0, 8, layout=gl.SliceLayout(0, LS))
-    return gl.expand_dims(rr, 1) * 8 + gl.expand_dims(ee, 0)
-
-
-@gluon.jit
 def _stage(xs, src_ptr, stride_m, nw, eps, M: gl.constexpr, K: gl.constexpr, XS_ROWS: gl.constexpr,
            NORM: gl.constexpr, NB: gl.constexpr):
     """The stage's activations (RMS-normalised with weights nw when NORM) into xs, once per stage."""
@@ -114,11 +96,6 @@ def _stage(xs, src_ptr, stride_m, nw, eps, M: gl.constexpr, K: gl.constexpr, XS_
         if NORM:
             x = x * gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps) * nw
         xs.slice(m * XS_ROWS, K // 8, dim=0).store(x)
-
-
-@gluon.jit
-def _tile_out(acc):
-    return gl.sum(gl.sum(acc, axis=2), axis=0)
 
 
 @gluon.jit

@@ -127,6 +127,10 @@ class EngineConfig:
                             (engine/overlap.py); the host reads sampled tokens one step late. Steps run
                             in order while speculative decoding or a repetition penalty needs the
                             tokens on the host. None means on for CUDA, off elsewhere.
+    decode_megakernel:      run steps that decode one token of one request (batch 1, no drafts) as one
+                            persistent launch of the whole model (engine/decode_kernel.py): Llama-style
+                            bf16 models on a Hopper GPU; copies the weights once more. Elsewhere it logs
+                            why and the compiled model runs those steps.
     """
 
     block_size: int = 16
@@ -147,6 +151,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     cuda_graph_sizes: list[int] | None = None
     async_scheduling: bool | None = None
+    decode_megakernel: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative, dict):
@@ -179,6 +184,8 @@ class EngineConfig:
             raise ValueError(f"xyserve: compile_options must be a dict, got {self.compile_options!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"xyserve: cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
+        if not isinstance(self.decode_megakernel, bool):
+            raise ValueError(f"xyserve: decode_megakernel must be a bool, got {self.decode_megakernel!r}")
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"xyserve: async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if self.cuda_graph_sizes is not None:

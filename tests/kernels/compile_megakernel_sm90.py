@@ -1,6 +1,6 @@
 """Compile a decode megakernel probe for sm_90 without a GPU; print what the PTX holds as JSON.
 Run in a fresh process from the repository root: `python -m tests.kernels.compile_megakernel_sm90 ARG`,
-ARG = 1 or 2 (benchmarks/decode_megakernel.py at M = ARG) or `step` (benchmarks/decode_step_kernel.py).
+ARG = 1 or 2 (benchmarks/decode_megakernel.py at M = ARG) or `step` (ascend_kernels/decode_step_kernel.py).
 """
 import inspect
 import json
@@ -11,10 +11,10 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
-from benchmarks import bench_decode_step
+from ascend_kernels import decode_step
+from ascend_kernels.decode_step_kernel import decode_step_kernel
 from benchmarks.bench_megakernel import MegakernelConfig
 from benchmarks.decode_megakernel import decode_megakernel_kernel
-from benchmarks.decode_step_kernel import decode_step_kernel
 
 _TYPES = {"n1_ptr": "*bf16", "n2_ptr": "*bf16", "nf_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
           "embed_ptr": "*bf16", "cnt_ptr": "*i32", "bt_ptr": "*i32", "pos_ptr": "*i32", "best_idx_ptr": "*i32",
@@ -42,9 +42,9 @@ def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int) -> dict:
 
 def main(arg: str) -> dict:
     if arg == "step":
-        b = bench_decode_step
-        const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": b.BS,
-                 "NSPLIT": b.NSPLIT, "T": b.T, "BN": b.BN, "BOX": b.BOX, "NB": b.NB, "NBUF": b.NBUF}
+        b = decode_step
+        const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
+                 "NSPLIT": b.NSPLIT, "T": b.TILE, "BN": b.BN, "BOX": b.BOX, "NB": b.NB, "NBUF": b.NBUF, "GREEDY": 1}
         return _compile(decode_step_kernel, const, (b.BN, b.BOX), b.NB)
     cfg = MegakernelConfig(m=int(arg))
     const = {"M": cfg.m, "NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "BN": cfg.bn, "BOX": cfg.box,

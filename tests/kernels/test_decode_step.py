@@ -1,4 +1,4 @@
-"""The whole-decode-step megakernel probe (benchmarks/decode_step_kernel.py): an sm_90 compile in a fresh
+"""The whole-decode-step kernel (ascend_kernels/decode_step_kernel.py): an sm_90 compile in a fresh
 process (CPU; catches Gluon API drift), and on a Hopper GPU one step's logits and token against the
 model's float32 copy fed the same prompt cache, then several steps against the same reference."""
 import copy

@@ -42,7 +42,15 @@ def num_kv_blocks(layers: list[LayerSpec], config: EngineConfig, max_model_len: 
 
 def allocate_kv_caches(layers: list[LayerSpec], num_blocks: int, block_size: int,
                        device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zeroed K and V caches, one pair per layer, in each layer's dtype."""
+    """Zeroed K and V caches, one pair per layer, in each layer's dtype. When every layer has one
+    spec, each list is the slices of one [num_layers, ...] tensor (a kernel that runs all layers in
+    one launch, decode_kernel.py, reads it through one pointer)."""
+    if all(s == layers[0] for s in layers):
+        s = layers[0]
+        shape = (len(layers), num_blocks, block_size, s.num_kv_heads)
+        k_all = torch.zeros(*shape, s.head_dim, dtype=s.dtype, device=device)
+        v_all = torch.zeros(*shape, s.value_dim, dtype=s.dtype, device=device)
+        return list(k_all.unbind(0)), list(v_all.unbind(0))
     k, v = [], []
     for s in layers:
         shape = (num_blocks, block_size, s.num_kv_heads)

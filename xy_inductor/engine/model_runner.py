@@ -28,6 +28,7 @@ from xy_inductor.config import EngineConfig
 from xy_inductor.engine.attention_metadata import PagedAttentionMetadata
 from xy_inductor.engine.compiled_model import compile_model
 from xy_inductor.engine.cuda_graphs import CudaGraphs, bucket_sizes
+from xy_inductor.engine.decode_kernel import DecodeKernelPath, prepare_weights
 from xy_inductor.engine.kv_tensors import allocate_kv_caches, num_kv_blocks
 from xy_inductor.engine.model_check import LayerSpec, check_model
 from xy_inductor.engine.outputs import SchedulerOutput
@@ -88,8 +89,13 @@ class ModelRunner:
         self.config = config
         self.block_size = config.block_size
         self.layers: list[LayerSpec] = check_model(model, self.max_model_len)
+        # the whole-step kernel's stacked weights go first: the KV pool is sized from the memory left
+        decode_weights = prepare_weights(model, config.decode_megakernel, self.block_size)
         self.num_blocks = num_kv_blocks(self.layers, config, self.max_model_len, self.device)
         self.k_caches, self.v_caches = allocate_kv_caches(self.layers, self.num_blocks, self.block_size, self.device)
+        self.decode_path = None
+        if decode_weights is not None:
+            self.decode_path = DecodeKernelPath(decode_weights, self.k_caches, self.v_caches, self.block_size)
         # One Task-Table serves every layer when they share a head layout and Triton runs them.
         uniform = all(s == self.layers[0] for s in self.layers)
         triton = use_triton(config.impl, self.k_caches[0])
@@ -265,7 +271,9 @@ class ModelRunner:
         (a request with d drafted tokens owns d + 1 consecutive rows). Under CUDA graphs the
         logits are a static buffer: valid until the next step."""
         step = self.prepare(out, feed)
-        if step.graph:
+        if self.decode_path is not None and self.decode_path.takes(out.rows):
+            logits = self.decode_path.run(step.inputs)
+        elif step.graph:
             logits = self.graphs.replay(step.layout)
         else:
             self._own_attention()
@@ -292,4 +300,6 @@ class ModelRunner:
             stats["graphs_compiled_at_capture"] = self.graphs_compiled_at_capture
         if self.tables is not None:
             stats.update(task_tables_planned=self.tables.num_planned, task_tables_reused=self.tables.num_reused)
+        if self.decode_path is not None:
+            stats["decode_megakernel_steps"] = self.decode_path.num_steps
         return stats

@@ -25,15 +25,26 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from benchmarks.decode_megakernel import (
-    _barrier,
-    _stage_layout,
-    _tile_out,
-    _tma_load,
-    _view,
-)
+from ascend_kernels.gluon_compat import cta_barrier as _barrier
+from ascend_kernels.gluon_compat import smem_view as _view
+from ascend_kernels.gluon_compat import tma_load as _tma_load
 
 LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _stage_layout(K: gl.constexpr, NB: gl.constexpr):
+    """Offsets 0..K-1 as [K / 8, 8]: 8 contiguous values per thread, NB warps."""
+    LS: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [NB, 1], [1, 0])
+    rr = gl.arange(0, K // 8, layout=gl.SliceLayout(1, LS))
+    ee = gl.arange(0, 8, layout=gl.SliceLayout(0, LS))
+    return gl.expand_dims(rr, 1) * 8 + gl.expand_dims(ee, 0)
+
+
+@gluon.jit
+def _tile_out(acc):
+    """A row tile's outputs from the per-thread partial sums [NB, BN, 32]."""
+    return gl.sum(gl.sum(acc, axis=2), axis=0)
 
 
 @gluon.jit
@@ -153,7 +164,7 @@ def _attention(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, 
     span = (pos + NSPLIT) // NSPLIT  # cdiv(pos + 1, NSPLIT)
     start = sp * span
     end = gl.minimum(pos + 1, start + span)
-    base = layer * layer_stride + kvh * D
+    base = layer.to(gl.int64) * layer_stride + kvh * D  # a whole cache can pass 2^31 elements
     p, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, base, start, end, pos, d, BS, NKV, D, T, ROW)
     ang = pos.to(gl.float32) * gl.load(inv_freq_ptr + d % (D // 2))
     cos_a = gl.cos(ang) * rope_scale
@@ -197,7 +208,7 @@ def _stage_merge(xs, part_ptr, H: gl.constexpr, D: gl.constexpr, NSPLIT: gl.cons
 
 @gluon.jit
 def _stage_norm(xs, src_ptr, nw, eps, K: gl.constexpr, NORM: gl.constexpr, NB: gl.constexpr):
-    x = gl.load(src_ptr + _stage_layout(K, NB), cache_modifier=".cg")
+    x = gl.load(src_ptr + _stage_layout(K, NB), cache_modifier=".cg").to(gl.float32)
     if NORM:
         x = x * gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps) * nw
     xs.slice(0, K // 8, dim=0).store(x)
@@ -205,26 +216,27 @@ def _stage_norm(xs, src_ptr, nw, eps, K: gl.constexpr, NORM: gl.constexpr, NB: g
 
 @gluon.jit
 def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
-                 embed_ptr, h_ptr, G, NL: gl.constexpr, H: gl.constexpr, V: gl.constexpr, NB: gl.constexpr):
-    """After the lm_head: publish this program's best logit; the last program to arrive picks the token
-    (first index of the maximum, like torch.argmax without NaN), writes it, steps the position, loads the
-    next step's embedding row into h and zeroes the counters for the next launch."""
+                 G, NL: gl.constexpr, V: gl.constexpr, NB: gl.constexpr, GREEDY: gl.constexpr):
+    """After the lm_head the last program to arrive zeroes the counters for the next launch. With GREEDY
+    (the probe's own decode loop) it also picks the token (first index of the maximum over the programs'
+    best logits, like torch.argmax without NaN), writes it as the next launch's input and steps the
+    position; without it the caller samples from the logits."""
     pid = gl.program_id(0)
-    gl.store(best_val_ptr + pid, best_v)
-    gl.store(best_idx_ptr + pid, best_i)
+    if GREEDY:
+        gl.store(best_val_ptr + pid, best_v)
+        gl.store(best_idx_ptr + pid, best_i)
     _barrier()
     if gl.atomic_add(cnt_ptr + NL * 5, 1, sem="acq_rel") == G - 1:  # every other program is done
         LG: gl.constexpr = gl.BlockedLayout([1], [32], [NB], [0])
         p = gl.arange(0, 32 * NB, layout=LG)
-        vals = gl.load(best_val_ptr + p, mask=p < G, other=float("-inf"), cache_modifier=".cg")
-        idxs = gl.load(best_idx_ptr + p, mask=p < G, other=V, cache_modifier=".cg")
-        top = gl.max(vals, axis=0)
-        token = gl.min(gl.where(vals == top, idxs, V), axis=0)
-        gl.store(token_ptr, token.to(gl.int64))
-        gl.store(tokens_out_ptr + pos, token.to(gl.int64))
-        gl.store(pos_ptr, pos + 1)
-        kk = _stage_layout(H, NB)
-        gl.store(h_ptr + kk, gl.load(embed_ptr + token.to(gl.int64) * H + kk).to(gl.float32))
+        if GREEDY:
+            vals = gl.load(best_val_ptr + p, mask=p < G, other=float("-inf"), cache_modifier=".cg")
+            idxs = gl.load(best_idx_ptr + p, mask=p < G, other=V, cache_modifier=".cg")
+            top = gl.max(vals, axis=0)
+            token = gl.min(gl.where(vals == top, idxs, V), axis=0)
+            gl.store(token_ptr, token.to(token_ptr.dtype.element_ty))
+            gl.store(tokens_out_ptr + pos, token.to(gl.int64))
+            gl.store(pos_ptr, pos + 1)
         gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 5 + 1)
 
 
@@ -235,7 +247,7 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, 
             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
             NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
-            BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+            BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, GREEDY: gl.constexpr):
     KC: gl.constexpr = BOX * NB
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     offB, offC, offD, P = _offsets(G, NQ, H, I, BN, H // KC, I // KC)
@@ -253,7 +265,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
              best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
              NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
              NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
-             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, GREEDY: gl.constexpr):
     KC: gl.constexpr = BOX * NB
     CG: gl.constexpr = H // KC
     CD: gl.constexpr = I // KC
@@ -271,6 +283,10 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
     acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
     gate = gl.zeros([BN], gl.float32, ROWS)
     pos = gl.load(pos_ptr)
+    token = gl.load(token_ptr).to(gl.int64)
+    for j in range((H // BN - pid + G - 1) // G):  # the residual rows this program owns (o and down stages)
+        rows = (pid + j * G) * BN + rows_in
+        gl.store(h_ptr + rows, gl.load(embed_ptr + token * H + rows).to(gl.float32))
     best_v = gl.to_tensor(float("-inf"))
     best_i = gl.to_tensor(0)
     for i in range(total):
@@ -293,6 +309,8 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
                 _stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
             elif s == 3:
                 _stage_norm(xs, g_ptr, nw, eps, I, False, NB)
+            elif (s == 0) & (layer == 0):  # the first norm reads the token's embedding row
+                _stage_norm(xs, embed_ptr + token * H, nw, eps, H, True, NB)
             else:
                 _stage_norm(xs, h_ptr, nw, eps, H, True, NB)
             _barrier()
@@ -324,13 +342,13 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
         if in_layer & ((r == offB - 1) | (r == offC - 1) | (r == offD - 1) | (r == P - 1)):
             _signal(cnt_ptr, ci)
     _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
-                 embed_ptr, h_ptr, G, NL, H, V, NB)
+                 G, NL, V, NB, GREEDY)
 
 
 @gluon.jit
 def decode_step_kernel(
     wq_desc, wo_desc, wg_desc, wd_desc, wl_desc,  # TMA over [NL * N, K] bf16 (q;k;v, o, gate;up, down), lm [V, H]
-    h_ptr,  # [H] fp32: the token's embedding in, the last residual out
+    h_ptr,  # [H] fp32 residual stream (scratch; the last residual out)
     qkv_ptr, g_ptr,  # [NQ], [I] fp32 scratch
     part_ptr,  # [NQH, NSPLIT, D + 2] fp32 attention partials (acc, max, sum)
     logits_ptr,  # [V] fp32
@@ -340,14 +358,14 @@ def decode_step_kernel(
     pos_ptr,  # [1] int32 the new token's position
     inv_freq_ptr,  # [D / 2] fp32 RoPE frequencies (the model's, scaling included)
     cnt_ptr,  # [NL * 5 + 1] int32 grid counters, zero at launch (and left zero)
-    token_ptr,  # [1] int64: the step's input token (its embedding is already in h); the next one out
-    tokens_out_ptr,  # [max_len + 1] int64: [pos] = the token chosen after position pos
-    embed_ptr,  # [V, H] bf16 embedding (the next token's row is loaded into h)
-    best_val_ptr, best_idx_ptr,  # [G] fp32 / int32 per-program best logit
+    token_ptr,  # [1] int32 / int64: the step's input token (GREEDY: the next step's is written back)
+    tokens_out_ptr,  # [max_len + 1] int64 (GREEDY): [pos] = the token chosen after position pos
+    embed_ptr,  # [V, H] bf16 token embedding
+    best_val_ptr, best_idx_ptr,  # [G] fp32 / int32 per-program best logit (GREEDY)
     eps, rope_scale, qk_scale, layer_stride, G,
     NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
     D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, BN: gl.constexpr,
-    BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr,
+    BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, GREEDY: gl.constexpr,
 ):
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * NB, BN, BOX], gl.NVMMASharedLayout(0, 16, rank=2))
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -361,12 +379,12 @@ def decode_step_kernel(
                     n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                     token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
                     layer_stride, G, ring, xs, ready, empty,
-                    NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF)),
+                    NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, GREEDY)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
                    n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                    token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
                    layer_stride, G, ring, xs, ready, empty,
-                   NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF)),
+                   NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, GREEDY)),
     ], [1], [48])
     for b in gl.static_range(NBUF):
         mbarrier.invalidate(ready.index(b))

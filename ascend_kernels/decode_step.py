@@ -1,0 +1,125 @@
+"""Launcher of the whole-step decode kernel (decode_step_kernel.py): a batch-1 decode step of a
+Llama-style decoder (RMSNorm, RoPE, GQA attention over a paged KV cache, SiLU-gated MLP) as one
+persistent launch on a Hopper GPU.
+
+The kernel streams each kind of weight through one TMA descriptor, so the weights come stacked over
+the layers (`DecodeWeights`), and it reads the KV cache of every layer from one tensor
+[num_layers, num_blocks, block_size, num_kv_heads, head_dim]. `problem()` says why a model or card
+cannot run it (None when it can); the callers fall back to their per-kernel path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+# tiling of the kernel (measured on an H100, benchmarks/RESULTS.md): 8-row tiles, 32 KB chunks of
+# 8 TMA boxes (one per compute warp), a 4-chunk ring, attention split in 2 over 128-position tiles
+BN, BOX, NB, NBUF, NSPLIT, TILE = 8, 256, 8, 4, 2, 128
+SMEM_BYTES = 227 * 1024
+
+
+@dataclasses.dataclass(slots=True)
+class DecodeWeights:
+    """A decoder's weights stacked per kind, rows of layer l at [l * N, (l + 1) * N)."""
+
+    wq: torch.Tensor  # [NL * (NQH + 2 NKV) * D, H]: q; k; v of each layer
+    wo: torch.Tensor  # [NL * H, NQH * D]
+    wg: torch.Tensor  # [NL * 2 I, H]: gate; up of each layer
+    wd: torch.Tensor  # [NL * H, I]
+    wl: torch.Tensor  # [V, H] lm_head
+    n1: torch.Tensor  # [NL, H] input norms
+    n2: torch.Tensor  # [NL, H] post-attention norms
+    nf: torch.Tensor  # [H] final norm
+    embed: torch.Tensor  # [V, H]
+    inv_freq: torch.Tensor  # [D / 2] fp32 RoPE frequencies (scaling included)
+    rope_scale: float  # RoPE's attention scaling (1.0 for plain RoPE)
+    eps: float
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def __post_init__(self):
+        nl, h = self.n1.shape
+        d, nq, nkv = self.head_dim, self.num_q_heads, self.num_kv_heads
+        i = self.wd.shape[1]
+        want = {"wq": (nl * (nq + 2 * nkv) * d, h), "wo": (nl * h, nq * d), "wg": (nl * 2 * i, h),
+                "wd": (nl * h, i), "wl": (self.embed.shape[0], h), "n2": (nl, h), "nf": (h,),
+                "inv_freq": (d // 2,)}
+        for name, shape in want.items():
+            t = getattr(self, name)
+            if tuple(t.shape) != shape or not t.is_contiguous():
+                raise ValueError(f"DecodeWeights.{name}: expected a contiguous {shape}, got {tuple(t.shape)}")
+
+    @property
+    def dims(self) -> dict:
+        nl, h = self.n1.shape
+        return {"NL": nl, "H": h, "I": self.wd.shape[1], "V": self.embed.shape[0], "NQH": self.num_q_heads,
+                "NKV": self.num_kv_heads, "D": self.head_dim}
+
+
+def problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | None:
+    """Why this model / card cannot run the kernel, or None."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "needs an sm_90 (Hopper) GPU"
+    if any(t.dtype != torch.bfloat16 for t in (w.wq, w.wo, w.wg, w.wd, w.wl, w.embed)):
+        return "needs bf16 weights"
+    d, kc, grid = w.dims, BOX * NB, torch.cuda.get_device_properties(device).multi_processor_count
+    if w.head_dim != 64:
+        return f"head_dim {w.head_dim} (the kernel's attention takes 64)"
+    if d["H"] % kc or d["I"] % kc or d["NQH"] * w.head_dim != d["H"]:
+        return f"hidden {d['H']} / MLP {d['I']} sizes must be multiples of {kc}, with q heads x head_dim = hidden"
+    if d["H"] // BN < grid or d["NQH"] * NSPLIT > grid or d["V"] % BN:
+        return "the grid needs a row tile of every GEMV and a program for every attention split"
+    if 5 * d["NL"] + 1 > 32 * NB or d["I"] * 4 + NBUF * NB * BN * BOX * 2 > SMEM_BYTES - 4096:
+        return "too many layers or too large an MLP for the kernel's counters / shared memory"
+    return None
+
+
+class DecodeStepKernel:
+    """One request's batch-1 decode step in one launch: `launch(token, pos, block_table_row)` reads the
+    token id, its position and the request's block table from device tensors (int32 or int64), writes
+    the new token's K/V into the cache and returns the logits [V] fp32 (a buffer reused every step)."""
+
+    def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        reason = problem(w, block_size, w.embed.device)
+        if reason is not None:
+            raise ValueError(f"decode step kernel: {reason}")
+        d = w.dims
+        if k_cache.shape[0] != d["NL"] or k_cache.shape[2:] != (block_size, d["NKV"], w.head_dim):
+            raise ValueError(f"decode step kernel: KV cache {tuple(k_cache.shape)} is not [layers, blocks, "
+                             f"{block_size}, {d['NKV']}, {w.head_dim}]")
+        if not (k_cache.is_contiguous() and v_cache.is_contiguous() and v_cache.shape == k_cache.shape):
+            raise ValueError("decode step kernel: K and V caches must be contiguous and of one shape")
+        self.w, self.k_cache, self.v_cache, self.block_size = w, k_cache, v_cache, block_size
+        layout = gl.NVMMASharedLayout(0, 16, rank=2)
+        self.descs = [TensorDescriptor.from_tensor(t, [BN, BOX], layout) for t in (w.wq, w.wo, w.wg, w.wd, w.wl)]
+        dev = w.embed.device
+        self.grid = torch.cuda.get_device_properties(dev).multi_processor_count
+        f32 = {"device": dev, "dtype": torch.float32}
+        self.hidden = torch.empty(d["H"], **f32)
+        self.qkv = torch.empty((d["NQH"] + 2 * d["NKV"]) * w.head_dim, **f32)
+        self.g, self.logits = torch.empty(d["I"], **f32), torch.empty(d["V"], **f32)
+        self.part = torch.empty(d["NQH"] * NSPLIT * (w.head_dim + 2), **f32)
+        self.best_val = torch.empty(self.grid, **f32)
+        self.best_idx = torch.empty(self.grid, device=dev, dtype=torch.int32)
+        self.counters = torch.zeros(5 * d["NL"] + 1, device=dev, dtype=torch.int32)  # zero between launches
+
+    def launch(self, token: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
+               tokens_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's logits. With `tokens_out` (int64) the kernel also picks the greedy token, writes it
+        into `token` and tokens_out[pos] and steps `pos`: a decode loop with no host work."""
+        from ascend_kernels.decode_step_kernel import LOG2E, decode_step_kernel
+
+        w, greedy = self.w, tokens_out is not None
+        decode_step_kernel[(self.grid,)](
+            *self.descs, self.hidden, self.qkv, self.g, self.part, self.logits, w.n1, w.n2, w.nf,
+            self.k_cache, self.v_cache, block_table, pos, w.inv_freq, self.counters, token,
+            tokens_out if greedy else token, w.embed, self.best_val, self.best_idx, w.eps, w.rope_scale,
+            LOG2E / math.sqrt(w.head_dim), self.k_cache[0].numel(), self.grid, **w.dims, BS=self.block_size,
+            NSPLIT=NSPLIT, T=TILE, BN=BN, BOX=BOX, NB=NB, NBUF=NBUF, GREEDY=greedy, num_warps=NB)
+        return self.logits

@@ -1,0 +1,115 @@
+"""The engine's whole-step decode kernel path (engine/decode_kernel.py, EngineConfig.decode_megakernel).
+
+CPU: the stacked weights and KV caches it reads, which models it takes, which steps it takes, and that
+an engine asked for it on a card that cannot run it says so and decodes exactly as without it. GPU
+(sm_90): an engine with the option runs batch-1 decode steps on the kernel, and every token it picks is
+the argmax of the float32 model fed the same tokens, up to bf16-sized near-ties.
+"""
+import copy
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.engine.engine_models import build_model, random_prompts
+from xy_inductor import LLM, SamplingParams
+from xy_inductor.config import EngineConfig
+from xy_inductor.engine.decode_kernel import (
+    DecodeKernelPath,
+    prepare_weights,
+    stack_weights,
+    stacked,
+)
+from xy_inductor.engine.kv_tensors import allocate_kv_caches
+from xy_inductor.engine.model_check import LayerSpec
+
+
+def test_option_must_be_bool():
+    assert EngineConfig(decode_megakernel=True).decode_megakernel
+    with pytest.raises(ValueError, match="decode_megakernel must be a bool"):
+        EngineConfig(decode_megakernel=1)
+
+
+def test_stacked_weights_follow_the_layers():
+    model = build_model("llama")
+    w = stack_weights(model)
+    layer1 = model.model.layers[1]
+    nq = (4 + 2 * 2) * 16  # (q heads + 2 kv heads) x head_dim rows per layer
+    assert torch.equal(w.wq[nq:nq + 64], layer1.self_attn.q_proj.weight)
+    assert torch.equal(w.wq[nq + 64 + 32:2 * nq], layer1.self_attn.v_proj.weight)
+    assert torch.equal(w.wg[2 * 128 + 128:], layer1.mlp.up_proj.weight)
+    assert torch.equal(w.n2[1], layer1.post_attention_layernorm.weight)
+    assert w.dims == {"NL": 2, "H": 64, "I": 128, "V": 512, "NQH": 4, "NKV": 2, "D": 16}
+
+
+@pytest.mark.parametrize("family, match", [("qwen2", "bias"), ("gpt2", "not a Llama-style")])
+def test_other_architectures_are_named(family, match):
+    with pytest.raises(NotImplementedError, match=match):
+        stack_weights(build_model(family))
+
+
+def test_cpu_model_logs_why_and_gets_none(caplog):
+    with caplog.at_level(logging.WARNING, logger="xyserve"):
+        assert prepare_weights(build_model("llama"), True, 16) is None
+    assert "decode_megakernel off" in caplog.text and "sm_90" in caplog.text
+    assert prepare_weights(build_model("llama"), False, 16) is None
+
+
+def test_kv_caches_are_one_stacked_tensor_when_layers_agree():
+    spec = LayerSpec(4, 2, 16, 16, torch.float32)
+    k, v = allocate_kv_caches([spec, spec, spec], 5, 16, torch.device("cpu"))
+    assert stacked(k).shape == (3, 5, 16, 2, 16) and stacked(v) is not None
+    k[1].fill_(1.0)
+    assert stacked(k)[1].eq(1).all() and stacked(k)[0].eq(0).all()
+    other = LayerSpec(4, 2, 32, 32, torch.float32)
+    k, _ = allocate_kv_caches([spec, other], 5, 16, torch.device("cpu"))
+    assert stacked(k) is None
+
+
+def test_takes_only_single_token_single_request_steps():
+    def row(n, sample=True, drafts=0):
+        return SimpleNamespace(token_ids=[0] * n, sample=sample, num_draft_tokens=drafts)
+
+    assert DecodeKernelPath.takes([row(1)])
+    assert not DecodeKernelPath.takes([row(1), row(1)])
+    assert not DecodeKernelPath.takes([row(7)])
+    assert not DecodeKernelPath.takes([row(1, sample=False)])
+    assert not DecodeKernelPath.takes([row(1, drafts=2)])
+
+
+def test_engine_on_cpu_falls_back_to_the_same_tokens(caplog):
+    prompts = random_prompts([5, 9])
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    plain = LLM(build_model("llama"), compile=False).generate(prompts, params, use_tqdm=False)
+    with caplog.at_level(logging.WARNING, logger="xyserve"):
+        llm = LLM(build_model("llama"), compile=False, decode_megakernel=True)
+    assert "decode_megakernel off" in caplog.text
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert "decode_megakernel_steps" not in llm.stats
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="needs an sm_90 GPU")
+def test_engine_decodes_batch_one_on_the_kernel():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=8192, max_position_embeddings=4096,
+                         rope_theta=500000.0, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    ref = LlamaForCausalLM(copy.deepcopy(config)).to(device="cuda").eval()  # its own config: the engine
+    ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})  # switches the model's attention
+    ref.set_attn_implementation("sdpa")
+    prompt = torch.randint(0, 8192, (37,)).tolist()  # 37: the last page partly filled
+    llm = LLM(model, max_model_len=256, decode_megakernel=True)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    tokens = out[0].token_ids
+    assert llm.stats["decode_megakernel_steps"] == len(tokens) - 1  # every step after the prefill
+    with torch.no_grad():  # teacher-forced float32 logits at every decoded position
+        logits = ref(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1:]
+    for step, token in enumerate(tokens[1:], start=1):  # the first token comes from the bf16 prefill
+        row = logits[step]
+        assert row[token] >= row.max() - 0.05 * (row.max() - row.min()), (step, token, row.argmax().item())

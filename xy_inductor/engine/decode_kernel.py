@@ -1,0 +1,120 @@
+"""Batch-1 decode steps as one persistent launch (opt-in: `EngineConfig.decode_megakernel`).
+
+A step whose only row is one request decoding one token (no drafts) skips the compiled model: the
+whole-step kernel (ascend_kernels/decode_step_kernel.py) reads the token id, its position and the
+request's block table from the step's device buffers, writes the token's K/V into the paged cache
+and returns the logits for the sampler. Every other step (prefill chunks, batches, verification)
+runs the compiled model on the same cache.
+
+The kernel streams each kind of weight through one TMA descriptor, so the weights are copied once,
+stacked over the layers (the model's own stay where they are: the other steps use them). It takes
+Llama-style decoders only (RMSNorm, RoPE, GQA without biases, SiLU-gated MLP); for anything else,
+or a card or dtype it cannot run, the engine logs why once and keeps its normal path.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ascend_kernels.decode_step import DecodeStepKernel, DecodeWeights, problem
+from xy_inductor import hf
+
+log = logging.getLogger("xyserve")
+
+_STATIC_ROPE = ("default", "llama3", "linear")  # inv_freq fixed at load time (dynamic types change it)
+
+
+def _check_llama_style(model: torch.nn.Module) -> None:
+    """Raise NotImplementedError naming the first part that is not Llama-style."""
+    inner, c = getattr(model, "model", None), model.config
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        raise NotImplementedError(f"{type(model).__name__} is not a Llama-style decoder (model.layers, rotary_emb)")
+    if getattr(c, "hidden_act", None) != "silu":
+        raise NotImplementedError(f"activation {getattr(c, 'hidden_act', None)!r} (the kernel takes SiLU)")
+    if getattr(inner.rotary_emb, "rope_type", "default") not in _STATIC_ROPE:
+        raise NotImplementedError(f"RoPE type {inner.rotary_emb.rope_type!r}")
+    for layer in inner.layers:
+        att, mlp = layer.self_attn, layer.mlp
+        linears = [getattr(att, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if any(lin is None or getattr(lin, "bias", None) is not None for lin in linears):
+            raise NotImplementedError("attention / MLP projections must be bias-free q/k/v/o and gate/up/down")
+        if hasattr(att, "q_norm") or hasattr(att, "k_norm"):
+            raise NotImplementedError("q/k norms (the kernel has none)")
+    if getattr(model.lm_head, "bias", None) is not None:
+        raise NotImplementedError("an lm_head bias")
+
+
+@torch.no_grad()
+def stack_weights(model: torch.nn.Module) -> DecodeWeights:
+    """The model's weights stacked per kind (a copy) for the whole-step kernel."""
+    _check_llama_style(model)
+    inner, c = model.model, model.config
+    att = [layer.self_attn for layer in inner.layers]
+    mlp = [layer.mlp for layer in inner.layers]
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    eps = getattr(c, "rms_norm_eps", None) or inner.norm.variance_epsilon
+    return DecodeWeights(
+        wq=torch.cat([torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in att]),
+        wo=torch.cat([a.o_proj.weight for a in att]),
+        wg=torch.cat([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlp]),
+        wd=torch.cat([m.down_proj.weight for m in mlp]),
+        wl=model.lm_head.weight.contiguous(),
+        n1=torch.stack([layer.input_layernorm.weight for layer in inner.layers]),
+        n2=torch.stack([layer.post_attention_layernorm.weight for layer in inner.layers]),
+        nf=inner.norm.weight.contiguous(), embed=inner.embed_tokens.weight.contiguous(),
+        inv_freq=inner.rotary_emb.inv_freq.float().contiguous(),
+        rope_scale=float(getattr(inner.rotary_emb, "attention_scaling", 1.0)), eps=float(eps),
+        num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=head_dim)
+
+
+def prepare_weights(model: torch.nn.Module, enabled: bool, block_size: int) -> DecodeWeights | None:
+    """The stacked weights when the option is on and the model and card can run the kernel; else None
+    (with a one-line warning saying why). Called before the KV cache takes the free memory."""
+    if not enabled:
+        return None
+    try:
+        weights = stack_weights(model)
+        reason = problem(weights, block_size, weights.embed.device)
+    except NotImplementedError as e:
+        reason = str(e)
+    if reason is not None:
+        log.warning("xyserve: decode_megakernel off, batch-1 decode runs the compiled model: %s", reason)
+        return None
+    return weights
+
+
+def stacked(caches: list[torch.Tensor]) -> torch.Tensor | None:
+    """The one tensor whose consecutive slices the per-layer caches are, or None."""
+    base = caches[0]._base
+    if base is None or base.shape[0] != len(caches) or not base.is_contiguous():
+        return None
+    if any(c._base is not base or c.data_ptr() != base[i].data_ptr() for i, c in enumerate(caches)):
+        return None
+    return base
+
+
+class DecodeKernelPath:
+    """Runs a batch-1 decode step on the whole-step kernel; counts the steps it ran."""
+
+    def __init__(self, weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                 block_size: int):
+        k, v = stacked(k_caches), stacked(v_caches)
+        if k is None or v is None:
+            raise ValueError("the KV caches are not one stacked tensor per K and V")
+        self.kernel = DecodeStepKernel(weights, k, v, block_size)
+        self.num_steps = 0
+
+    @staticmethod
+    def takes(rows) -> bool:
+        """One request, one new token, sampled, no drafts."""
+        return (len(rows) == 1 and len(rows[0].token_ids) == 1 and rows[0].sample
+                and rows[0].num_draft_tokens == 0)
+
+    def run(self, inputs: dict) -> torch.Tensor:
+        """Logits [1, V] (fp32, a buffer reused by the next step) of the step packed in `inputs`."""
+        metadata = inputs[hf.METADATA_KWARG]
+        logits = self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0])
+        self.num_steps += 1
+        return logits.view(1, -1)
