@@ -105,6 +105,7 @@ class DecodeKernelPath:
             raise ValueError("the KV caches are not one stacked tensor per K and V")
         self.kernel = DecodeStepKernel(weights, k, v, block_size)
         self.num_steps = 0
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # per bucket (its static input buffer)
 
     @staticmethod
     def takes(rows) -> bool:
@@ -112,9 +113,24 @@ class DecodeKernelPath:
         return (len(rows) == 1 and len(rows[0].token_ids) == 1 and rows[0].sample
                 and rows[0].num_draft_tokens == 0)
 
-    def run(self, inputs: dict) -> torch.Tensor:
-        """Logits [1, V] (fp32, a buffer reused by the next step) of the step packed in `inputs`."""
+    def _launch(self, inputs: dict) -> torch.Tensor:
         metadata = inputs[hf.METADATA_KWARG]
-        logits = self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0])
+        return self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0])
+
+    def run(self, inputs: dict, static: bool) -> torch.Tensor:
+        """Logits [1, V] (fp32, a buffer reused by the next step) of the step packed in `inputs`. With
+        `static` inputs (a CUDA-graph bucket's buffers) the launch is replayed from a graph captured
+        after the bucket's first step (a Gluon launch costs tens of microseconds of host time)."""
         self.num_steps += 1
+        key = inputs["input_ids"].data_ptr()
+        graph = self._graphs.get(key) if static else None
+        if graph is not None:
+            graph.replay()
+            return self.kernel.logits.view(1, -1)
+        logits = self._launch(inputs)  # compiles on the first step
+        if static:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # captured, not run: this step is already launched
+                self._launch(inputs)
+            self._graphs[key] = graph
         return logits.view(1, -1)

@@ -272,7 +272,7 @@ class ModelRunner:
         logits are a static buffer: valid until the next step."""
         step = self.prepare(out, feed)
         if self.decode_path is not None and self.decode_path.takes(out.rows):
-            logits = self.decode_path.run(step.inputs)
+            logits = self.decode_path.run(step.inputs, step.graph)
         elif step.graph:
             logits = self.graphs.replay(step.layout)
         else:
