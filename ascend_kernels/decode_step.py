@@ -110,16 +110,17 @@ class DecodeStepKernel:
         self.counters = torch.zeros(5 * d["NL"] + 1, device=dev, dtype=torch.int32)  # zero between launches
 
     def launch(self, token: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
-               tokens_out: torch.Tensor | None = None) -> torch.Tensor:
-        """The step's logits. With `tokens_out` (int64) the kernel also picks the greedy token, writes it
-        into `token` and tokens_out[pos] and steps `pos`: a decode loop with no host work."""
+               tokens_out: torch.Tensor | None = None, loop: bool = False) -> torch.Tensor:
+        """The step's logits. With `tokens_out` (int64) the kernel also picks the greedy token into
+        tokens_out[0]; with `loop` it instead writes it into `token` and tokens_out[pos] and steps `pos`:
+        a decode loop with no host work."""
         from ascend_kernels.decode_step_kernel import LOG2E, decode_step_kernel
 
-        w, greedy = self.w, tokens_out is not None
+        w, pick = self.w, 0 if tokens_out is None else 2 if loop else 1
         decode_step_kernel[(self.grid,)](
             *self.descs, self.hidden, self.qkv, self.g, self.part, self.logits, w.n1, w.n2, w.nf,
             self.k_cache, self.v_cache, block_table, pos, w.inv_freq, self.counters, token,
-            tokens_out if greedy else token, w.embed, self.best_val, self.best_idx, w.eps, w.rope_scale,
+            tokens_out if pick else token, w.embed, self.best_val, self.best_idx, w.eps, w.rope_scale,
             LOG2E / math.sqrt(w.head_dim), self.k_cache[0].numel(), self.grid, **w.dims, BS=self.block_size,
-            NSPLIT=NSPLIT, T=TILE, BN=BN, BOX=BOX, NB=NB, NBUF=NBUF, GREEDY=greedy, num_warps=NB)
+            NSPLIT=NSPLIT, T=TILE, BN=BN, BOX=BOX, NB=NB, NBUF=NBUF, PICK=pick, num_warps=NB)
         return self.logits

@@ -216,27 +216,31 @@ def _stage_norm(xs, src_ptr, nw, eps, K: gl.constexpr, NORM: gl.constexpr, NB: g
 
 @gluon.jit
 def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
-                 G, NL: gl.constexpr, V: gl.constexpr, NB: gl.constexpr, GREEDY: gl.constexpr):
-    """After the lm_head the last program to arrive zeroes the counters for the next launch. With GREEDY
-    (the probe's own decode loop) it also picks the token (first index of the maximum over the programs'
-    best logits, like torch.argmax without NaN), writes it as the next launch's input and steps the
-    position; without it the caller samples from the logits."""
+                 G, NL: gl.constexpr, V: gl.constexpr, NB: gl.constexpr, PICK: gl.constexpr):
+    """After the lm_head the last program to arrive zeroes the counters for the next launch. With PICK it
+    also picks the greedy token (first index of the maximum over the programs' best logits, like
+    torch.argmax without NaN): PICK 1 writes it to tokens_out[0] (the engine's sampler takes it for
+    greedy rows), PICK 2 drives a decode loop: the token becomes the next launch's input, tokens_out[pos]
+    records it and the position steps."""
     pid = gl.program_id(0)
-    if GREEDY:
+    if PICK > 0:
         gl.store(best_val_ptr + pid, best_v)
         gl.store(best_idx_ptr + pid, best_i)
     _barrier()
     if gl.atomic_add(cnt_ptr + NL * 5, 1, sem="acq_rel") == G - 1:  # every other program is done
         LG: gl.constexpr = gl.BlockedLayout([1], [32], [NB], [0])
         p = gl.arange(0, 32 * NB, layout=LG)
-        if GREEDY:
+        if PICK > 0:
             vals = gl.load(best_val_ptr + p, mask=p < G, other=float("-inf"), cache_modifier=".cg")
             idxs = gl.load(best_idx_ptr + p, mask=p < G, other=V, cache_modifier=".cg")
             top = gl.max(vals, axis=0)
             token = gl.min(gl.where(vals == top, idxs, V), axis=0)
-            gl.store(token_ptr, token.to(token_ptr.dtype.element_ty))
-            gl.store(tokens_out_ptr + pos, token.to(gl.int64))
-            gl.store(pos_ptr, pos + 1)
+            if PICK == 1:
+                gl.store(tokens_out_ptr, token.to(gl.int64))
+            else:
+                gl.store(token_ptr, token.to(token_ptr.dtype.element_ty))
+                gl.store(tokens_out_ptr + pos, token.to(gl.int64))
+                gl.store(pos_ptr, pos + 1)
         gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 5 + 1)
 
 
@@ -247,7 +251,7 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, 
             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
             NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
-            BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, GREEDY: gl.constexpr):
+            BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
     KC: gl.constexpr = BOX * NB
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     offB, offC, offD, P = _offsets(G, NQ, H, I, BN, H // KC, I // KC)
@@ -265,7 +269,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
              best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
              NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
              NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
-             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, GREEDY: gl.constexpr):
+             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
     KC: gl.constexpr = BOX * NB
     CG: gl.constexpr = H // KC
     CD: gl.constexpr = I // KC
@@ -342,7 +346,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
         if in_layer & ((r == offB - 1) | (r == offC - 1) | (r == offD - 1) | (r == P - 1)):
             _signal(cnt_ptr, ci)
     _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
-                 G, NL, V, NB, GREEDY)
+                 G, NL, V, NB, PICK)
 
 
 @gluon.jit
@@ -358,14 +362,14 @@ def decode_step_kernel(
     pos_ptr,  # [1] int32 the new token's position
     inv_freq_ptr,  # [D / 2] fp32 RoPE frequencies (the model's, scaling included)
     cnt_ptr,  # [NL * 5 + 1] int32 grid counters, zero at launch (and left zero)
-    token_ptr,  # [1] int32 / int64: the step's input token (GREEDY: the next step's is written back)
-    tokens_out_ptr,  # [max_len + 1] int64 (GREEDY): [pos] = the token chosen after position pos
+    token_ptr,  # [1] int32 / int64: the step's input token (PICK 2: the next step's is written back)
+    tokens_out_ptr,  # int64: PICK 1 [1] the greedy token; PICK 2 [max_len + 1], [pos] = the token after pos
     embed_ptr,  # [V, H] bf16 token embedding
-    best_val_ptr, best_idx_ptr,  # [G] fp32 / int32 per-program best logit (GREEDY)
+    best_val_ptr, best_idx_ptr,  # [G] fp32 / int32 per-program best logit (PICK)
     eps, rope_scale, qk_scale, layer_stride, G,
     NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
     D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, BN: gl.constexpr,
-    BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, GREEDY: gl.constexpr,
+    BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr,
 ):
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * NB, BN, BOX], gl.NVMMASharedLayout(0, 16, rank=2))
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
@@ -379,12 +383,12 @@ def decode_step_kernel(
                     n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                     token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
                     layer_stride, G, ring, xs, ready, empty,
-                    NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, GREEDY)),
+                    NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, PICK)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
                    n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                    token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
                    layer_stride, G, ring, xs, ready, empty,
-                   NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, GREEDY)),
+                   NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, PICK)),
     ], [1], [48])
     for b in gl.static_range(NBUF):
         mbarrier.invalidate(ready.index(b))

@@ -68,7 +68,7 @@ class DecodeStep:
         self.token.fill_(token)
 
     def _launch(self):
-        self.kernel.launch(self.token, self.pos, self.block_table, self.tokens_out)
+        self.kernel.launch(self.token, self.pos, self.block_table, self.tokens_out, loop=True)
 
     def step(self) -> None:
         """`launches_per_graph` decode steps (graph replays once captured)."""

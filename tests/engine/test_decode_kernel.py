@@ -113,3 +113,15 @@ def test_engine_decodes_batch_one_on_the_kernel():
     for step, token in enumerate(tokens[1:], start=1):  # the first token comes from the bf16 prefill
         row = logits[step]
         assert row[token] >= row.max() - 0.05 * (row.max() - row.min()), (step, token, row.argmax().item())
+
+
+def test_sampler_takes_a_given_argmax_for_greedy_rows_only():
+    from xy_inductor.engine.sampler import Sampler, SamplingRow
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingRow(SamplingParams(temperature=0), None, None)
+    sampled = SamplingRow(SamplingParams(temperature=1.0, top_k=1), None, None)  # top-1: its argmax, drawn
+    given = torch.tensor([7, 9])
+    out = Sampler(torch.Generator().manual_seed(0)).sample_tensor(logits, [greedy, sampled], argmax=given)
+    assert out.tolist() == [7, logits[1].argmax().item()]
+    assert given.tolist() == [7, 9]  # the kernel's buffer is not written

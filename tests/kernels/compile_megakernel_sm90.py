@@ -44,7 +44,7 @@ def main(arg: str) -> dict:
     if arg == "step":
         b = decode_step
         const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
-                 "NSPLIT": b.NSPLIT, "T": b.TILE, "BN": b.BN, "BOX": b.BOX, "NB": b.NB, "NBUF": b.NBUF, "GREEDY": 1}
+                 "NSPLIT": b.NSPLIT, "T": b.TILE, "BN": b.BN, "BOX": b.BOX, "NB": b.NB, "NBUF": b.NBUF, "PICK": 2}
         return _compile(decode_step_kernel, const, (b.BN, b.BOX), b.NB)
     cfg = MegakernelConfig(m=int(arg))
     const = {"M": cfg.m, "NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "BN": cfg.bn, "BOX": cfg.box,

@@ -3,7 +3,7 @@
 A step whose only row is one request decoding one token (no drafts) skips the compiled model: the
 whole-step kernel (ascend_kernels/decode_step_kernel.py) reads the token id, its position and the
 request's block table from the step's device buffers, writes the token's K/V into the paged cache
-and returns the logits for the sampler. Every other step (prefill chunks, batches, verification)
+and returns the logits for the sampler (with their argmax, which greedy rows take as is). Every other step (prefill chunks, batches, verification)
 runs the compiled model on the same cache.
 
 The kernel streams each kind of weight through one TMA descriptor, so the weights are copied once,
@@ -105,6 +105,8 @@ class DecodeKernelPath:
             raise ValueError("the KV caches are not one stacked tensor per K and V")
         self.kernel = DecodeStepKernel(weights, k, v, block_size)
         self.num_steps = 0
+        # the kernel's greedy token (argmax of its logits): the sampler takes it for greedy rows
+        self.argmax = torch.zeros(1, dtype=torch.int64, device=k.device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # per bucket (its static input buffer)
 
     @staticmethod
@@ -115,7 +117,8 @@ class DecodeKernelPath:
 
     def _launch(self, inputs: dict) -> torch.Tensor:
         metadata = inputs[hf.METADATA_KWARG]
-        return self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0])
+        return self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0],
+                                  self.argmax)
 
     def run(self, inputs: dict, static: bool) -> torch.Tensor:
         """Logits [1, V] (fp32, a buffer reused by the next step) of the step packed in `inputs`. With

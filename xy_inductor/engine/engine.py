@@ -175,7 +175,7 @@ class LLMEngine:
         logits, sample_ids = self.runner.execute(out, feed)
         requests = self.scheduler.requests
         rows = [SamplingRow(requests[rid].sampling_params, None, requests[rid].generator) for rid in sample_ids]
-        tokens = (self.sampler.sample_tensor(logits, rows) if rows
+        tokens = (self.sampler.sample_tensor(logits, rows, self.runner.last_argmax) if rows
                   else torch.empty(0, dtype=torch.long, device=self.device))
         return self.feed.launch(out, sample_ids, tokens)
 

@@ -94,6 +94,7 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks(self.layers, config, self.max_model_len, self.device)
         self.k_caches, self.v_caches = allocate_kv_caches(self.layers, self.num_blocks, self.block_size, self.device)
         self.decode_path = None
+        self.last_argmax: torch.Tensor | None = None  # the last step's logits' argmax [N], when known
         if decode_weights is not None:
             self.decode_path = DecodeKernelPath(decode_weights, self.k_caches, self.v_caches, self.block_size)
         # One Task-Table serves every layer when they share a head layout and Triton runs them.
@@ -271,8 +272,10 @@ class ModelRunner:
         (a request with d drafted tokens owns d + 1 consecutive rows). Under CUDA graphs the
         logits are a static buffer: valid until the next step."""
         step = self.prepare(out, feed)
+        self.last_argmax = None
         if self.decode_path is not None and self.decode_path.takes(out.rows):
             logits = self.decode_path.run(step.inputs, step.graph)
+            self.last_argmax = self.decode_path.argmax
         elif step.graph:
             logits = self.graphs.replay(step.layout)
         else:

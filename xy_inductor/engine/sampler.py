@@ -88,14 +88,16 @@ class Sampler:
         """logits [N, V] (any float dtype), one row per request to sample -> N token ids."""
         return self.sample_tensor(logits, rows).tolist()
 
-    def sample_tensor(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def sample_tensor(self, logits: torch.Tensor, rows: list[SamplingRow],
+                      argmax: torch.Tensor | None = None) -> torch.Tensor:
         """Like `sample`, as an int64 tensor [N] on the logits' device, without waiting for the
-        device (an overlapped step reads it one step later)."""
+        device (an overlapped step reads it one step later). `argmax` [N]: the logits' argmax when
+        the step computed it already (the decode kernel does), taken as is by greedy rows."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"xyserve: {logits.shape[0]} logits rows for {len(rows)} requests")
         # every row's argmax (cheap), then the sampled rows overwritten one by one: no index
         # tensor built on the host, whose copy would wait for the device
-        out = argmax_rows(logits)
+        out = argmax_rows(logits) if argmax is None else argmax.clone()
         for i, row in enumerate(rows):
             if not (row.params.greedy and row.params.repetition_penalty == 1.0):
                 out[i : i + 1] = self._sample_row(logits[i].float(), row)
