@@ -25,26 +25,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from ascend_kernels.decode_step_attention import attention_split, stage_merge
+from ascend_kernels.decode_step_layout import stage_layout as _stage_layout
+from ascend_kernels.decode_step_layout import tile_out as _tile_out
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import smem_view as _view
 from ascend_kernels.gluon_compat import tma_load as _tma_load
+from ascend_kernels.grid_sync import signal_stage, wait_stage
 
 LOG2E = 1.4426950408889634
-
-
-@gluon.jit
-def _stage_layout(K: gl.constexpr, NB: gl.constexpr):
-    """Offsets 0..K-1 as [K / 8, 8]: 8 contiguous values per thread, NB warps."""
-    LS: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [NB, 1], [1, 0])
-    rr = gl.arange(0, K // 8, layout=gl.SliceLayout(1, LS))
-    ee = gl.arange(0, 8, layout=gl.SliceLayout(0, LS))
-    return gl.expand_dims(rr, 1) * 8 + gl.expand_dims(ee, 0)
-
-
-@gluon.jit
-def _tile_out(acc):
-    """A row tile's outputs from the per-thread partial sums [NB, BN, 32]."""
-    return gl.sum(gl.sum(acc, axis=2), axis=0)
 
 
 @gluon.jit
@@ -95,115 +84,6 @@ def _issue(i, P, offB, offC, offD, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_des
             _tma_load(wd_desc, [layer * H + row, (c * NB + b) * BOX], bar, ring.index(slot * NB + b))
         else:
             _tma_load(wl_desc, [row, col], bar, ring.index(slot * NB + b))
-
-
-@gluon.jit
-def _wait(cnt_ptr, idx, G):
-    while gl.atomic_add(cnt_ptr + idx, 0, sem="acquire") < G:
-        pass
-
-
-@gluon.jit
-def _signal(cnt_ptr, idx):
-    """Bump a grid counter once for the CTA, after its stores: a fire-and-forget `red.release` (an
-    atomic's returned value would cost the signalling program another round trip to L2)."""
-    _barrier()  # every warp's stores are issued
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-        "@p red.release.gpu.global.add.u32 [$1], 1; mov.u32 $0, 0; }",
-        "=r,l", [cnt_ptr + idx], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _rope(src_ptr, d, cos_a, sin_a, D: gl.constexpr):
-    """RoPE (rotate-half form) of one head of D values at src_ptr: x cos + rotate_half(x) sin, in fp32
-    (sin_a carries rotate_half's sign)."""
-    x = gl.load(src_ptr + d, cache_modifier=".cg")
-    return x * cos_a + gl.load(src_ptr + (d + D // 2) % D, cache_modifier=".cg") * sin_a
-
-
-@gluon.jit
-def _kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, base, t0, end, pos, d, BS: gl.constexpr, NKV: gl.constexpr,
-             D: gl.constexpr, T: gl.constexpr, ROW: gl.constexpr):
-    """Positions t0 .. t0 + T - 1 and their cached K/V rows (bf16; zero past the cached positions)."""
-    p = t0 + gl.arange(0, T, layout=ROW)
-    cached = p < gl.minimum(end, pos)
-    slot = gl.load(bt_ptr + p // BS, mask=cached, other=0) * BS + p % BS
-    offs = base + gl.expand_dims(slot * (NKV * D), 1) + gl.expand_dims(d, 0)
-    ok = gl.expand_dims(cached, 1)
-    return p, gl.load(k_cache_ptr + offs, mask=ok, other=0.0), gl.load(v_cache_ptr + offs, mask=ok, other=0.0)
-
-
-@gluon.jit
-def _attend(p, k, v, q, k_new, v_new, pos, end, m_i, l_i, acc):
-    """Online softmax over one tile (the new token's row comes from registers)."""
-    is_new = gl.expand_dims(p == pos, 1)
-    k = gl.where(is_new, gl.expand_dims(k_new, 0), k.to(gl.float32))
-    v = gl.where(is_new, gl.expand_dims(v_new, 0), v.to(gl.float32))
-    s = gl.where(p < end, gl.sum(k * gl.expand_dims(q, 0), axis=1), -1.0e30)
-    m_new = gl.maximum(m_i, gl.max(s, axis=0))
-    alpha = gl.exp2(m_i - m_new)
-    e = gl.where(p < end, gl.exp2(s - m_new), 0.0)
-    return m_new, l_i * alpha + gl.sum(e, axis=0), acc * alpha + gl.sum(gl.expand_dims(e, 1) * v, axis=0)
-
-
-@gluon.jit
-def _attention(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr, rope_scale, qk_scale,
-               layer_stride, cnt_ptr, qkv_done, G, NQH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
-               BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
-    """This program's split of one q head over positions 0..pos (pos = the new token). The cached K/V
-    and RoPE's angles do not depend on this step: they are loaded before the wait for q/k/v."""
-    LA: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NB, 1], [1, 0])  # [T positions, D]
-    COL: gl.constexpr = gl.SliceLayout(0, LA)
-    ROW: gl.constexpr = gl.SliceLayout(1, LA)
-    pid = gl.program_id(0)
-    hq = pid // NSPLIT
-    sp = pid % NSPLIT
-    kvh = hq // (NQH // NKV)
-    d = gl.arange(0, D, layout=COL)
-    span = (pos + NSPLIT) // NSPLIT  # cdiv(pos + 1, NSPLIT)
-    start = sp * span
-    end = gl.minimum(pos + 1, start + span)
-    base = layer.to(gl.int64) * layer_stride + kvh * D  # a whole cache can pass 2^31 elements
-    p, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, base, start, end, pos, d, BS, NKV, D, T, ROW)
-    ang = pos.to(gl.float32) * gl.load(inv_freq_ptr + d % (D // 2))
-    cos_a = gl.cos(ang) * rope_scale
-    sin_a = gl.where(d < D // 2, -1.0, 1.0) * gl.sin(ang) * rope_scale
-    _wait(cnt_ptr, qkv_done, G)
-    q = _rope(qkv_ptr + hq * D, d, cos_a, sin_a, D) * qk_scale  # log2 domain
-    k_new = _rope(qkv_ptr + (NQH + kvh) * D, d, cos_a, sin_a, D)
-    v_new = gl.load(qkv_ptr + (NQH + NKV + kvh) * D + d, cache_modifier=".cg")
-    m_i, l_i, acc = _attend(p, k, v, q, k_new, v_new, pos, end, gl.to_tensor(-1.0e30), gl.to_tensor(0.0),
-                            gl.zeros([D], gl.float32, COL))
-    for t0 in range(start + T, end, T):  # longer contexts than NSPLIT * T
-        p, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, base, t0, end, pos, d, BS, NKV, D, T, ROW)
-        m_i, l_i, acc = _attend(p, k, v, q, k_new, v_new, pos, end, m_i, l_i, acc)
-    out = part_ptr + (hq * NSPLIT + sp) * (D + 2)
-    gl.store(out + d, acc)
-    gl.store(out + D + d, gl.where(d == 0, m_i, l_i), mask=d < 2)
-    if (sp == 0) & (hq % (NQH // NKV) == 0):  # the new token's K/V, for later steps
-        new_slot = gl.load(bt_ptr + pos // BS) * BS + pos % BS
-        dst = base + new_slot * (NKV * D) + d
-        gl.store(k_cache_ptr + dst, k_new.to(k_cache_ptr.dtype.element_ty))
-        gl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty))
-
-
-@gluon.jit
-def _stage_merge(xs, part_ptr, H: gl.constexpr, D: gl.constexpr, NSPLIT: gl.constexpr, NB: gl.constexpr):
-    """The o GEMV's input: every head's NSPLIT partials merged (flash-decoding's combine) into xs."""
-    kk = _stage_layout(H, NB)
-    head = kk // D
-    base = part_ptr + head * (NSPLIT * (D + 2))
-    m = gl.load(base + D, cache_modifier=".cg")
-    for sp in gl.static_range(1, NSPLIT):
-        m = gl.maximum(m, gl.load(base + sp * (D + 2) + D, cache_modifier=".cg"))
-    num = gl.zeros_like(m)
-    den = gl.zeros_like(m)
-    for sp in gl.static_range(NSPLIT):
-        w = gl.exp2(gl.load(base + sp * (D + 2) + D, cache_modifier=".cg") - m)
-        num += w * gl.load(base + sp * (D + 2) + kk % D, cache_modifier=".cg")
-        den += w * gl.load(base + sp * (D + 2) + D + 1, cache_modifier=".cg")
-    xs.slice(0, H // 8, dim=0).store(num / den)
 
 
 @gluon.jit
@@ -303,14 +183,14 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
             nw = gl.load(nw_ptr + kk, mask=(kk < H) & (s % 2 == 0), other=0.0).to(gl.float32)
             if s == 1:  # attention between the q/k/v and o GEMVs (programs without a split only sign in)
                 if pid < NQH * NSPLIT:
-                    _attention(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr,
+                    attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr,
                                rope_scale, qk_scale, layer_stride, cnt_ptr, ci - 2, G, NQH, NKV, D, BS, NSPLIT, T, NB)
-                _signal(cnt_ptr, ci - 1)
+                signal_stage(cnt_ptr, ci - 1)
             if ci > 0:
-                _wait(cnt_ptr, ci - 1, G)
+                wait_stage(cnt_ptr, ci - 1, G)
             _barrier()  # the previous stage's last chunk has read xs
             if s == 1:
-                _stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
+                stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
             elif s == 3:
                 _stage_norm(xs, g_ptr, nw, eps, I, False, NB)
             elif (s == 0) & (layer == 0):  # the first norm reads the token's embedding row
@@ -344,7 +224,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
                 gl.store(h_ptr + rows, gl.load(h_ptr + rows, cache_modifier=".cg") + val)
             acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
         if in_layer & ((r == offB - 1) | (r == offC - 1) | (r == offD - 1) | (r == P - 1)):
-            _signal(cnt_ptr, ci)
+            signal_stage(cnt_ptr, ci)
     _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
                  G, NL, V, NB, PICK)
 

@@ -33,7 +33,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ascend_kernels.decode_step_kernel import _stage_layout, _tile_out
+from ascend_kernels.decode_step_layout import stage_layout as _stage_layout
+from ascend_kernels.decode_step_layout import tile_out as _tile_out
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import smem_view as _view
 from ascend_kernels.gluon_compat import tma_load as _tma_load
