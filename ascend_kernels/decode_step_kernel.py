@@ -1,9 +1,12 @@
-"""A whole batch-1 decode step of a Llama-3.2-1B-shaped model in ONE persistent launch (issue 6 probe).
+"""A whole batch-1 decode step of a Llama-style decoder in ONE persistent launch (sm_90, Gluon).
 
-Extends benchmarks/decode_megakernel.py (the 16 layers' GEMVs) with what the step still lacked:
-RoPE, the paged KV cache write, split-KV attention, the final norm, lm_head and the greedy token.
-A step is one launch: the last program to finish picks the token (argmax over the programs' best
-logits), steps the position and loads the next token's embedding row into h for the next launch.
+Launched by decode_step.py; the engine runs its batch-1 decode steps on it with
+`decode_megakernel=True` (engine/decode_kernel.py). It grew out of the layers-only probe in
+benchmarks/decode_megakernel.py (the 16 layers' GEMVs) by adding RoPE, the paged KV cache write,
+split-KV attention (decode_step_attention.py), the final norm, lm_head and the greedy token. Each
+program starts by loading its residual rows of the token's embedding; the last program to finish
+picks the token (argmax over the programs' best logits) and, in a decode loop (PICK 2), steps the
+position for the next launch.
 
 Per layer the grid passes five counters (a fire-and-forget `red.release` per program, polled with
 acquire loads), one per stage:
@@ -143,6 +146,61 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, 
 
 
 @gluon.jit
+def _stage_start(layer, s, ci, pos, token, xs, h_ptr, qkv_ptr, g_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
+                 k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale, qk_scale,
+                 layer_stride, G, H: gl.constexpr, I: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
+                 D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
+    """A stage starts: (attention before the o GEMV,) wait for the previous stage's counter, then stage
+    this GEMV's input in xs (RMS-normalised for q/k/v, gate/up and lm_head)."""
+    kk = _stage_layout(H, NB)  # norm weights first: they do not depend on the grid
+    nw_ptr = gl.where(s == 0, n1_ptr + layer * H, gl.where(s == 2, n2_ptr + layer * H, nf_ptr))
+    nw = gl.load(nw_ptr + kk, mask=(kk < H) & (s % 2 == 0), other=0.0).to(gl.float32)
+    if s == 1:  # attention between the q/k/v and o GEMVs (programs without a split only sign in)
+        if gl.program_id(0) < NQH * NSPLIT:
+            attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr,
+                            rope_scale, qk_scale, layer_stride, cnt_ptr, ci - 2, G, NQH, NKV, D, BS, NSPLIT, T, NB)
+        signal_stage(cnt_ptr, ci - 1)
+    if ci > 0:
+        wait_stage(cnt_ptr, ci - 1, G)
+    _barrier()  # the previous stage's last chunk has read xs
+    if s == 1:
+        stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
+    elif s == 3:
+        _stage_norm(xs, g_ptr, nw, eps, I, False, NB)
+    elif (s == 0) & (layer == 0):  # the first norm reads the token's embedding row
+        _stage_norm(xs, embed_ptr + token * H, nw, eps, H, True, NB)
+    else:
+        _stage_norm(xs, h_ptr, nw, eps, H, True, NB)
+    _barrier()
+
+
+@gluon.jit
+def _tile_end(acc, gate, best_v, best_i, s, c, rows, qkv_ptr, g_ptr, logits_ptr, h_ptr, CG: gl.constexpr,
+              CD: gl.constexpr, V: gl.constexpr):
+    """After a chunk: when it ends a row tile, reduce and store the tile (q/k/v, SiLU x up, logits and
+    the running greedy token, or the residual add); a gate tile is kept for its up tile."""
+    if (s == 2) & (c == CG - 1):  # the gate half of a gate/up tile
+        gate = _tile_out(acc)
+        acc = gl.zeros_like(acc)
+    elif c == gl.where(s == 2, 2 * CG, gl.where(s == 3, CD, CG)) - 1:
+        val = _tile_out(acc)
+        if s == 0:
+            gl.store(qkv_ptr + rows, val)
+        elif s == 2:
+            gl.store(g_ptr + rows, gate / (1.0 + gl.exp(-gate)) * val)
+        elif s == 4:
+            gl.store(logits_ptr + rows, val)
+            top = gl.max(val, axis=0)
+            if top > best_v:  # tiles come in row order: strict > keeps the first maximal index
+                best_i = gl.min(gl.where(val == top, rows, V), axis=0)
+                best_v = top
+        else:
+            gl.store(h_ptr + rows, gl.load(h_ptr + rows, cache_modifier=".cg") + val)
+        acc = gl.zeros_like(acc)
+    return acc, gate, best_v, best_i
+
+
+@gluon.jit
 def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
              n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
              token_ptr, tokens_out_ptr, embed_ptr,
@@ -178,26 +236,9 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
         in_layer = layer < NL
         ci = gl.where(s == 4, NL * 5, layer * 5 + s + (s >= 1).to(gl.int32))  # the counter this stage bumps
         if (r == 0) | (in_layer & ((r == offB) | (r == offC) | (r == offD))):  # a stage starts
-            kk = _stage_layout(H, NB)  # norm weights first: they do not depend on the grid
-            nw_ptr = gl.where(s == 0, n1_ptr + layer * H, gl.where(s == 2, n2_ptr + layer * H, nf_ptr))
-            nw = gl.load(nw_ptr + kk, mask=(kk < H) & (s % 2 == 0), other=0.0).to(gl.float32)
-            if s == 1:  # attention between the q/k/v and o GEMVs (programs without a split only sign in)
-                if pid < NQH * NSPLIT:
-                    attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr,
-                               rope_scale, qk_scale, layer_stride, cnt_ptr, ci - 2, G, NQH, NKV, D, BS, NSPLIT, T, NB)
-                signal_stage(cnt_ptr, ci - 1)
-            if ci > 0:
-                wait_stage(cnt_ptr, ci - 1, G)
-            _barrier()  # the previous stage's last chunk has read xs
-            if s == 1:
-                stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
-            elif s == 3:
-                _stage_norm(xs, g_ptr, nw, eps, I, False, NB)
-            elif (s == 0) & (layer == 0):  # the first norm reads the token's embedding row
-                _stage_norm(xs, embed_ptr + token * H, nw, eps, H, True, NB)
-            else:
-                _stage_norm(xs, h_ptr, nw, eps, H, True, NB)
-            _barrier()
+            _stage_start(layer, s, ci, pos, token, xs, h_ptr, qkv_ptr, g_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
+                         k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale,
+                         qk_scale, layer_stride, G, H, I, NQH, NKV, D, BS, NSPLIT, T, NB)
         slot = i % NBUF
         mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
         w = ringv.index(slot).load(L4).to(gl.float32)
@@ -205,24 +246,8 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
         mbarrier.arrive(empty.index(slot), count=1)
         acc += gl.sum(w * gl.expand_dims(xsv.index(gl.where(s == 2, c % CG, c)).load(XL), 1), axis=3)
         rows = (pid + j * G) * BN + rows_in
-        if (s == 2) & (c == CG - 1):  # the gate half of a gate/up tile
-            gate = _tile_out(acc)
-            acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
-        elif c == gl.where(s == 2, 2 * CG, gl.where(s == 3, CD, CG)) - 1:
-            val = _tile_out(acc)
-            if s == 0:
-                gl.store(qkv_ptr + rows, val)
-            elif s == 2:
-                gl.store(g_ptr + rows, gate / (1.0 + gl.exp(-gate)) * val)
-            elif s == 4:
-                gl.store(logits_ptr + rows, val)
-                top = gl.max(val, axis=0)
-                if top > best_v:  # tiles come in row order: strict > keeps the first maximal index
-                    best_i = gl.min(gl.where(val == top, rows, V), axis=0)
-                    best_v = top
-            else:
-                gl.store(h_ptr + rows, gl.load(h_ptr + rows, cache_modifier=".cg") + val)
-            acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
+        acc, gate, best_v, best_i = _tile_end(acc, gate, best_v, best_i, s, c, rows, qkv_ptr, g_ptr, logits_ptr,
+                                              h_ptr, CG, CD, V)
         if in_layer & ((r == offB - 1) | (r == offC - 1) | (r == offD - 1) | (r == P - 1)):
             signal_stage(cnt_ptr, ci)
     _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
