@@ -123,3 +123,40 @@ def paged_attention(
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, v.to(acc)).to(q.dtype)
     return out
+
+
+def decode_step(w, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, pos: int,
+                token: int) -> torch.Tensor:
+    """The whole-step decode kernel's oracle (decode_step_kernel.py), in float32: one batch-1 step of a
+    Llama-style decoder over stacked weights `w` (decode_step.DecodeWeights) and stacked paged caches
+    [num_layers, num_blocks, block_size, num_kv_heads, head_dim]. Stores the token's K/V at `pos` (the
+    cache's dtype) and attends to it unrounded, as the kernel does; returns the logits [V]."""
+    nq, nkv, hd = w.num_q_heads, w.num_kv_heads, w.head_dim
+    nl, h, i = w.dims["NL"], w.dims["H"], w.dims["I"]
+    bs, nqkv = k_cache.shape[2], (nq + 2 * nkv) * hd
+    ang = pos * w.inv_freq.float()
+    cos, sin = torch.cat([ang.cos(), ang.cos()]) * w.rope_scale, torch.cat([ang.sin(), ang.sin()]) * w.rope_scale
+
+    def rope(t):  # [heads, hd], rotate-half form
+        return t * cos + torch.cat([-t[:, hd // 2:], t[:, : hd // 2]], dim=-1) * sin
+
+    def rms(t, g):
+        return g.float() * t * torch.rsqrt(t.pow(2).mean() + w.eps)
+
+    positions = torch.arange(pos + 1)
+    slots = block_table[positions // bs].long().cpu() * bs + positions % bs
+    x = w.embed[token].float()
+    for layer in range(nl):
+        qkv = w.wq[layer * nqkv:(layer + 1) * nqkv].float() @ rms(x, w.n1[layer])
+        q = rope(qkv[: nq * hd].view(nq, hd))
+        k, v = rope(qkv[nq * hd:(nq + nkv) * hd].view(nkv, hd)), qkv[(nq + nkv) * hd:].view(nkv, hd)
+        k_flat, v_flat = k_cache[layer].view(-1, nkv, hd), v_cache[layer].view(-1, nkv, hd)
+        k_flat[slots[-1]], v_flat[slots[-1]] = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        keys, values = k_flat[slots].float(), v_flat[slots].float()
+        keys[-1], values[-1] = k, v
+        keys, values = keys.repeat_interleave(nq // nkv, dim=1), values.repeat_interleave(nq // nkv, dim=1)
+        probs = (torch.einsum("hd,thd->ht", q, keys) / hd**0.5).softmax(dim=-1)
+        x = x + w.wo[layer * h:(layer + 1) * h].float() @ torch.einsum("ht,thd->hd", probs, values).reshape(-1)
+        gu = w.wg[layer * 2 * i:(layer + 1) * 2 * i].float() @ rms(x, w.n2[layer])
+        x = x + w.wd[layer * h:(layer + 1) * h].float() @ (F.silu(gu[:i]) * gu[i:])
+    return w.wl.float() @ rms(x, w.nf)

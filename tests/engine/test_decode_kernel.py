@@ -125,3 +125,35 @@ def test_sampler_takes_a_given_argmax_for_greedy_rows_only():
     out = Sampler(torch.Generator().manual_seed(0)).sample_tensor(logits, [greedy, sampled], argmax=given)
     assert out.tolist() == [7, logits[1].argmax().item()]
     assert given.tolist() == [7, 9]  # the kernel's buffer is not written
+
+
+def test_decode_weights_check_their_shapes():
+    w = stack_weights(build_model("llama"))
+    with pytest.raises(ValueError, match="DecodeWeights.wo"):
+        type(w)(**{**{f: getattr(w, f) for f in w.__slots__}, "wo": w.wo[:-1]})
+
+
+@torch.no_grad()
+def test_stacked_weights_and_paged_cache_match_hf():
+    """The kernel's conventions (stacked q;k;v and gate;up, RoPE on the fly, the paged cache) in its
+    float32 oracle against HF's own decode step, on the CPU."""
+    from ascend_kernels import reference
+
+    model = build_model("llama")
+    prompt = torch.tensor(random_prompts([21])[0])[None]
+    out = model(prompt, use_cache=True)
+    token = out.logits[0, -1].argmax().item()
+    nl, bs, nkv, hd = 2, 8, 2, 16
+    k_cache = torch.zeros(nl, 6, bs, nkv, hd)
+    v_cache = torch.zeros_like(k_cache)
+    block_table = torch.tensor([4, 1, 5, 0], dtype=torch.int32)  # shuffled pages
+    slots = block_table[torch.arange(21) // bs].long() * bs + torch.arange(21) % bs
+    for layer in range(nl):
+        keys, values = out.past_key_values.layers[layer].keys, out.past_key_values.layers[layer].values
+        k_cache[layer].view(-1, nkv, hd)[slots] = keys[0].transpose(0, 1)
+        v_cache[layer].view(-1, nkv, hd)[slots] = values[0].transpose(0, 1)
+    logits = reference.decode_step(stack_weights(model), k_cache, v_cache, block_table, 21, token)
+    expected = model(torch.tensor([[token]]), past_key_values=out.past_key_values).logits[0, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    new_slot = block_table[21 // bs].item() * bs + 21 % bs  # the token's K/V, as HF appended them
+    torch.testing.assert_close(k_cache[1].view(-1, nkv, hd)[new_slot], out.past_key_values.layers[1].keys[0, :, 21])
