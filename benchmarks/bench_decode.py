@@ -2,7 +2,8 @@
 
 Variants, all in one process on one card: HF generate eager (dynamic cache), HF generate with
 the static cache + torch.compile, the xyserve engine (overlapped steps, and the same engine with
-async scheduling off), and (full runs) the engine with residual add + RMSNorm fused into the GEMVs
+async scheduling off), on a Hopper GPU at batch 1 the engine with `decode_megakernel=True` (each decode
+step one launch of the whole model), and (full runs) the engine with residual add + RMSNorm fused into the GEMVs
 (opt-in), the engine with q/k/v and gate/up unfused and the engine with speculative decoding, the
 target itself as the draft model (a copy run by the engine's own paged, batched, CUDA-graphed draft
 runner; greedy acceptance is 100% in exact arithmetic, lower in bf16 where the draft and verify
@@ -49,6 +50,10 @@ def _engine(model, prompts, llm=None, **engine_kwargs):
     llm = llm or LLM(model, max_model_len=PROMPT + NEW + 64, enable_prefix_caching=False, **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     return llm, (lambda: llm.generate(prompts, params, use_tqdm=False))
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
 def _tok_s(fn, batch: int, repeats: int = 2) -> dict:
@@ -100,6 +105,10 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
         if engine.get("llm") is not None:  # A/B on the same engine: each step waits for its tokens
             attempt(row, "xyserve_in_order", lambda: _in_order(engine["llm"], prompts, batch, repeats))
         model.set_attn_implementation("sdpa")
+        if batch == 1 and _hopper():  # batch-1 decode steps as one launch of the whole model (opt-in)
+            attempt(row, "xyserve_decode_megakernel",
+                    lambda: _tok_s(_engine(model, prompts, decode_megakernel=True)[1], batch, repeats))
+            model.set_attn_implementation("sdpa")
         if not quick:  # A/B in the same run: residual add + RMSNorm (+ SiLU x up) fused into the GEMVs
             def norms_fused():  # (lowering/norm_linear.py; opt-in); one engine for both batch sizes
                 opts = {"compile_options": {"lower_gemm": False, "fuse_norm_linear": True}}

@@ -26,6 +26,7 @@ from benchmarks.common import card_name, card_slug
 # a run cut short keeps what it measured.
 SUITES = [
     ("decode", "benchmarks.bench_decode", False),
+    ("decode_step", "benchmarks.bench_decode_step", True),  # the whole-step kernel alone (sm_90; else it skips)
     ("engine", "benchmarks.bench_engine", False),
     ("attention", "benchmarks.bench_attention", True),
     ("gemm", "benchmarks.bench_gemm", True),
