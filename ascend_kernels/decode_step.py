@@ -70,6 +70,8 @@ def problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | No
         return f"head_dim {w.head_dim} (the kernel's attention takes 64)"
     if d["H"] % kc or d["I"] % kc or d["NQH"] * w.head_dim != d["H"]:
         return f"hidden {d['H']} / MLP {d['I']} sizes must be multiples of {kc}, with q heads x head_dim = hidden"
+    if any(n & (n - 1) for n in (d["H"] // kc, d["I"] // kc)):  # the staging's aranges are powers of two
+        return f"hidden {d['H']} and MLP {d['I']} sizes must be {kc} x a power of two"
     if d["H"] // BN < grid or d["NQH"] * NSPLIT > grid or d["V"] % BN:
         return "the grid needs a row tile of every GEMV and a program for every attention split"
     if 5 * d["NL"] + 1 > 32 * NB or d["I"] * 4 + NBUF * NB * BN * BOX * 2 > SMEM_BYTES - 4096:

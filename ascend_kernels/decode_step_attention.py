@@ -50,7 +50,7 @@ def attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, 
                     D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
     """This program's split of one q head over positions 0..pos (pos = the new token). The cached K/V
     and RoPE's angles do not depend on this step: they are loaded before the wait for q/k/v."""
-    LA: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NB, 1], [1, 0])  # [T positions, D]
+    LA: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [NB, 1], [1, 0])  # [T positions, D]
     COL: gl.constexpr = gl.SliceLayout(0, LA)
     ROW: gl.constexpr = gl.SliceLayout(1, LA)
     pid = gl.program_id(0)

@@ -157,3 +157,28 @@ def test_stacked_weights_and_paged_cache_match_hf():
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     new_slot = block_table[21 // bs].item() * bs + 21 % bs  # the token's K/V, as HF appended them
     torch.testing.assert_close(k_cache[1].view(-1, nkv, hd)[new_slot], out.past_key_values.layers[1].keys[0, :, 21])
+
+
+def test_problem_names_shapes_the_kernel_cannot_take(monkeypatch):
+    from ascend_kernels import decode_step
+
+    w = stack_weights(build_model("llama"))
+    assert "sm_90" in decode_step.problem(w, 16, torch.device("cpu"))
+    # past the card check, the shape rules (checked without a GPU)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    props = SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    cuda = torch.device("cuda")
+    assert "bf16" in decode_step.problem(w, 16, cuda)
+
+    def shaped(hidden, mlp, heads, head_dim):
+        return SimpleNamespace(wq=torch.empty(0, dtype=torch.bfloat16), wo=torch.empty(0, dtype=torch.bfloat16),
+                               wg=torch.empty(0, dtype=torch.bfloat16), wd=torch.empty(0, dtype=torch.bfloat16),
+                               wl=torch.empty(0, dtype=torch.bfloat16), embed=torch.empty(0, dtype=torch.bfloat16),
+                               head_dim=head_dim, dims={"NL": 16, "H": hidden, "I": mlp, "V": 128256, "NQH": heads,
+                                                        "NKV": 8, "D": head_dim})
+
+    assert decode_step.problem(shaped(2048, 8192, 32, 64), 16, cuda) is None  # Llama-3.2-1B
+    assert "head_dim 128" in decode_step.problem(shaped(4096, 14336, 32, 128), 16, cuda)  # Llama-3-8B
+    assert "power of two" in decode_step.problem(shaped(2048, 6144, 32, 64), 16, cuda)
+    assert "multiples" in decode_step.problem(shaped(2048, 5632, 32, 64), 16, cuda)
