@@ -182,3 +182,26 @@ def test_problem_names_shapes_the_kernel_cannot_take(monkeypatch):
     assert "head_dim 128" in decode_step.problem(shaped(4096, 14336, 32, 128), 16, cuda)  # Llama-3-8B
     assert "power of two" in decode_step.problem(shaped(2048, 6144, 32, 64), 16, cuda)
     assert "multiples" in decode_step.problem(shaped(2048, 5632, 32, 64), 16, cuda)
+
+
+def test_a_kernel_that_fails_its_first_launch_falls_back(caplog):
+    """The path turns itself off, says so, and the step (and the rest) run the compiled model."""
+    prompts = random_prompts([6])
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = LLM(build_model("llama"), compile=False).generate(prompts, params, use_tqdm=False)
+    llm = LLM(build_model("llama"), compile=False)
+
+    class Failing:
+        num_steps, argmax = 0, None
+        takes = staticmethod(DecodeKernelPath.takes)
+
+        def run(self, inputs, static):
+            self.num_steps += 1
+            raise RuntimeError("no sm_90 here")
+
+    llm.engine.runner.decode_path = Failing()
+    with caplog.at_level(logging.WARNING, logger="xyserve"):
+        out = llm.generate(prompts, params, use_tqdm=False)
+    assert "first launch failed" in caplog.text and "no sm_90 here" in caplog.text
+    assert llm.engine.runner.decode_path is None
+    assert [o.token_ids for o in out] == [o.token_ids for o in expected]

@@ -273,16 +273,32 @@ class ModelRunner:
         logits are a static buffer: valid until the next step."""
         step = self.prepare(out, feed)
         self.last_argmax = None
-        if self.decode_path is not None and self.decode_path.takes(out.rows):
-            logits = self.decode_path.run(step.inputs, step.graph)
-            self.last_argmax = self.decode_path.argmax
-        elif step.graph:
+        logits = self._decode_kernel_step(out, step)
+        if logits is None and step.graph:
             logits = self.graphs.replay(step.layout)
-        else:
+        elif logits is None:
             self._own_attention()
             logits = self.forward(**step.inputs).logits[0]
             self.num_eager_steps += 1
         return logits[: step.num_rows], step.sample_ids
+
+    def _decode_kernel_step(self, out: SchedulerOutput, step: PreparedStep) -> torch.Tensor | None:
+        """The step's logits from the whole-step decode kernel when it takes the step, else None. A
+        failure before the kernel ever ran (its compile) turns the path off with a warning and the
+        compiled model runs the step; once the kernel has run, a failure is raised."""
+        if self.decode_path is None or not self.decode_path.takes(out.rows):
+            return None
+        try:
+            logits = self.decode_path.run(step.inputs, step.graph)
+        except Exception as e:
+            if self.decode_path.num_steps > 1:
+                raise
+            log.warning("xyserve: decode_megakernel off, its first launch failed (%s: %s)", type(e).__name__,
+                        str(e)[:200])
+            self.decode_path = None
+            return None
+        self.last_argmax = self.decode_path.argmax
+        return logits
 
     def _own_attention(self) -> None:
         """The model's attention must be the paged one: a model switched back to "sdpa" (to run HF
