@@ -26,11 +26,15 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
 )
 
-# the TMA load was renamed (Triton 3.6: async_copy_global_to_shared; 3.9: async_load, the old name raises)
-_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+from ascend_kernels.gluon_compat import (
+    tma_load as _tma_load,  # renamed between Triton 3.6 and 3.9
+)
 
 
 @gluon.jit
