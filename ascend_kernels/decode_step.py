@@ -59,12 +59,22 @@ class DecodeWeights:
                 "NKV": self.num_kv_heads, "D": self.head_dim}
 
 
-def problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | None:
-    """Why this model / card cannot run the kernel, or None."""
+def card_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why weights of this dtype on this device cannot run the kernel, or None (checked before any
+    weights are stacked)."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "needs an sm_90 (Hopper) GPU"
-    if any(t.dtype != torch.bfloat16 for t in (w.wq, w.wo, w.wg, w.wd, w.wl, w.embed)):
+    if dtype != torch.bfloat16:
         return "needs bf16 weights"
+    return None
+
+
+def problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | None:
+    """Why this model / card cannot run the kernel, or None."""
+    dtypes = {t.dtype for t in (w.wq, w.wo, w.wg, w.wd, w.wl, w.embed)}
+    reason = card_problem(device, dtypes.pop() if len(dtypes) == 1 else None)
+    if reason is not None:
+        return reason
     d, kc, grid = w.dims, BOX * NB, torch.cuda.get_device_properties(device).multi_processor_count
     if w.head_dim != 64:
         return f"head_dim {w.head_dim} (the kernel's attention takes 64)"

@@ -56,8 +56,10 @@ def _locate(i, P, offB, offC, offD, NL: gl.constexpr, CG: gl.constexpr, CD: gl.c
 
 
 @gluon.jit
-def _offsets(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, CG: gl.constexpr,
-             CD: gl.constexpr):
+def stage_offsets(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, CG: gl.constexpr,
+                  CD: gl.constexpr):
+    """This program's first chunk of the o, gate/up and down stages inside a layer's chunks, and the
+    layer's chunk count (CG chunks per row tile of K = H, 2 CG for a gate/up tile, CD for down)."""
     pid = gl.program_id(0)
     offB = (NQ // BN - pid + G - 1) // G * CG
     offC = offB + (H // BN - pid + G - 1) // G * CG
@@ -127,6 +129,7 @@ def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr,
         gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 5 + 1)
 
 
+# _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
 @gluon.jit
 def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
             n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
@@ -137,7 +140,7 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, 
             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
     KC: gl.constexpr = BOX * NB
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
-    offB, offC, offD, P = _offsets(G, NQ, H, I, BN, H // KC, I // KC)
+    offB, offC, offD, P = stage_offsets(G, NQ, H, I, BN, H // KC, I // KC)
     total = NL * P + (V // BN - gl.program_id(0) + G - 1) // G * (H // KC)
     for i in range(total):
         mbarrier.wait(empty.index(i % NBUF), ((i // NBUF) & 1) ^ 1)
@@ -217,7 +220,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
     XL: gl.constexpr = gl.SliceLayout(1, L4)
     ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, ACC))
     pid = gl.program_id(0)
-    offB, offC, offD, P = _offsets(G, NQ, H, I, BN, CG, CD)
+    offB, offC, offD, P = stage_offsets(G, NQ, H, I, BN, CG, CD)
     total = NL * P + (V // BN - pid + G - 1) // G * CG
     ringv = _view(ring, gl.bfloat16, [NBUF, NB, BN, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     xsv = _view(xs, gl.float32, [CD, NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))

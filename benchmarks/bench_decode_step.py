@@ -18,7 +18,14 @@ import math
 import torch
 from transformers import LlamaForCausalLM
 
-from benchmarks.common import card_name, card_rates, cli, llama_config, weight_bytes
+from benchmarks.common import (
+    card_name,
+    card_rates,
+    cli,
+    llama_config,
+    rel_err,
+    weight_bytes,
+)
 
 PROMPT, NEW, BS = 128, 128, 16
 
@@ -82,10 +89,6 @@ class DecodeStep:
                 for _ in range(self.launches_per_graph):
                     self._launch()
         self.graph.replay()
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
 
 def _agree(a: list[int], b: list[int]) -> int:
@@ -163,8 +166,8 @@ def run(quick: bool = False) -> dict:
     step.load_prompt(cache, t0.item(), PROMPT)
     step._launch()
     torch.cuda.synchronize()
-    res["one_step"] = {"err_megakernel": _rel_err(step.logits, logits_ref),
-                       "err_hf_bf16": _rel_err(logits_bf16, logits_ref),
+    res["one_step"] = {"err_megakernel": rel_err(step.logits, logits_ref),
+                       "err_hf_bf16": rel_err(logits_bf16, logits_ref),
                        "argmax_ref": logits_ref.argmax().item(), "argmax_megakernel": step.logits.argmax().item(),
                        "argmax_hf_bf16": logits_bf16.argmax().item(), "token_megakernel": step.token.item()}
     del step

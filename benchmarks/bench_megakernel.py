@@ -20,7 +20,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import card_name, card_rates, cli
+from benchmarks.common import card_name, card_rates, cli, rel_err
 
 H, I, NQ, L, EPS = 2048, 8192, 3072, 16, 1e-5
 SMEM_BYTES = 227 * 1024
@@ -120,10 +120,6 @@ def _megakernel(w: dict, x: torch.Tensor, cfg: MegakernelConfig, sync: bool):
     return run
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
-
-
 def run(quick: bool = False) -> dict:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         return {"skipped": "needs an sm_90 GPU"}
@@ -139,7 +135,7 @@ def run(quick: bool = False) -> dict:
         ref = _layers(w, x, torch.float32)
         row = {}
         with torch.no_grad():
-            row["inductor_cublas"] = {"us": _graph_us(lambda x=x: compiled(x)), "err": _rel_err(compiled(x), ref)}
+            row["inductor_cublas"] = {"us": _graph_us(lambda x=x: compiled(x)), "err": rel_err(compiled(x), ref)}
         for name, sync in (("megakernel", True), ("megakernel_no_sync", False)):
             fn = _megakernel(w, x, MegakernelConfig(m=m), sync)
             us = _graph_us(fn)
@@ -147,7 +143,7 @@ def run(quick: bool = False) -> dict:
             for _ in range(3):  # replays must agree with the reference every time (counters reset)
                 fn()
                 torch.cuda.synchronize()
-                errs.append(_rel_err(fn.h, ref))
+                errs.append(rel_err(fn.h, ref))
             row[name] = {"us": us, "err": max(errs)}
         for v in row.values():
             v["floor_pct"] = 100 * res["floor_us"] / v["us"]

@@ -62,6 +62,11 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float32 (the decode probes' accuracy figure)."""
+    return ((out.float() - ref).abs().max() / ref.abs().max()).item()
+
+
 def timed(fn, repeats: int = 1) -> tuple[float, object]:
     """Median wall seconds of `repeats` runs after one warm-up run (which also compiles);
     repeats=0 times the single run (for callers that warm up on their own)."""

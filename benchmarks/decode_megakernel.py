@@ -33,6 +33,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from ascend_kernels.decode_step_kernel import (
+    stage_offsets,  # where each stage starts in a layer's chunks
+)
 from ascend_kernels.decode_step_layout import stage_layout as _stage_layout
 from ascend_kernels.decode_step_layout import tile_out as _tile_out
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
@@ -47,17 +50,6 @@ def _decode(r, offB, offC, offD, CQ: gl.constexpr, CO: gl.constexpr, CG: gl.cons
     start = gl.where(s == 0, 0, gl.where(s == 1, offB, gl.where(s == 2, offC, offD)))
     per = gl.where(s == 0, CQ, gl.where(s == 1, CO, gl.where(s == 2, 2 * CG, CD)))
     return s, (r - start) // per, (r - start) % per
-
-
-@gluon.jit
-def _layer_offsets(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, CQ: gl.constexpr,
-                   CO: gl.constexpr, CG: gl.constexpr, CD: gl.constexpr):
-    """First chunk of stages 1-3 in this program's layer, and chunks per layer (P)."""
-    pid = gl.program_id(0)
-    offB = (NQ // BN - pid + G - 1) // G * CQ
-    offC = offB + (H // BN - pid + G - 1) // G * CO
-    offD = offC + (I // BN - pid + G - 1) // G * 2 * CG
-    return offB, offC, offD, offD + (H // BN - pid + G - 1) // G * CD
 
 
 @gluon.jit
@@ -116,7 +108,7 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_
             ready, empty, M: gl.constexpr, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr,
             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, SYNC: gl.constexpr):
     KC: gl.constexpr = BOX * NB
-    offB, offC, offD, P = _layer_offsets(G, NQ, H, I, BN, H // KC, H // KC, H // KC, I // KC)
+    offB, offC, offD, P = stage_offsets(G, NQ, H, I, BN, H // KC, I // KC)
     for i in range(NL * P):
         mbarrier.wait(empty.index(i % NBUF), ((i // NBUF) & 1) ^ 1)
         _issue(i, P, offB, offC, offD, G, wq_desc, wo_desc, wg_desc, wd_desc, ring, ready,
@@ -135,7 +127,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
     ACC: gl.constexpr = gl.SliceLayout(3, L4)
     XL: gl.constexpr = gl.SliceLayout(1, L4)
     ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, ACC))
-    offB, offC, offD, P = _layer_offsets(G, NQ, H, I, BN, CG, CG, CG, CD)
+    offB, offC, offD, P = stage_offsets(G, NQ, H, I, BN, CG, CD)
     ringv = _view(ring, gl.bfloat16, [NBUF, NB, BN, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     xsv = _view(xs, gl.float32, [M * CD, NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     rows_in = gl.arange(0, BN, layout=ROWS)

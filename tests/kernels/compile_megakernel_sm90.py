@@ -4,7 +4,10 @@ ARG = 1 or 2 (benchmarks/decode_megakernel.py at M = ARG) or `step` (ascend_kern
 """
 import inspect
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -50,6 +53,16 @@ def main(arg: str) -> dict:
     const = {"M": cfg.m, "NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "BN": cfg.bn, "BOX": cfg.box,
              "NB": cfg.num_boxes, "NBUF": cfg.num_buf, "SYNC": 1}
     return _compile(decode_megakernel_kernel, const, (cfg.bn, cfg.box), cfg.num_boxes)
+
+
+def compile_in_fresh_process(arg: str) -> dict:
+    """The JSON report of `main(arg)` run in a fresh process without TRITON_INTERPRET (under the CPU
+    interpreter Gluon does not compile); asserts the process succeeded."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.compile_megakernel_sm90", arg], env=env,
+                         capture_output=True, text=True, timeout=600, check=False, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -1,17 +1,14 @@
 """The decode megakernel probe (benchmarks/decode_megakernel.py): its configuration checks, an sm_90
 compile in a fresh process (Gluon has no CPU interpreter; this catches API drift in CI's Triton), and on
 a Hopper GPU its result against a float32 reference of the same 16 layers."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import bench_megakernel
 from benchmarks.bench_megakernel import MegakernelConfig
+from benchmarks.common import rel_err
+from tests.kernels.compile_megakernel_sm90 import compile_in_fresh_process
 
 
 def test_config_checks():
@@ -25,11 +22,7 @@ def test_config_checks():
 
 
 def test_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "tests.kernels.compile_megakernel_sm90", "1"], env=env,
-                         capture_output=True, text=True, timeout=600, check=False, cwd=Path(__file__).parents[2])
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = compile_in_fresh_process("1")
     assert report["tma"] and report["acquire"] and report["release"], report
     assert report["shared"] <= bench_megakernel.SMEM_BYTES
 
@@ -46,4 +39,4 @@ def test_matches_float32_reference(m):
     for _ in range(2):  # a second launch must not see the first one's counters
         fn()
         torch.cuda.synchronize()
-        assert bench_megakernel._rel_err(fn.h, ref) < 1e-5
+        assert rel_err(fn.h, ref) < 1e-5

@@ -2,26 +2,20 @@
 process (CPU; catches Gluon API drift), and on a Hopper GPU one step's logits and token against the
 model's float32 copy fed the same prompt cache, then several steps against the same reference."""
 import copy
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from ascend_kernels import decode_step
 from benchmarks import bench_decode_step as bench
+from benchmarks.common import rel_err
+from tests.kernels.compile_megakernel_sm90 import compile_in_fresh_process
 
 
 def test_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "tests.kernels.compile_megakernel_sm90", "step"], env=env,
-                         capture_output=True, text=True, timeout=600, check=False, cwd=Path(__file__).parents[2])
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = compile_in_fresh_process("step")
     assert report["tma"] and report["acquire"] and report["release"], report
-    assert report["shared"] <= 227 * 1024
+    assert report["shared"] <= decode_step.SMEM_BYTES
 
 
 @pytest.mark.gpu
@@ -41,7 +35,7 @@ def test_steps_match_float32_reference():
     step.load_prompt(cache, t0.item(), ids.shape[1])
     step._launch()
     torch.cuda.synchronize()
-    assert bench._rel_err(step.logits, logits_ref) < 1e-4
+    assert rel_err(step.logits, logits_ref) < 1e-4
     assert step.token.item() == logits_ref.argmax().item()
     assert step.pos.item() == ids.shape[1] + 1
     # the next steps read the K/V this one stored: compare with the float32 model fed our tokens
@@ -53,4 +47,4 @@ def test_steps_match_float32_reference():
             step._launch()
             torch.cuda.synchronize()
             expected = ref(token.view(1, 1), past_key_values=cache32).logits[0, -1]
-            assert bench._rel_err(step.logits, expected) < 1e-2  # the cache holds bf16 K/V, the reference fp32
+            assert rel_err(step.logits, expected) < 1e-2  # the cache holds bf16 K/V, the reference fp32

@@ -3,8 +3,8 @@
 A step whose only row is one request decoding one token (no drafts) skips the compiled model: the
 whole-step kernel (ascend_kernels/decode_step_kernel.py) reads the token id, its position and the
 request's block table from the step's device buffers, writes the token's K/V into the paged cache
-and returns the logits for the sampler (with their argmax, which greedy rows take as is). Every other step (prefill chunks, batches, verification)
-runs the compiled model on the same cache.
+and returns the logits for the sampler (with their argmax, which greedy rows take as is). Every other
+step (prefill chunks, batches, verification) runs the compiled model on the same cache.
 
 The kernel streams each kind of weight through one TMA descriptor, so the weights are copied once,
 stacked over the layers (the model's own stay where they are: the other steps use them). It takes
@@ -17,7 +17,12 @@ import logging
 
 import torch
 
-from ascend_kernels.decode_step import DecodeStepKernel, DecodeWeights, problem
+from ascend_kernels.decode_step import (
+    DecodeStepKernel,
+    DecodeWeights,
+    card_problem,
+    problem,
+)
 from xy_inductor import hf
 
 log = logging.getLogger("xyserve")
@@ -74,11 +79,14 @@ def prepare_weights(model: torch.nn.Module, enabled: bool, block_size: int) -> D
     (with a one-line warning saying why). Called before the KV cache takes the free memory."""
     if not enabled:
         return None
-    try:
-        weights = stack_weights(model)
-        reason = problem(weights, block_size, weights.embed.device)
-    except NotImplementedError as e:
-        reason = str(e)
+    param = next(model.parameters())
+    reason = card_problem(param.device, param.dtype)  # before copying any weight
+    if reason is None:
+        try:
+            weights = stack_weights(model)
+            reason = problem(weights, block_size, weights.embed.device)
+        except NotImplementedError as e:
+            reason = str(e)
     if reason is not None:
         log.warning("xyserve: decode_megakernel off, batch-1 decode runs the compiled model: %s", reason)
         return None
