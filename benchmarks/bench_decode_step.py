@@ -4,7 +4,9 @@ and the engine, Llama-3.2-1B shapes, bf16, random weights, prompt 128, 128 new t
 `DecodeStep` runs the kernel on its own paged KV cache (the engine's layout stacked over layers, a
 shuffled block table); the kernel picks each greedy token and steps the position, so replaying its
 CUDA graph decodes token after token with no host work between steps. `xyserve_engine_decode_megakernel`
-is the engine with `decode_megakernel=True` (its batch-1 decode steps on the same kernel).
+is the engine with `decode_megakernel=True` (its batch-1 decode steps on the same kernel, in bursts of up to
+8 launches per engine step; `..._no_burst` runs one launch per engine step). The engines' rows also give
+the decode rate alone: NEW - 1 tokens over the time past a 1-token generate.
 Correctness: logits of one step and greedy tokens over NEW steps, each against HF float32 (the
 reference) next to HF bf16's own distance from it.
 
@@ -13,6 +15,7 @@ reference) next to HF bf16's own distance from it.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 
 import torch
@@ -148,10 +151,35 @@ def _megakernel_decode(step: DecodeStep, cache, t0: int, repeats: int = 3) -> tu
     return [t0] + step.tokens_out[PROMPT:PROMPT + n].tolist(), per_step[1:]
 
 
+# the engine's variants: plain, the kernel with decode bursts (the default 8 steps), the kernel one step a time
+ENGINES = {"xyserve_engine": {}, "xyserve_engine_decode_megakernel": {"decode_megakernel": True},
+           "xyserve_engine_decode_megakernel_no_burst": {"decode_megakernel": True, "decode_burst": 1}}
+
+
+def _engine_row(model, prompts, kwargs: dict) -> tuple[dict, list[int]]:
+    """tok/s of generate (prefill + NEW tokens, like HF's rows) and the decode rate alone: NEW - 1 tokens
+    over the time past a 1-token generate (the prefill), both medians of 3 runs after a warm-up."""
+    from benchmarks.bench_decode import _engine, _tok_s
+    from benchmarks.common import timed
+    from xy_inductor import SamplingParams
+
+    llm, fn = _engine(model, prompts, **kwargs)
+    row = _tok_s(fn, 1, 3)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    row["prefill_seconds"], _ = timed(lambda: llm.generate(prompts, one, use_tqdm=False), 3)
+    row["decode_tok_s"] = (NEW - 1) / (row["seconds"] - row["prefill_seconds"])
+    before = dict(llm.stats)
+    tokens = fn()[0].token_ids
+    for key, name in (("steps", "engine_steps_per_generate"), ("decode_megakernel_steps", "kernel_steps_per_generate")):
+        if key in before:
+            row[name] = llm.stats[key] - before[key]
+    return row, tokens
+
+
 def run(quick: bool = False) -> dict:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         return {"skipped": "needs an sm_90 GPU"}
-    from benchmarks.bench_decode import _engine, _hf, _tok_s
+    from benchmarks.bench_decode import _hf, _tok_s
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
@@ -189,16 +217,19 @@ def run(quick: bool = False) -> dict:
     res["hf_eager"] = _tok_s(_hf(model, ids, False), 1, 1)
     if not quick:
         res["hf_static_compile"] = _tok_s(_hf(model, ids, True), 1, 2)
-    model.set_attn_implementation("sdpa")
-    res["xyserve_engine"] = _tok_s(_engine(model, ids.tolist())[1], 1, 2)
-    model.set_attn_implementation("sdpa")
-    llm, fn = _engine(model, ids.tolist(), decode_megakernel=True)
-    res["xyserve_engine_decode_megakernel"] = _tok_s(fn, 1, 2)
-    res["xyserve_engine_decode_megakernel"]["kernel_steps"] = llm.stats.get("decode_megakernel_steps")
-    for k in ("megakernel", "megakernel_8_steps_per_graph", "hf_eager", "hf_static_compile", "xyserve_engine",
-              "xyserve_engine_decode_megakernel"):
+    tokens = {}
+    for name, kwargs in ENGINES.items():
+        model.set_attn_implementation("sdpa")
+        res[name], tokens[name] = _engine_row(model, ids.tolist(), kwargs)
+        gc.collect()
+        torch.cuda.empty_cache()  # the next engine sizes its KV pool from the free memory
+    res["burst_tokens_equal_single_steps"] = tokens["xyserve_engine_decode_megakernel"] == tokens[
+        "xyserve_engine_decode_megakernel_no_burst"]
+    for k in ("megakernel", "megakernel_8_steps_per_graph", "hf_eager", "hf_static_compile", *ENGINES):
         if k in res:
             res[k]["floor_pct"] = 100 * res[k]["tok_s"] / res["floor_tok_s"]
+            if "decode_tok_s" in res[k]:
+                res[k]["decode_floor_pct"] = 100 * res[k]["decode_tok_s"] / res["floor_tok_s"]
     print(res, flush=True)
     return res
 
@@ -208,11 +239,14 @@ def table(res: dict) -> str:
         return str(res)
     lines = [(f"{res['card']}: Llama-3.2-1B shapes, batch 1, prompt {res['prompt']}, {res['new_tokens']} new, "
               f"floor {res['floor_tok_s']:.0f} tok/s"),
-             "| variant | tok/s | % of floor |", "| --- | --- | --- |"]
-    for k in ("hf_eager", "hf_static_compile", "xyserve_engine", "xyserve_engine_decode_megakernel", "megakernel",
-              "megakernel_8_steps_per_graph"):
+             "| variant | tok/s (generate) | % of floor | decode tok/s (past the prefill) | % of floor |",
+             "| --- | --- | --- | --- | --- |"]
+    for k in ("hf_eager", "hf_static_compile", *ENGINES, "megakernel", "megakernel_8_steps_per_graph"):
         if k in res:
-            lines.append(f"| {k} | {res[k]['tok_s']:.0f} | {res[k]['floor_pct']:.0f}% |")
+            r = res[k]
+            dec = (f"{r['decode_tok_s']:.0f} | {r['decode_floor_pct']:.1f}%" if "decode_tok_s" in r
+                   else "(every step is decode) | ")
+            lines.append(f"| {k} | {r['tok_s']:.0f} | {r['floor_pct']:.1f}% | {dec} |")
     one = res["one_step"]
     lines.append(f"one step: logits err vs HF fp32 {one['err_megakernel']:.1e} (HF bf16 {one['err_hf_bf16']:.1e}); "
                  f"argmax {one['argmax_megakernel']} / ref {one['argmax_ref']}; greedy tokens equal to HF fp32's: "

@@ -131,6 +131,11 @@ class EngineConfig:
                             persistent launch of the whole model (engine/decode_kernel.py): Llama-style
                             bf16 models on a Hopper GPU; copies the weights once more. Elsewhere it logs
                             why and the compiled model runs those steps.
+    decode_burst:           with decode_megakernel, a lone greedy request (nothing waiting) decodes up to
+                            this many tokens per engine step: the kernel feeds each token to its next
+                            launch on the device and the host reads them together (vLLM's multi-step
+                            decoding). Outputs then stream in groups; tokens past a stop are dropped.
+                            1 turns it off.
     """
 
     block_size: int = 16
@@ -152,6 +157,7 @@ class EngineConfig:
     cuda_graph_sizes: list[int] | None = None
     async_scheduling: bool | None = None
     decode_megakernel: bool = False
+    decode_burst: int = 8
 
     def __post_init__(self) -> None:
         if isinstance(self.speculative, dict):
@@ -186,6 +192,7 @@ class EngineConfig:
             raise ValueError(f"xyserve: cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
         if not isinstance(self.decode_megakernel, bool):
             raise ValueError(f"xyserve: decode_megakernel must be a bool, got {self.decode_megakernel!r}")
+        _positive_int("decode_burst", self.decode_burst)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"xyserve: async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         if self.cuda_graph_sizes is not None:

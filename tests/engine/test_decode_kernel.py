@@ -104,10 +104,16 @@ def test_engine_decodes_batch_one_on_the_kernel():
     ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})  # switches the model's attention
     ref.set_attn_implementation("sdpa")
     prompt = torch.randint(0, 8192, (37,)).tolist()  # 37: the last page partly filled
-    llm = LLM(model, max_model_len=256, decode_megakernel=True)
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
-    tokens = out[0].token_ids
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = LLM(model, max_model_len=256, decode_megakernel=True)  # decode bursts of up to 8 steps
+    tokens = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
     assert llm.stats["decode_megakernel_steps"] == len(tokens) - 1  # every step after the prefill
+    assert llm.engine.num_steps == 4  # prefill, one step, bursts of 8 and 2
+    del llm
+    single = LLM(model, max_model_len=256, decode_megakernel=True, decode_burst=1)
+    assert single.generate([prompt], params, use_tqdm=False)[0].token_ids == tokens  # the same launches
+    assert single.engine.num_steps == len(tokens)
+    del single
     with torch.no_grad():  # teacher-forced float32 logits at every decoded position
         logits = ref(torch.tensor([prompt + tokens[:-1]], device="cuda")).logits[0, len(prompt) - 1:]
     for step, token in enumerate(tokens[1:], start=1):  # the first token comes from the bf16 prefill
@@ -195,7 +201,7 @@ def test_a_kernel_that_fails_its_first_launch_falls_back(caplog):
         num_steps, argmax = 0, None
         takes = staticmethod(DecodeKernelPath.takes)
 
-        def run(self, inputs, static):
+        def run(self, inputs, static, pos, num_steps=1):
             self.num_steps += 1
             raise RuntimeError("no sm_90 here")
 

@@ -3,8 +3,9 @@
 A step whose only row is one request decoding one token (no drafts) skips the compiled model: the
 whole-step kernel (ascend_kernels/decode_step_kernel.py) reads the token id, its position and the
 request's block table from the step's device buffers, writes the token's K/V into the paged cache
-and returns the logits for the sampler (with their argmax, which greedy rows take as is). Every other
-step (prefill chunks, batches, verification) runs the compiled model on the same cache.
+and returns the logits for the sampler (with their argmax, which greedy rows take as is). A decode
+burst (ScheduledRequest.num_steps, EngineConfig.decode_burst) replays several launches back to back.
+Every other step (prefill chunks, batches, verification) runs the compiled model on the same cache.
 
 The kernel streams each kind of weight through one TMA descriptor, so the weights are copied once,
 stacked over the layers (the model's own stay where they are: the other steps use them). It takes
@@ -104,18 +105,25 @@ def stacked(caches: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class DecodeKernelPath:
-    """Runs a batch-1 decode step on the whole-step kernel; counts the steps it ran."""
+    """Runs batch-1 decode steps on the whole-step kernel; counts the tokens it decoded.
+
+    The kernel runs as a decode loop: each launch writes its greedy token over the step's input token,
+    steps the position (both in the step's device buffers) and records the token at
+    tokens_out[position], so a burst of launches decodes token after token with no host work between:
+
+        input_ids[0], position_ids[0]:  t, p  ->  t1, p+1  ->  t2, p+2 ...     (launch by launch)
+        tokens_out:                     [... | t1 @ p | t2 @ p+1 | ...]        (the host reads a slice)
+    """
 
     def __init__(self, weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 block_size: int):
+                 block_size: int, max_model_len: int, kernel=None):
         k, v = stacked(k_caches), stacked(v_caches)
         if k is None or v is None:
             raise ValueError("the KV caches are not one stacked tensor per K and V")
-        self.kernel = DecodeStepKernel(weights, k, v, block_size)
+        self.kernel = kernel or DecodeStepKernel(weights, k, v, block_size)
         self.num_steps = 0
-        # the kernel's greedy token (argmax of its logits): the sampler takes it for greedy rows
-        self.argmax = torch.zeros(1, dtype=torch.int64, device=k.device)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}  # per bucket (its static input buffer)
+        self.tokens_out = torch.zeros(max_model_len + 1, dtype=torch.int64, device=k.device)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # per (bucket buffer, burst size)
 
     @staticmethod
     def takes(rows) -> bool:
@@ -123,25 +131,32 @@ class DecodeKernelPath:
         return (len(rows) == 1 and len(rows[0].token_ids) == 1 and rows[0].sample
                 and rows[0].num_draft_tokens == 0)
 
-    def _launch(self, inputs: dict) -> torch.Tensor:
-        metadata = inputs[hf.METADATA_KWARG]
-        return self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0],
-                                  self.argmax)
+    @property
+    def logits(self) -> torch.Tensor:
+        """[1, V] fp32 logits of the last decoded step (a buffer the next launch overwrites)."""
+        return self.kernel.logits.view(1, -1)
 
-    def run(self, inputs: dict, static: bool) -> torch.Tensor:
-        """Logits [1, V] (fp32, a buffer reused by the next step) of the step packed in `inputs`. With
-        `static` inputs (a CUDA-graph bucket's buffers) the launch is replayed from a graph captured
-        after the bucket's first step (a Gluon launch costs tens of microseconds of host time)."""
-        self.num_steps += 1
-        key = inputs["input_ids"].data_ptr()
+    def _launch(self, inputs: dict, num_steps: int) -> None:
+        metadata = inputs[hf.METADATA_KWARG]
+        for _ in range(num_steps):
+            self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0],
+                               self.tokens_out, loop=True)
+
+    def run(self, inputs: dict, static: bool, pos: int, num_steps: int = 1) -> torch.Tensor:
+        """The greedy tokens [num_steps] int64 (a view of a buffer that later steps reuse) decoded from
+        the step packed in `inputs`, whose token sits at position `pos`. With `static` inputs (a CUDA
+        graph bucket's buffers) the launches are replayed from a graph captured after the first run of
+        that bucket and burst size (a Gluon launch costs tens of microseconds of host time)."""
+        self.num_steps += num_steps
+        key = (inputs["input_ids"].data_ptr(), num_steps)
         graph = self._graphs.get(key) if static else None
         if graph is not None:
             graph.replay()
-            return self.kernel.logits.view(1, -1)
-        logits = self._launch(inputs)  # compiles on the first step
-        if static:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # captured, not run: this step is already launched
-                self._launch(inputs)
-            self._graphs[key] = graph
-        return logits.view(1, -1)
+        else:
+            self._launch(inputs, num_steps)  # compiles on the first step
+            if static:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # captured, not run: this step is already launched
+                    self._launch(inputs, num_steps)
+                self._graphs[key] = graph
+        return self.tokens_out[pos : pos + num_steps]

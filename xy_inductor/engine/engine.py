@@ -140,7 +140,7 @@ class LLMEngine:
         previous, self._inflight = self._inflight, None
         out, launched = SchedulerOutput(), None
         try:
-            out = self.scheduler.schedule()
+            out = self.scheduler.schedule(self._max_steps())
             if not out.empty:
                 launched = self._launch(out, previous)
             outputs = self._resolve(stream_text, previous)
@@ -158,6 +158,12 @@ class LLMEngine:
             raise RuntimeError("xyserve: the scheduler found no work for unfinished requests")
         return outputs
 
+    def _max_steps(self) -> int:
+        """Decode steps a lone greedy request may run per engine step: a burst needs the whole-step
+        kernel (it feeds each token to the next launch), and one step of it that ran."""
+        path = self.runner.decode_path
+        return self.config.decode_burst if path is not None and path.num_steps > 0 else 1
+
     def _abort_rows(self, previous: InflightStep | None, out: SchedulerOutput) -> None:
         rows = (previous.out.rows if previous is not None else []) + out.rows
         ids = [rid for rid in dict.fromkeys(r.request_id for r in rows) if rid in self.scheduler.requests]
@@ -173,6 +179,9 @@ class LLMEngine:
             src = [index[rid] for rid in ids]
             feed = lambda input_ids: self.feed.feed(input_ids, dst, src, previous.tokens)
         logits, sample_ids = self.runner.execute(out, feed)
+        picked = self.runner.picked_tokens
+        if picked is not None:  # a decode burst: the kernel picked its tokens on the device
+            return self.feed.launch(out, sample_ids * picked.numel(), picked)
         requests = self.scheduler.requests
         rows = [SamplingRow(requests[rid].sampling_params, None, requests[rid].generator) for rid in sample_ids]
         tokens = (self.sampler.sample_tensor(logits, rows, self.runner.last_argmax) if rows
@@ -184,7 +193,7 @@ class LLMEngine:
         if step is None:
             return []
         changed = self.scheduler.resolve(step.out, step.wait())
-        return [self._output(r, stream_text) for r in changed]
+        return [self._output(r, stream_text, num_new) for r, num_new in changed]
 
     def _num_output(self, request_id: str) -> int:
         return self.scheduler.requests[request_id].num_output_tokens

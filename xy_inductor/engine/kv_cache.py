@@ -107,11 +107,12 @@ class KVCacheManager:
         self.num_hit_blocks += num_hit_tokens // self.block_size
 
     def cache_full_blocks(self, request: Request) -> None:
-        """Register the request's blocks that its computed tokens have filled (call after the step ran)."""
+        """Register the request's blocks that its computed tokens have filled (call after the step ran).
+        Tokens still PENDING (a decode burst's, overlap.py) wait: a block's hash needs its token ids."""
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
-        num_full = request.num_computed_tokens // self.block_size
+        num_full = min(request.num_computed_tokens, request.num_known_tokens) // self.block_size
         start = self._num_registered.get(rid, 0)
         if num_full <= start:
             return

@@ -95,8 +95,10 @@ class ModelRunner:
         self.k_caches, self.v_caches = allocate_kv_caches(self.layers, self.num_blocks, self.block_size, self.device)
         self.decode_path = None
         self.last_argmax: torch.Tensor | None = None  # the last step's logits' argmax [N], when known
+        self.picked_tokens: torch.Tensor | None = None  # a decode burst's tokens, picked on the device
         if decode_weights is not None:
-            self.decode_path = DecodeKernelPath(decode_weights, self.k_caches, self.v_caches, self.block_size)
+            self.decode_path = DecodeKernelPath(decode_weights, self.k_caches, self.v_caches, self.block_size,
+                                                self.max_model_len)
         # One Task-Table serves every layer when they share a head layout and Triton runs them.
         uniform = all(s == self.layers[0] for s in self.layers)
         triton = use_triton(config.impl, self.k_caches[0])
@@ -270,9 +272,10 @@ class ModelRunner:
                 feed: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, list[str]]:
         """Run the step; logits [N, V] at the N sampling positions, with the sampling requests' ids
         (a request with d drafted tokens owns d + 1 consecutive rows). Under CUDA graphs the
-        logits are a static buffer: valid until the next step."""
+        logits are a static buffer: valid until the next step. After a decode burst (a row with
+        num_steps > 1) `picked_tokens` holds its tokens and the logits are the last step's."""
         step = self.prepare(out, feed)
-        self.last_argmax = None
+        self.last_argmax = self.picked_tokens = None
         logits = self._decode_kernel_step(out, step)
         if logits is None and step.graph:
             logits = self.graphs.replay(step.layout)
@@ -287,18 +290,24 @@ class ModelRunner:
         failure before the kernel ever ran (its compile) turns the path off with a warning and the
         compiled model runs the step; once the kernel has run, a failure is raised."""
         if self.decode_path is None or not self.decode_path.takes(out.rows):
+            if any(r.num_steps > 1 for r in out.rows):
+                raise RuntimeError("xyserve: a decode burst was scheduled without the decode kernel path")
             return None
+        row = out.rows[0]
         try:
-            logits = self.decode_path.run(step.inputs, step.graph)
+            tokens = self.decode_path.run(step.inputs, step.graph, row.num_computed_tokens, row.num_steps)
         except Exception as e:
-            if self.decode_path.num_steps > 1:
+            if self.decode_path.num_steps > row.num_steps:  # bursts come only after a step that ran
                 raise
             log.warning("xyserve: decode_megakernel off, its first launch failed (%s: %s)", type(e).__name__,
                         str(e)[:200])
             self.decode_path = None
             return None
-        self.last_argmax = self.decode_path.argmax
-        return logits
+        if row.num_steps > 1:
+            self.picked_tokens = tokens
+        else:
+            self.last_argmax = tokens
+        return self.decode_path.logits
 
     def _own_attention(self) -> None:
         """The model's attention must be the paged one: a model switched back to "sdpa" (to run HF

@@ -29,6 +29,9 @@ class ScheduledRequest:
     slot_mapping: list[int]
     sample: bool  # logits wanted at the last new token (the step reaches the request's last known token)
     num_draft_tokens: int = 0  # trailing drafted tokens to verify (VERIFY rows)
+    # DECODE rows only: decode steps run back to back on the device (a burst), each feeding its token
+    # to the next; the row computes the KV of positions num_computed_tokens .. + num_steps - 1
+    num_steps: int = 1
 
     @property
     def num_new_tokens(self) -> int:

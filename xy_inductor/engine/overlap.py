@@ -16,7 +16,8 @@ tensor into N+1's input ids (stream order makes it run after step N's sampler):
 
 The host reads step N's tokens one step late (a pinned copy and an event), so a request that
 stops at step N (EOS, a stop token or string) has one extra token computed in step N+1; it is
-dropped. Steps run overlapped only when every running request can be sampled without its
+dropped. A decode burst (ScheduledRequest.num_steps, the whole-step kernel feeding each token to
+its next launch) is one step here with num_steps PENDING tokens; the next step's input is its last. Steps run overlapped only when every running request can be sampled without its
 history on the host (no drafts, no repetition penalty); otherwise the engine steps in order.
 
 Greedy and seeded requests get exactly the tokens of in-order steps. A sampled request without a
@@ -41,20 +42,23 @@ class InflightStep:
     """A launched step whose sampled tokens the host has not read yet."""
 
     out: SchedulerOutput
-    sample_ids: list[str]  # request id of each sampled token, in order
+    sample_ids: list[str]  # request id of each sampled token, in order (a burst's: one per step)
     tokens: torch.Tensor  # [N] int64 on the device: the sampled tokens
     host: torch.Tensor  # [>= N] int64, pinned on CUDA: their copy, valid once `ready` is
     ready: torch.cuda.Event | None
 
     def index(self) -> dict[str, int]:
+        """Request id -> index of its last token (the next step's input)."""
         return {rid: i for i, rid in enumerate(self.sample_ids)}
 
-    def wait(self) -> dict[str, int]:
-        """Block until the tokens are on the host; request id -> token id."""
+    def wait(self) -> dict[str, list[int]]:
+        """Block until the tokens are on the host; request id -> its token ids, in order."""
         if self.ready is not None:
             self.ready.synchronize()
-        values = self.host[: len(self.sample_ids)].tolist()
-        return dict(zip(self.sample_ids, values))
+        tokens: dict[str, list[int]] = {}
+        for rid, token_id in zip(self.sample_ids, self.host[: len(self.sample_ids)].tolist()):
+            tokens.setdefault(rid, []).append(token_id)
+        return tokens
 
 
 class TokenFeed:

@@ -132,12 +132,21 @@ class Request:
         del self.output_token_ids[num_tokens:]
         del self.metrics.token_times[num_tokens:]
 
-    def fill_pending(self, token_id: int, now: float) -> None:
-        """The host learns the token sampled for the trailing PENDING placeholder."""
-        if not self.has_pending:
-            raise RuntimeError(f"xyserve: request {self.request_id!r} has no pending token to fill")
-        self.output_token_ids.pop()
-        self.append_token(token_id, now)
+    def drop_pending(self) -> int:
+        """Remove the trailing PENDING placeholders (the host has read their tokens); how many."""
+        n = 0
+        while self.output_token_ids and self.output_token_ids[-1] == PENDING:
+            self.output_token_ids.pop()
+            n += 1
+        return n
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt + generated tokens up to the first PENDING one (the host knows their ids)."""
+        n = self.num_committed_tokens
+        while n > self.num_prompt_tokens and self.output_token_ids[n - self.num_prompt_tokens - 1] == PENDING:
+            n -= 1
+        return n
 
     @property
     def has_pending(self) -> bool:

@@ -60,7 +60,10 @@ class Scheduler:
         return request
 
     # ------------------------------------------------------------ one step
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, max_steps: int = 1) -> SchedulerOutput:
+        """The next step's rows. With max_steps > 1 a lone greedy decode row may become a burst of up to
+        max_steps decode steps (ScheduledRequest.num_steps; the engine asks only when the device can
+        feed each token to the next step itself)."""
         out = SchedulerOutput()
         rows: dict[str, ScheduledRequest] = {}
         budget = self.max_num_batched_tokens
@@ -79,8 +82,25 @@ class Scheduler:
                 budget -= n
         if not out.preempted_ids:  # admitting while preempting would only thrash the pool
             budget = self._admit_waiting(rows, budget)
+        if max_steps > 1 and len(rows) == 1 and len(self.running) == 1 and not self.waiting:
+            self._burst(rows, max_steps)
         out.rows = list(rows.values())
         return out
+
+    def _burst(self, rows: dict[str, ScheduledRequest], max_steps: int) -> None:
+        """Turn the only row, when it decodes a greedy request, into a burst: a power of two of steps
+        (one CUDA graph per size), within max_tokens / max_model_len and the KV pool."""
+        (row,) = rows.values()
+        request = self.requests[row.request_id]
+        params = request.sampling_params
+        if row.stage is not Stage.DECODE or not params.greedy or params.repetition_penalty != 1.0:
+            return
+        room = min(max_steps, params.max_tokens - request.num_output_tokens)
+        if request.max_model_len is not None:
+            room = min(room, request.max_model_len - request.num_committed_tokens)
+        n = 1 << (room.bit_length() - 1) if room > 1 else 1
+        if n > 1 and self.kv.allocate_slots(request, n):
+            rows[row.request_id] = self._row(request, 1, num_steps=n)
 
     @staticmethod
     def is_decoding(request: Request) -> bool:
@@ -142,7 +162,7 @@ class Scheduler:
             budget -= n
         return budget
 
-    def _row(self, request: Request, n: int) -> ScheduledRequest:
+    def _row(self, request: Request, n: int, num_steps: int = 1) -> ScheduledRequest:
         start = request.num_computed_tokens
         table = self.kv.block_table(request.request_id)
         bs = self.kv.block_size
@@ -157,6 +177,7 @@ class Scheduler:
             slot_mapping=[table[p // bs] * bs + p % bs for p in range(start, start + n)],
             sample=start + n == request.num_tokens,
             num_draft_tokens=drafts,
+            num_steps=num_steps,
         )
 
     # ------------------------------------------------------------ after the forward
@@ -174,7 +195,7 @@ class Scheduler:
             if row.num_draft_tokens:
                 self._settle_drafts(request, row, len(tokens) - 1)
             else:
-                request.num_computed_tokens += row.num_new_tokens
+                request.num_computed_tokens += row.num_new_tokens + row.num_steps - 1
             self.kv.cache_full_blocks(request)
             if not row.sample:
                 continue
@@ -194,31 +215,44 @@ class Scheduler:
     # ------------------------------------------------------------ overlapped steps (overlap.py)
     def advance(self, out: SchedulerOutput) -> None:
         """Right after a step is launched, before its tokens are known: advance computed tokens
-        and give each sampling row a PENDING token, so the next step can be scheduled at once.
-        No drafts: a verify row's computed count depends on its verdict."""
+        and give each sampling row a PENDING token (a burst one per step), so the next step can be
+        scheduled at once. No drafts: a verify row's computed count depends on its verdict."""
         for row in out.rows:
             request = self.requests.get(row.request_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # finished (or aborted) since it was scheduled: its row is wasted work
             if row.num_draft_tokens:
                 raise RuntimeError("xyserve: verify rows cannot run overlapped")
-            request.num_computed_tokens += row.num_new_tokens
+            request.num_computed_tokens += row.num_new_tokens + row.num_steps - 1
             self.kv.cache_full_blocks(request)
             if row.sample:
-                request.output_token_ids.append(PENDING)
+                request.output_token_ids.extend([PENDING] * row.num_steps)
 
-    def resolve(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """The advanced step's tokens are known: fill the PENDING tokens, finish stopped requests.
-        A request preempted since keeps its token (it was sampled from a complete KV)."""
+    def resolve(self, out: SchedulerOutput, sampled: dict[str, list[int]]) -> list[tuple[Request, int]]:
+        """The advanced step's tokens are known: fill the PENDING tokens (a burst's in order, up to a
+        stop: the rest are dropped), finish stopped requests. Returns each changed request with its
+        number of new tokens. A request preempted since keeps its tokens (sampled from a complete KV)."""
         now = time.perf_counter()
         changed = []
         for row in out.rows:
             request = self.requests.get(row.request_id)
             if not row.sample or request is None or not request.has_pending:
                 continue  # aborted, or finished before this step was advanced
-            request.fill_pending(sampled[row.request_id], now)
-            self._stopped(request)
-            changed.append(request)
+            tokens = sampled[row.request_id]
+            if request.drop_pending() != len(tokens):
+                raise RuntimeError(f"xyserve: request {row.request_id!r} got {len(tokens)} tokens for its "
+                                   "pending ones")
+            num_new, status = 0, None
+            for token_id in tokens:
+                request.append_token(token_id, now)
+                num_new += 1
+                status = request.check_stop()
+                if status is not None:
+                    break
+            self.kv.cache_full_blocks(request)  # a burst's blocks, now that their tokens are known
+            if status is not None:
+                self.finish(request.request_id, status)
+            changed.append((request, num_new))
         return changed
 
     def _settle_drafts(self, request: Request, row: ScheduledRequest, num_accepted: int) -> None:
