@@ -27,7 +27,7 @@ class DecodeWeights:
     wq: torch.Tensor  # [NL * (NQH + 2 NKV) * D, H]: q; k; v of each layer
     wo: torch.Tensor  # [NL * H, NQH * D]
     wg: torch.Tensor  # [NL * 2 I, H]: gate; up of each layer
-    wd: torch.Tensor  # [NL * H, I]
+    wd: torch.Tensor  # [NL * I, H]: down_proj transposed (row i of layer l is column i of its W_down)
     wl: torch.Tensor  # [V, H] lm_head
     n1: torch.Tensor  # [NL, H] input norms
     n2: torch.Tensor  # [NL, H] post-attention norms
@@ -43,9 +43,9 @@ class DecodeWeights:
     def __post_init__(self):
         nl, h = self.n1.shape
         d, nq, nkv = self.head_dim, self.num_q_heads, self.num_kv_heads
-        i = self.wd.shape[1]
+        i = self.wg.shape[0] // (2 * nl)
         want = {"wq": (nl * (nq + 2 * nkv) * d, h), "wo": (nl * h, nq * d), "wg": (nl * 2 * i, h),
-                "wd": (nl * h, i), "wl": (self.embed.shape[0], h), "n2": (nl, h), "nf": (h,),
+                "wd": (nl * i, h), "wl": (self.embed.shape[0], h), "n2": (nl, h), "nf": (h,),
                 "inv_freq": (d // 2,)}
         for name, shape in want.items():
             t = getattr(self, name)
@@ -55,7 +55,7 @@ class DecodeWeights:
     @property
     def dims(self) -> dict:
         nl, h = self.n1.shape
-        return {"NL": nl, "H": h, "I": self.wd.shape[1], "V": self.embed.shape[0], "NQH": self.num_q_heads,
+        return {"NL": nl, "H": h, "I": self.wg.shape[0] // (2 * nl), "V": self.embed.shape[0], "NQH": self.num_q_heads,
                 "NKV": self.num_kv_heads, "D": self.head_dim}
 
 
@@ -78,14 +78,14 @@ def problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | No
     d, kc, grid = w.dims, BOX * NB, torch.cuda.get_device_properties(device).multi_processor_count
     if w.head_dim != 64:
         return f"head_dim {w.head_dim} (the kernel's attention takes 64)"
-    if d["H"] % kc or d["I"] % kc or d["NQH"] * w.head_dim != d["H"]:
-        return f"hidden {d['H']} / MLP {d['I']} sizes must be multiples of {kc}, with q heads x head_dim = hidden"
-    if any(n & (n - 1) for n in (d["H"] // kc, d["I"] // kc)):  # the staging's aranges are powers of two
-        return f"hidden {d['H']} and MLP {d['I']} sizes must be {kc} x a power of two"
-    if d["H"] // BN < grid or d["NQH"] * NSPLIT > grid or d["V"] % BN:
+    if d["H"] % kc or d["NQH"] * w.head_dim != d["H"]:
+        return f"hidden size {d['H']} must be a multiple of {kc}, with q heads x head_dim = hidden"
+    if (d["H"] // kc) & (d["H"] // kc - 1):  # the staging's aranges are powers of two
+        return f"hidden size {d['H']} must be {kc} x a power of two"
+    if d["I"] % BN or d["H"] // BN < grid or d["I"] // BN < grid or d["NQH"] * NSPLIT > grid or d["V"] % BN:
         return "the grid needs a row tile of every GEMV and a program for every attention split"
-    if 5 * d["NL"] + 1 > 32 * NB or d["I"] * 4 + NBUF * NB * BN * BOX * 2 > SMEM_BYTES - 4096:
-        return "too many layers or too large an MLP for the kernel's counters / shared memory"
+    if 4 * d["NL"] + 1 > 32 * NB or 2 * d["H"] * 4 + NBUF * NB * BN * BOX * 2 > SMEM_BYTES - 4096:
+        return "too many layers or too large a hidden size for the kernel's counters / shared memory"
     return None
 
 
@@ -115,11 +115,11 @@ class DecodeStepKernel:
         f32 = {"device": dev, "dtype": torch.float32}
         self.hidden = torch.empty(d["H"], **f32)
         self.qkv = torch.empty((d["NQH"] + 2 * d["NKV"]) * w.head_dim, **f32)
-        self.g, self.logits = torch.empty(d["I"], **f32), torch.empty(d["V"], **f32)
+        self.hidden_attn, self.logits = torch.empty(d["H"], **f32), torch.empty(d["V"], **f32)
         self.part = torch.empty(d["NQH"] * NSPLIT * (w.head_dim + 2), **f32)
         self.best_val = torch.empty(self.grid, **f32)
         self.best_idx = torch.empty(self.grid, device=dev, dtype=torch.int32)
-        self.counters = torch.zeros(5 * d["NL"] + 1, device=dev, dtype=torch.int32)  # zero between launches
+        self.counters = torch.zeros(4 * d["NL"] + 1, device=dev, dtype=torch.int32)  # zero between launches
 
     def launch(self, token: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
                tokens_out: torch.Tensor | None = None, loop: bool = False) -> torch.Tensor:
@@ -130,7 +130,7 @@ class DecodeStepKernel:
 
         w, pick = self.w, 0 if tokens_out is None else 2 if loop else 1
         decode_step_kernel[(self.grid,)](
-            *self.descs, self.hidden, self.qkv, self.g, self.part, self.logits, w.n1, w.n2, w.nf,
+            *self.descs, self.hidden, self.hidden_attn, self.qkv, self.part, self.logits, w.n1, w.n2, w.nf,
             self.k_cache, self.v_cache, block_table, pos, w.inv_freq, self.counters, token,
             tokens_out if pick else token, w.embed, self.best_val, self.best_idx, w.eps, w.rope_scale,
             LOG2E / math.sqrt(w.head_dim), self.k_cache[0].numel(), self.grid, **w.dims, BS=self.block_size,

@@ -8,11 +8,21 @@ program starts by loading its residual rows of the token's embedding; the last p
 picks the token (argmax over the programs' best logits) and, in a decode loop (PICK 2), steps the
 position for the next launch.
 
-Per layer the grid passes five counters (a fire-and-forget `red.release` per program, polled with
+Per layer the grid passes four counters (a fire-and-forget `red.release` per program, polled with
 acquire loads), one per stage:
 
-    qkv GEMV (norm 1) -> attention (no weights) -> o GEMV (+ h) -> gate/up GEMV (norm 2) -> down GEMV (+ h)
+    qkv GEMV (norm 1) -> attention (no weights) -> o GEMV (+ h) -> MLP: gate/up GEMV (norm 2), down (+ h)
     ... 16 layers ... -> lm_head GEMV (final norm) -> logits [V] fp32
+
+The MLP is one stage: a program's gate/up row tile gives 8 values of SiLU(gate) x up, which it multiplies
+at once into the same 8 rows of the transposed down projection (split-K over the MLP width), summing
+a partial down output over its tiles in shared memory; at the stage's end it adds that partial into the
+residual with fp32 atomics (the sum's order varies between runs: the last bits of h do too). The MLP
+normalises the residual after attention (h_attn) while the partials land in h, so no program reads h
+while another adds to it:
+
+    o stage:  h_attn[rows] = h[rows] = h[rows] + o[rows]      (each program its own rows)
+    MLP:      xs = RMSNorm(h_attn);  h += sum over programs of down^T[tile rows]^T (SiLU(gate) x up)[tile rows]
 
 The loader warp streams only the GEMVs' weights, so while the compute warps do attention the next
 o / gate/up chunks keep arriving. Attention task p < NQH * NSPLIT: q head p // NSPLIT over one
@@ -40,39 +50,38 @@ LOG2E = 1.4426950408889634
 
 
 @gluon.jit
-def _locate(i, P, offB, offC, offD, NL: gl.constexpr, CG: gl.constexpr, CD: gl.constexpr):
-    """Chunk i of a program's stream -> (layer, stage 0..4, row tile j, chunk c); stage 4 is lm_head
-    (layer == NL), 0-3 are q/k/v, o, gate/up, down. Returns r (chunk inside the layer) too."""
+def _locate(i, P, offB, offC, NL: gl.constexpr, CG: gl.constexpr):
+    """Chunk i of a program's stream -> (layer, stage 0..3, row tile j, chunk c); stage 3 is lm_head
+    (layer == NL), 0-2 are q/k/v, o and the MLP (a tile: CG gate chunks, CG up, CG down^T). Returns r
+    (chunk inside the layer) too."""
     layer = gl.minimum(i // P, NL)
     r = i - layer * P
-    s = (r >= offB).to(gl.int32) + (r >= offC).to(gl.int32) + (r >= offD).to(gl.int32)
-    start = gl.where(s == 0, 0, gl.where(s == 1, offB, gl.where(s == 2, offC, offD)))
-    per = gl.where(s == 2, 2 * CG, gl.where(s == 3, CD, CG))
+    s = (r >= offB).to(gl.int32) + (r >= offC).to(gl.int32)
+    start = gl.where(s == 0, 0, gl.where(s == 1, offB, offC))
+    per = gl.where(s == 2, 3 * CG, CG)
     last = layer == NL
-    s = gl.where(last, 4, s)
+    s = gl.where(last, 3, s)
     start = gl.where(last, 0, start)
     per = gl.where(last, CG, per)
     return layer, s, (r - start) // per, (r - start) % per, r
 
 
 @gluon.jit
-def stage_offsets(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, CG: gl.constexpr,
-                  CD: gl.constexpr):
-    """This program's first chunk of the o, gate/up and down stages inside a layer's chunks, and the
-    layer's chunk count (CG chunks per row tile of K = H, 2 CG for a gate/up tile, CD for down)."""
+def stage_offsets(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, CG: gl.constexpr):
+    """This program's first chunk of the o and MLP stages inside a layer's chunks, and the layer's chunk
+    count (CG chunks per row tile of K = H, 3 CG for an MLP tile)."""
     pid = gl.program_id(0)
     offB = (NQ // BN - pid + G - 1) // G * CG
     offC = offB + (H // BN - pid + G - 1) // G * CG
-    offD = offC + (I // BN - pid + G - 1) // G * 2 * CG
-    return offB, offC, offD, offD + (H // BN - pid + G - 1) // G * CD
+    return offB, offC, offC + (I // BN - pid + G - 1) // G * 3 * CG
 
 
 @gluon.jit
-def _issue(i, P, offB, offC, offD, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ring, ready,
+def _issue(i, P, offB, offC, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ring, ready,
            NL: gl.constexpr, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr,
            BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
     CG: gl.constexpr = H // (BOX * NB)
-    layer, s, j, c, _ = _locate(i, P, offB, offC, offD, NL, CG, I // (BOX * NB))
+    layer, s, j, c, _ = _locate(i, P, offB, offC, NL, CG)
     row = (gl.program_id(0) + j * G) * BN
     slot = i % NBUF
     bar = ready.index(slot)
@@ -83,10 +92,10 @@ def _issue(i, P, offB, offC, offD, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_des
             _tma_load(wq_desc, [layer * NQ + row, col], bar, ring.index(slot * NB + b))
         elif s == 1:
             _tma_load(wo_desc, [layer * H + row, col], bar, ring.index(slot * NB + b))
-        elif s == 2:  # gate rows for the first CG chunks of the tile, then the matching up rows
+        elif (s == 2) & (c < 2 * CG):  # gate rows for the first CG chunks of the tile, then the matching up rows
             _tma_load(wg_desc, [layer * 2 * I + (c // CG) * I + row, col], bar, ring.index(slot * NB + b))
-        elif s == 3:
-            _tma_load(wd_desc, [layer * H + row, (c * NB + b) * BOX], bar, ring.index(slot * NB + b))
+        elif s == 2:  # the same rows of the transposed down projection
+            _tma_load(wd_desc, [layer * I + row, col], bar, ring.index(slot * NB + b))
         else:
             _tma_load(wl_desc, [row, col], bar, ring.index(slot * NB + b))
 
@@ -112,7 +121,7 @@ def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr,
         gl.store(best_val_ptr + pid, best_v)
         gl.store(best_idx_ptr + pid, best_i)
     _barrier()
-    if gl.atomic_add(cnt_ptr + NL * 5, 1, sem="acq_rel") == G - 1:  # every other program is done
+    if gl.atomic_add(cnt_ptr + NL * 4, 1, sem="acq_rel") == G - 1:  # every other program is done
         LG: gl.constexpr = gl.BlockedLayout([1], [32], [NB], [0])
         p = gl.arange(0, 32 * NB, layout=LG)
         if PICK > 0:
@@ -126,38 +135,39 @@ def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr,
                 gl.store(token_ptr, token.to(token_ptr.dtype.element_ty))
                 gl.store(tokens_out_ptr + pos, token.to(gl.int64))
                 gl.store(pos_ptr, pos + 1)
-        gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 5 + 1)
+        gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 4 + 1)
 
 
 # _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
 @gluon.jit
-def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
+def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
             n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
             token_ptr, tokens_out_ptr, embed_ptr,
-            best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
+            best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ds, ready, empty,
             NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
     KC: gl.constexpr = BOX * NB
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
-    offB, offC, offD, P = stage_offsets(G, NQ, H, I, BN, H // KC, I // KC)
+    offB, offC, P = stage_offsets(G, NQ, H, I, BN, H // KC)
     total = NL * P + (V // BN - gl.program_id(0) + G - 1) // G * (H // KC)
     for i in range(total):
         mbarrier.wait(empty.index(i % NBUF), ((i // NBUF) & 1) ^ 1)
-        _issue(i, P, offB, offC, offD, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ring, ready,
+        _issue(i, P, offB, offC, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ring, ready,
                NL, NQ, H, I, BN, BOX, NB, NBUF)
 
 
 @gluon.jit
-def _stage_start(layer, s, ci, pos, token, xs, h_ptr, qkv_ptr, g_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
+def _stage_start(layer, s, ci, pos, token, xs, ds, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
                  k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale, qk_scale,
-                 layer_stride, G, H: gl.constexpr, I: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
+                 layer_stride, G, H: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
                  D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
     """A stage starts: (attention before the o GEMV,) wait for the previous stage's counter, then stage
-    this GEMV's input in xs (RMS-normalised for q/k/v, gate/up and lm_head)."""
+    this GEMV's input in xs (RMS-normalised for q/k/v, the MLP and lm_head; the MLP also zeroes its
+    partial down sums in ds)."""
     kk = _stage_layout(H, NB)  # norm weights first: they do not depend on the grid
     nw_ptr = gl.where(s == 0, n1_ptr + layer * H, gl.where(s == 2, n2_ptr + layer * H, nf_ptr))
-    nw = gl.load(nw_ptr + kk, mask=(kk < H) & (s % 2 == 0), other=0.0).to(gl.float32)
+    nw = gl.load(nw_ptr + kk, mask=(kk < H) & (s != 1), other=0.0).to(gl.float32)
     if s == 1:  # attention between the q/k/v and o GEMVs (programs without a split only sign in)
         if gl.program_id(0) < NQH * NSPLIT:
             attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr,
@@ -168,90 +178,115 @@ def _stage_start(layer, s, ci, pos, token, xs, h_ptr, qkv_ptr, g_ptr, part_ptr, 
     _barrier()  # the previous stage's last chunk has read xs
     if s == 1:
         stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
-    elif s == 3:
-        _stage_norm(xs, g_ptr, nw, eps, I, False, NB)
     elif (s == 0) & (layer == 0):  # the first norm reads the token's embedding row
         _stage_norm(xs, embed_ptr + token * H, nw, eps, H, True, NB)
+    elif s == 2:
+        _stage_norm(xs, ha_ptr, nw, eps, H, True, NB)
+        ds.store(gl.zeros_like(nw))
     else:
         _stage_norm(xs, h_ptr, nw, eps, H, True, NB)
     _barrier()
 
 
 @gluon.jit
-def _tile_end(acc, gate, best_v, best_i, s, c, rows, qkv_ptr, g_ptr, logits_ptr, h_ptr, CG: gl.constexpr,
-              CD: gl.constexpr, V: gl.constexpr):
-    """After a chunk: when it ends a row tile, reduce and store the tile (q/k/v, SiLU x up, logits and
-    the running greedy token, or the residual add); a gate tile is kept for its up tile."""
-    if (s == 2) & (c == CG - 1):  # the gate half of a gate/up tile
+def _tile_end(acc, gate, g, best_v, best_i, s, c, rows, qkv_ptr, logits_ptr, h_ptr, ha_ptr, CG: gl.constexpr,
+              V: gl.constexpr):
+    """After a chunk: when it ends a row tile, reduce and store the tile (q/k/v, logits and the running
+    greedy token, or the residual after o); an MLP tile keeps its gate, then SiLU(gate) x up for its
+    down^T chunks."""
+    if (s == 2) & (c == CG - 1):  # the gate third of an MLP tile
         gate = _tile_out(acc)
         acc = gl.zeros_like(acc)
-    elif c == gl.where(s == 2, 2 * CG, gl.where(s == 3, CD, CG)) - 1:
+    elif (s == 2) & (c == 2 * CG - 1):  # the up third
+        g = gate / (1.0 + gl.exp(-gate)) * _tile_out(acc)
+        acc = gl.zeros_like(acc)
+    elif (s != 2) & (c == CG - 1):
         val = _tile_out(acc)
         if s == 0:
             gl.store(qkv_ptr + rows, val)
-        elif s == 2:
-            gl.store(g_ptr + rows, gate / (1.0 + gl.exp(-gate)) * val)
-        elif s == 4:
+        elif s == 3:
             gl.store(logits_ptr + rows, val)
             top = gl.max(val, axis=0)
             if top > best_v:  # tiles come in row order: strict > keeps the first maximal index
                 best_i = gl.min(gl.where(val == top, rows, V), axis=0)
                 best_v = top
-        else:
-            gl.store(h_ptr + rows, gl.load(h_ptr + rows, cache_modifier=".cg") + val)
+        else:  # o: the residual after attention, in h (the MLP adds into it) and h_attn (the MLP's input)
+            res = gl.load(h_ptr + rows, cache_modifier=".cg") + val
+            gl.store(h_ptr + rows, res)
+            gl.store(ha_ptr + rows, res)
         acc = gl.zeros_like(acc)
-    return acc, gate, best_v, best_i
+    return acc, gate, g, best_v, best_i
 
 
 @gluon.jit
-def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
+def _mlp_flush(dsv, h_ptr, XL: gl.constexpr, CG: gl.constexpr, NB: gl.constexpr, BOX: gl.constexpr):
+    """Add this program's partial down sums (each thread its own columns) into the residual."""
+    wb = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
+    tt = gl.arange(0, BOX // 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
+    ee = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
+    cols = (gl.expand_dims(gl.expand_dims(wb, 1), 2) * BOX + gl.expand_dims(gl.expand_dims(tt, 0), 2) * 8
+            + gl.expand_dims(gl.expand_dims(ee, 0), 1))
+    for cc in gl.static_range(CG):
+        gl.atomic_add(h_ptr + cc * NB * BOX + cols, dsv.index(cc).load(XL), sem="relaxed")
+
+
+@gluon.jit
+def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
              n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
              token_ptr, tokens_out_ptr, embed_ptr,
-             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
+             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ds, ready, empty,
              NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
              NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
              BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
     KC: gl.constexpr = BOX * NB
     CG: gl.constexpr = H // KC
-    CD: gl.constexpr = I // KC
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     L4: gl.constexpr = gl.BlockedLayout([1, BN, 1, 8], [1, 1, 32, 1], [NB, 1, 1, 1], [3, 2, 1, 0])
     ACC: gl.constexpr = gl.SliceLayout(3, L4)
     XL: gl.constexpr = gl.SliceLayout(1, L4)
     ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, ACC))
     pid = gl.program_id(0)
-    offB, offC, offD, P = stage_offsets(G, NQ, H, I, BN, CG, CD)
+    offB, offC, P = stage_offsets(G, NQ, H, I, BN, CG)
     total = NL * P + (V // BN - pid + G - 1) // G * CG
     ringv = _view(ring, gl.bfloat16, [NBUF, NB, BN, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
-    xsv = _view(xs, gl.float32, [CD, NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    xsv = _view(xs, gl.float32, [CG, NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    dsv = _view(ds, gl.float32, [CG, NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     rows_in = gl.arange(0, BN, layout=ROWS)
     acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
     gate = gl.zeros([BN], gl.float32, ROWS)
+    g = gl.zeros([BN], gl.float32, ROWS)
     pos = gl.load(pos_ptr)
     token = gl.load(token_ptr).to(gl.int64)
-    for j in range((H // BN - pid + G - 1) // G):  # the residual rows this program owns (o and down stages)
+    for j in range((H // BN - pid + G - 1) // G):  # the residual rows this program owns (the o stage)
         rows = (pid + j * G) * BN + rows_in
         gl.store(h_ptr + rows, gl.load(embed_ptr + token * H + rows).to(gl.float32))
     best_v = gl.to_tensor(float("-inf"))
     best_i = gl.to_tensor(0)
     for i in range(total):
-        layer, s, j, c, r = _locate(i, P, offB, offC, offD, NL, CG, CD)
+        layer, s, j, c, r = _locate(i, P, offB, offC, NL, CG)
         in_layer = layer < NL
-        ci = gl.where(s == 4, NL * 5, layer * 5 + s + (s >= 1).to(gl.int32))  # the counter this stage bumps
-        if (r == 0) | (in_layer & ((r == offB) | (r == offC) | (r == offD))):  # a stage starts
-            _stage_start(layer, s, ci, pos, token, xs, h_ptr, qkv_ptr, g_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
-                         k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale,
-                         qk_scale, layer_stride, G, H, I, NQH, NKV, D, BS, NSPLIT, T, NB)
+        ci = gl.where(s == 3, NL * 4, layer * 4 + s + (s >= 1).to(gl.int32))  # the counter this stage bumps
+        if (r == 0) | (in_layer & ((r == offB) | (r == offC))):  # a stage starts
+            _stage_start(layer, s, ci, pos, token, xs, ds, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr,
+                         nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale,
+                         qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
         slot = i % NBUF
         mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
         w = ringv.index(slot).load(L4).to(gl.float32)
         _barrier()  # every warp holds its part of the chunk
         mbarrier.arrive(empty.index(slot), count=1)
-        acc += gl.sum(w * gl.expand_dims(xsv.index(gl.where(s == 2, c % CG, c)).load(XL), 1), axis=3)
-        rows = (pid + j * G) * BN + rows_in
-        acc, gate, best_v, best_i = _tile_end(acc, gate, best_v, best_i, s, c, rows, qkv_ptr, g_ptr, logits_ptr,
-                                              h_ptr, CG, CD, V)
-        if in_layer & ((r == offB - 1) | (r == offC - 1) | (r == offD - 1) | (r == P - 1)):
+        if (s == 2) & (c >= 2 * CG):  # down^T rows of this tile: partial down sums += their rows x g
+            g4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(g, 0), 2), 3)
+            part = dsv.index(c % CG)
+            part.store(part.load(XL) + gl.sum(w * g4, axis=1))
+        else:
+            acc += gl.sum(w * gl.expand_dims(xsv.index(c % CG).load(XL), 1), axis=3)
+            rows = (pid + j * G) * BN + rows_in
+            acc, gate, g, best_v, best_i = _tile_end(acc, gate, g, best_v, best_i, s, c, rows, qkv_ptr, logits_ptr,
+                                                     h_ptr, ha_ptr, CG, V)
+        if in_layer & (r == P - 1):
+            _mlp_flush(dsv, h_ptr, XL, CG, NB, BOX)
+        if in_layer & ((r == offB - 1) | (r == offC - 1) | (r == P - 1)):
             signal_stage(cnt_ptr, ci)
     _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
                  G, NL, V, NB, PICK)
@@ -259,9 +294,10 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr,
 
 @gluon.jit
 def decode_step_kernel(
-    wq_desc, wo_desc, wg_desc, wd_desc, wl_desc,  # TMA over [NL * N, K] bf16 (q;k;v, o, gate;up, down), lm [V, H]
+    wq_desc, wo_desc, wg_desc, wd_desc, wl_desc,  # TMA over [NL * N, K] bf16 (q;k;v, o, gate;up, down^T), lm [V, H]
     h_ptr,  # [H] fp32 residual stream (scratch; the last residual out)
-    qkv_ptr, g_ptr,  # [NQ], [I] fp32 scratch
+    ha_ptr,  # [H] fp32 the residual after attention (the MLP's input)
+    qkv_ptr,  # [NQ] fp32 scratch
     part_ptr,  # [NQH, NSPLIT, D + 2] fp32 attention partials (acc, max, sum)
     logits_ptr,  # [V] fp32
     n1_ptr, n2_ptr, nf_ptr,  # [NL, H], [NL, H], [H] bf16 norm weights
@@ -269,7 +305,7 @@ def decode_step_kernel(
     bt_ptr,  # [max_blocks] int32 the request's block table
     pos_ptr,  # [1] int32 the new token's position
     inv_freq_ptr,  # [D / 2] fp32 RoPE frequencies (the model's, scaling included)
-    cnt_ptr,  # [NL * 5 + 1] int32 grid counters, zero at launch (and left zero)
+    cnt_ptr,  # [NL * 4 + 1] int32 grid counters, zero at launch (and left zero)
     token_ptr,  # [1] int32 / int64: the step's input token (PICK 2: the next step's is written back)
     tokens_out_ptr,  # int64: PICK 1 [1] the greedy token; PICK 2 [max_len + 1], [pos] = the token after pos
     embed_ptr,  # [V, H] bf16 token embedding
@@ -282,20 +318,21 @@ def decode_step_kernel(
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * NB, BN, BOX], gl.NVMMASharedLayout(0, 16, rank=2))
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    xs = gl.allocate_shared_memory(gl.float32, [I // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    xs = gl.allocate_shared_memory(gl.float32, [H // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    ds = gl.allocate_shared_memory(gl.float32, [H // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     for b in gl.static_range(NBUF):
         mbarrier.init(ready.index(b), count=1)
         mbarrier.init(empty.index(b), count=1)
     gl.warp_specialize([
-        (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
+        (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
                     n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                     token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
-                    layer_stride, G, ring, xs, ready, empty,
+                    layer_stride, G, ring, xs, ds, ready, empty,
                     NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, PICK)),
-        (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, qkv_ptr, g_ptr, part_ptr, logits_ptr, n1_ptr,
+        (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
                    n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                    token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
-                   layer_stride, G, ring, xs, ready, empty,
+                   layer_stride, G, ring, xs, ds, ready, empty,
                    NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, PICK)),
     ], [1], [48])
     for b in gl.static_range(NBUF):

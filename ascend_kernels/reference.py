@@ -158,5 +158,5 @@ def decode_step(w, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: to
         probs = (torch.einsum("hd,thd->ht", q, keys) / hd**0.5).softmax(dim=-1)
         x = x + w.wo[layer * h:(layer + 1) * h].float() @ torch.einsum("ht,thd->hd", probs, values).reshape(-1)
         gu = w.wg[layer * 2 * i:(layer + 1) * 2 * i].float() @ rms(x, w.n2[layer])
-        x = x + w.wd[layer * h:(layer + 1) * h].float() @ (F.silu(gu[:i]) * gu[i:])
+        x = x + (F.silu(gu[:i]) * gu[i:]) @ w.wd[layer * i:(layer + 1) * i].float()  # wd: W_down transposed
     return w.wl.float() @ rms(x, w.nf)

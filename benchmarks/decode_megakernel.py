@@ -33,9 +33,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ascend_kernels.decode_step_kernel import (
-    stage_offsets,  # where each stage starts in a layer's chunks
-)
 from ascend_kernels.decode_step_layout import stage_layout as _stage_layout
 from ascend_kernels.decode_step_layout import tile_out as _tile_out
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
@@ -101,6 +98,18 @@ def _finish_tile(acc, rows, s, out_ptr, h_ptr, gate):
         gl.store(out_ptr + rows, gate / (1.0 + gl.exp(-gate)) * val)
     else:
         gl.store(h_ptr + rows, gl.load(h_ptr + rows, cache_modifier=".cg") + val)
+
+
+@gluon.jit
+def stage_offsets(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, CG: gl.constexpr,
+                  CD: gl.constexpr):
+    """This program's first chunk of the o, gate/up and down stages inside a layer's chunks, and the
+    layer's chunk count (CG chunks per row tile of K = H, 2 CG for a gate/up tile, CD for down)."""
+    pid = gl.program_id(0)
+    offB = (NQ // BN - pid + G - 1) // G * CG
+    offC = offB + (H // BN - pid + G - 1) // G * CG
+    offD = offC + (I // BN - pid + G - 1) // G * 2 * CG
+    return offB, offC, offD, offD + (H // BN - pid + G - 1) // G * CD
 
 
 @gluon.jit

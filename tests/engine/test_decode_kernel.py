@@ -40,6 +40,7 @@ def test_stacked_weights_follow_the_layers():
     assert torch.equal(w.wq[nq:nq + 64], layer1.self_attn.q_proj.weight)
     assert torch.equal(w.wq[nq + 64 + 32:2 * nq], layer1.self_attn.v_proj.weight)
     assert torch.equal(w.wg[2 * 128 + 128:], layer1.mlp.up_proj.weight)
+    assert torch.equal(w.wd[128:], layer1.mlp.down_proj.weight.t())  # transposed, [I, H] per layer
     assert torch.equal(w.n2[1], layer1.post_attention_layernorm.weight)
     assert w.dims == {"NL": 2, "H": 64, "I": 128, "V": 512, "NQH": 4, "NKV": 2, "D": 16}
 
@@ -186,8 +187,12 @@ def test_problem_names_shapes_the_kernel_cannot_take(monkeypatch):
 
     assert decode_step.problem(shaped(2048, 8192, 32, 64), 16, cuda) is None  # Llama-3.2-1B
     assert "head_dim 128" in decode_step.problem(shaped(4096, 14336, 32, 128), 16, cuda)  # Llama-3-8B
-    assert "power of two" in decode_step.problem(shaped(2048, 6144, 32, 64), 16, cuda)
-    assert "multiples" in decode_step.problem(shaped(2048, 5632, 32, 64), 16, cuda)
+    # the MLP is split-K over its width: any width of 8-row tiles, one per program at least
+    assert decode_step.problem(shaped(2048, 6144, 32, 64), 16, cuda) is None
+    assert decode_step.problem(shaped(2048, 5632, 32, 64), 16, cuda) is None
+    assert "row tile" in decode_step.problem(shaped(2048, 1000, 32, 64), 16, cuda)
+    assert "power of two" in decode_step.problem(shaped(6144, 8192, 96, 64), 16, cuda)  # the staging
+    assert "multiple" in decode_step.problem(shaped(3072, 8192, 48, 64), 16, cuda)
 
 
 def test_a_kernel_that_fails_its_first_launch_falls_back(caplog):

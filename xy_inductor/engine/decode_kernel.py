@@ -65,7 +65,7 @@ def stack_weights(model: torch.nn.Module) -> DecodeWeights:
         wq=torch.cat([torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]) for a in att]),
         wo=torch.cat([a.o_proj.weight for a in att]),
         wg=torch.cat([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlp]),
-        wd=torch.cat([m.down_proj.weight for m in mlp]),
+        wd=torch.cat([m.down_proj.weight.t() for m in mlp]),  # transposed: the kernel's MLP is split-K
         wl=model.lm_head.weight.contiguous(),
         n1=torch.stack([layer.input_layernorm.weight for layer in inner.layers]),
         n2=torch.stack([layer.post_attention_layernorm.weight for layer in inner.layers]),
