@@ -41,63 +41,14 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from ascend_kernels.decode_step_attention import attention_split, stage_merge
 from ascend_kernels.decode_step_layout import stage_layout as _stage_layout
 from ascend_kernels.decode_step_layout import tile_out as _tile_out
+from ascend_kernels.decode_step_stream import issue_chunk as _issue
+from ascend_kernels.decode_step_stream import locate as _locate
+from ascend_kernels.decode_step_stream import stage_offsets
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import smem_view as _view
-from ascend_kernels.gluon_compat import tma_load as _tma_load
 from ascend_kernels.grid_sync import signal_stage, wait_stage
 
 LOG2E = 1.4426950408889634
-
-
-@gluon.jit
-def _locate(i, P, offB, offC, NL: gl.constexpr, CG: gl.constexpr):
-    """Chunk i of a program's stream -> (layer, stage 0..3, row tile j, chunk c); stage 3 is lm_head
-    (layer == NL), 0-2 are q/k/v, o and the MLP (a tile: CG gate chunks, CG up, CG down^T). Returns r
-    (chunk inside the layer) too."""
-    layer = gl.minimum(i // P, NL)
-    r = i - layer * P
-    s = (r >= offB).to(gl.int32) + (r >= offC).to(gl.int32)
-    start = gl.where(s == 0, 0, gl.where(s == 1, offB, offC))
-    per = gl.where(s == 2, 3 * CG, CG)
-    last = layer == NL
-    s = gl.where(last, 3, s)
-    start = gl.where(last, 0, start)
-    per = gl.where(last, CG, per)
-    return layer, s, (r - start) // per, (r - start) % per, r
-
-
-@gluon.jit
-def stage_offsets(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, CG: gl.constexpr):
-    """This program's first chunk of the o and MLP stages inside a layer's chunks, and the layer's chunk
-    count (CG chunks per row tile of K = H, 3 CG for an MLP tile)."""
-    pid = gl.program_id(0)
-    offB = (NQ // BN - pid + G - 1) // G * CG
-    offC = offB + (H // BN - pid + G - 1) // G * CG
-    return offB, offC, offC + (I // BN - pid + G - 1) // G * 3 * CG
-
-
-@gluon.jit
-def _issue(i, P, offB, offC, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ring, ready,
-           NL: gl.constexpr, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr,
-           BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
-    CG: gl.constexpr = H // (BOX * NB)
-    layer, s, j, c, _ = _locate(i, P, offB, offC, NL, CG)
-    row = (gl.program_id(0) + j * G) * BN
-    slot = i % NBUF
-    bar = ready.index(slot)
-    mbarrier.expect(bar, BN * BOX * NB * 2)
-    for b in gl.static_range(NB):
-        col = ((c % CG) * NB + b) * BOX
-        if s == 0:
-            _tma_load(wq_desc, [layer * NQ + row, col], bar, ring.index(slot * NB + b))
-        elif s == 1:
-            _tma_load(wo_desc, [layer * H + row, col], bar, ring.index(slot * NB + b))
-        elif (s == 2) & (c < 2 * CG):  # gate rows for the first CG chunks of the tile, then the matching up rows
-            _tma_load(wg_desc, [layer * 2 * I + (c // CG) * I + row, col], bar, ring.index(slot * NB + b))
-        elif s == 2:  # the same rows of the transposed down projection
-            _tma_load(wd_desc, [layer * I + row, col], bar, ring.index(slot * NB + b))
-        else:
-            _tma_load(wl_desc, [row, col], bar, ring.index(slot * NB + b))
 
 
 @gluon.jit
