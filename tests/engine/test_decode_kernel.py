@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.engine.engine_models import build_model, random_prompts
+from tests.sm90 import requires_sm90
 from xy_inductor import LLM, SamplingParams
 from xy_inductor.config import EngineConfig
 from xy_inductor.engine.decode_kernel import (
@@ -93,8 +94,7 @@ def test_engine_on_cpu_falls_back_to_the_same_tokens(caplog):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
-                    reason="needs an sm_90 GPU")
+@requires_sm90
 def test_engine_decodes_batch_one_on_the_kernel():
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,

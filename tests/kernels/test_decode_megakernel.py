@@ -9,6 +9,7 @@ from benchmarks import bench_megakernel
 from benchmarks.bench_megakernel import MegakernelConfig
 from benchmarks.common import rel_err
 from tests.kernels.compile_megakernel_sm90 import compile_in_fresh_process
+from tests.sm90 import requires_sm90
 
 
 def test_config_checks():
@@ -28,8 +29,7 @@ def test_compiles_for_sm90():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
-                    reason="needs an sm_90 GPU")
+@requires_sm90
 @pytest.mark.parametrize("m", [1, 2])
 def test_matches_float32_reference(m):
     w = bench_megakernel._weights("cuda")

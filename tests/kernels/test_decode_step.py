@@ -10,6 +10,7 @@ from ascend_kernels import decode_step
 from benchmarks import bench_decode_step as bench
 from benchmarks.common import rel_err
 from tests.kernels.compile_megakernel_sm90 import compile_in_fresh_process
+from tests.sm90 import requires_sm90
 
 
 def test_compiles_for_sm90():
@@ -19,8 +20,7 @@ def test_compiles_for_sm90():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
-                    reason="needs an sm_90 GPU")
+@requires_sm90
 def test_steps_match_float32_reference():
     from transformers import LlamaForCausalLM
 

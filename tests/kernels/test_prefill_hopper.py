@@ -10,6 +10,7 @@ import torch
 
 from ascend_kernels import attention, prefill_hopper
 from tests.kernels.test_attention import assert_close, fp64_paged, paged_batch
+from tests.sm90 import is_sm90
 
 
 def _cost(row, q_lens, kv_lens, block_m=128):
@@ -86,10 +87,6 @@ def test_gluon_kernel_compiles_for_sm90_without_a_gpu(head_dim, page, dtype):
     assert report["shared"] <= prefill_hopper.SMEM_BYTES
 
 
-def _sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("specs,heads,kv_heads,head_dim,page,dtype", [
     ([(2048, 2048), (300, 300)], 32, 8, 128, 16, torch.bfloat16),  # prefill, causal from position 0
@@ -100,7 +97,7 @@ def _sm90() -> bool:
 ])
 def test_gluon_prefill_matches_fp64_and_ignores_nan_in_unused_cache_slots(specs, heads, kv_heads, head_dim, page,
                                                                           dtype):
-    if not _sm90():
+    if not is_sm90():
         pytest.skip("needs an sm_90 GPU")
     gen = torch.Generator().manual_seed(7)
     q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
