@@ -38,6 +38,11 @@ class ScheduledRequest:
         return len(self.token_ids)
 
     @property
+    def num_kv_tokens(self) -> int:
+        """Positions whose KV the row writes: its new tokens, and a burst's later steps' inputs."""
+        return len(self.token_ids) + self.num_steps - 1
+
+    @property
     def seq_len(self) -> int:
         return self.num_computed_tokens + len(self.token_ids)
 

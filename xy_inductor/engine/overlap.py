@@ -17,8 +17,9 @@ tensor into N+1's input ids (stream order makes it run after step N's sampler):
 The host reads step N's tokens one step late (a pinned copy and an event), so a request that
 stops at step N (EOS, a stop token or string) has one extra token computed in step N+1; it is
 dropped. A decode burst (ScheduledRequest.num_steps, the whole-step kernel feeding each token to
-its next launch) is one step here with num_steps PENDING tokens; the next step's input is its last. Steps run overlapped only when every running request can be sampled without its
-history on the host (no drafts, no repetition penalty); otherwise the engine steps in order.
+its next launch) is one step here with num_steps PENDING tokens; the next step's input is its last.
+Steps run overlapped only when every running request can be sampled without its history on the
+host (no drafts, no repetition penalty); otherwise the engine steps in order.
 
 Greedy and seeded requests get exactly the tokens of in-order steps. A sampled request without a
 seed draws from the engine's shared generator, and so does the dropped row of a request that just

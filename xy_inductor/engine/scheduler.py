@@ -195,22 +195,26 @@ class Scheduler:
             if row.num_draft_tokens:
                 self._settle_drafts(request, row, len(tokens) - 1)
             else:
-                request.num_computed_tokens += row.num_new_tokens + row.num_steps - 1
+                request.num_computed_tokens += row.num_kv_tokens
             self.kv.cache_full_blocks(request)
             if not row.sample:
                 continue
-            for token_id in tokens:
-                request.append_token(token_id, now)
-                if self._stopped(request):
-                    break
+            _, status = self._append(request, tokens, now)
+            if status is not None:
+                self.finish(request.request_id, status)
             changed.append(request)
         return changed
 
-    def _stopped(self, request: Request) -> bool:
-        status = request.check_stop()
-        if status is not None:
-            self.finish(request.request_id, status)
-        return status is not None
+    @staticmethod
+    def _append(request: Request, tokens: list[int], now: float) -> tuple[int, RequestStatus | None]:
+        """Append sampled tokens up to the first that stops the request (the rest are dropped); how
+        many were appended, and the stop status (None: keep going). The caller finishes it."""
+        for n, token_id in enumerate(tokens, start=1):
+            request.append_token(token_id, now)
+            status = request.check_stop()
+            if status is not None:
+                return n, status
+        return len(tokens), None
 
     # ------------------------------------------------------------ overlapped steps (overlap.py)
     def advance(self, out: SchedulerOutput) -> None:
@@ -223,7 +227,7 @@ class Scheduler:
                 continue  # finished (or aborted) since it was scheduled: its row is wasted work
             if row.num_draft_tokens:
                 raise RuntimeError("xyserve: verify rows cannot run overlapped")
-            request.num_computed_tokens += row.num_new_tokens + row.num_steps - 1
+            request.num_computed_tokens += row.num_kv_tokens
             self.kv.cache_full_blocks(request)
             if row.sample:
                 request.output_token_ids.extend([PENDING] * row.num_steps)
@@ -242,13 +246,7 @@ class Scheduler:
             if request.drop_pending() != len(tokens):
                 raise RuntimeError(f"xyserve: request {row.request_id!r} got {len(tokens)} tokens for its "
                                    "pending ones")
-            num_new, status = 0, None
-            for token_id in tokens:
-                request.append_token(token_id, now)
-                num_new += 1
-                status = request.check_stop()
-                if status is not None:
-                    break
+            num_new, status = self._append(request, tokens, now)
             self.kv.cache_full_blocks(request)  # a burst's blocks, now that their tokens are known
             if status is not None:
                 self.finish(request.request_id, status)
