@@ -78,10 +78,8 @@ def problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | No
     d, kc, grid = w.dims, BOX * NB, torch.cuda.get_device_properties(device).multi_processor_count
     if w.head_dim != 64:
         return f"head_dim {w.head_dim} (the kernel's attention takes 64)"
-    if d["H"] % kc or d["NQH"] * w.head_dim != d["H"]:
-        return f"hidden size {d['H']} must be a multiple of {kc}, with q heads x head_dim = hidden"
-    if (d["H"] // kc) & (d["H"] // kc - 1):  # the staging's aranges are powers of two
-        return f"hidden size {d['H']} must be {kc} x a power of two"
+    if d["H"] != kc or d["NQH"] * w.head_dim != d["H"]:  # a row's chunk is one row of every weight
+        return f"hidden size {d['H']} (the kernel takes {kc}, with q heads x head_dim = hidden)"
     if d["I"] % BN or d["H"] // BN < grid or d["I"] // BN < grid or d["NQH"] * NSPLIT > grid or d["V"] % BN:
         return "the grid needs a row tile of every GEMV and a program for every attention split"
     if 4 * d["NL"] + 1 > 32 * NB or 2 * d["H"] * 4 + NBUF * NB * BN * BOX * 2 > SMEM_BYTES - 4096:
@@ -89,12 +87,26 @@ def problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | No
     return None
 
 
+def grid_candidates(w: DecodeWeights, num_sms: int) -> list[int]:
+    """Grids worth timing: the SM count and every power of two from the attention's program count up to
+    it. Llama's widths are multiples of 128 rows, so a power-of-two grid splits every stage's row tiles
+    evenly; and the fewer the programs, the fewer the residual atomics and counter arrivals per stage
+    (on an H100, 64 programs ran a step faster than 132; benchmarks/RESULTS.md)."""
+    grids, g = {num_sms}, 1
+    while g <= num_sms:
+        if g >= w.num_q_heads * NSPLIT:
+            grids.add(g)
+        g *= 2
+    return sorted(grids)
+
+
 class DecodeStepKernel:
     """One request's batch-1 decode step in one launch: `launch(token, pos, block_table_row)` reads the
     token id, its position and the request's block table from device tensors (int32 or int64), writes
     the new token's K/V into the cache and returns the logits [V] fp32 (a buffer reused every step)."""
 
-    def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
+    def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
+                 grid: int | None = None):
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -111,28 +123,55 @@ class DecodeStepKernel:
         layout = gl.NVMMASharedLayout(0, 16, rank=2)
         self.descs = [TensorDescriptor.from_tensor(t, [BN, BOX], layout) for t in (w.wq, w.wo, w.wg, w.wd, w.wl)]
         dev = w.embed.device
-        self.grid = torch.cuda.get_device_properties(dev).multi_processor_count
+        self.num_sms = torch.cuda.get_device_properties(dev).multi_processor_count
         f32 = {"device": dev, "dtype": torch.float32}
         self.hidden = torch.empty(d["H"], **f32)
         self.qkv = torch.empty((d["NQH"] + 2 * d["NKV"]) * w.head_dim, **f32)
         self.hidden_attn, self.logits = torch.empty(d["H"], **f32), torch.empty(d["V"], **f32)
         self.part = torch.empty(d["NQH"] * NSPLIT * (w.head_dim + 2), **f32)
-        self.best_val = torch.empty(self.grid, **f32)
-        self.best_idx = torch.empty(self.grid, device=dev, dtype=torch.int32)
+        self.best_val = torch.empty(self.num_sms, **f32)
+        self.best_idx = torch.empty(self.num_sms, device=dev, dtype=torch.int32)
         self.counters = torch.zeros(4 * d["NL"] + 1, device=dev, dtype=torch.int32)  # zero between launches
+        if grid is not None and grid not in grid_candidates(w, self.num_sms):
+            raise ValueError(f"decode step kernel: grid {grid} is not one of {grid_candidates(w, self.num_sms)}")
+        self.grid_us: dict[int, float] = {}
+        self.grid = grid or self.tune_grid()
 
     def launch(self, token: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
                tokens_out: torch.Tensor | None = None, loop: bool = False) -> torch.Tensor:
         """The step's logits. With `tokens_out` (int64) the kernel also picks the greedy token into
         tokens_out[0]; with `loop` it instead writes it into `token` and tokens_out[pos] and steps `pos`:
         a decode loop with no host work."""
+        pick = 0 if tokens_out is None else 2 if loop else 1
+        self._run(token, pos, block_table, self.k_cache, self.v_cache, tokens_out if pick else token, pick, self.grid)
+        return self.logits
+
+    def _run(self, token, pos, block_table, k_cache, v_cache, tokens_out, pick: int, grid: int) -> None:
         from ascend_kernels.decode_step_kernel import LOG2E, decode_step_kernel
 
-        w, pick = self.w, 0 if tokens_out is None else 2 if loop else 1
-        decode_step_kernel[(self.grid,)](
+        w = self.w
+        decode_step_kernel[(grid,)](
             *self.descs, self.hidden, self.hidden_attn, self.qkv, self.part, self.logits, w.n1, w.n2, w.nf,
-            self.k_cache, self.v_cache, block_table, pos, w.inv_freq, self.counters, token,
-            tokens_out if pick else token, w.embed, self.best_val, self.best_idx, w.eps, w.rope_scale,
-            LOG2E / math.sqrt(w.head_dim), self.k_cache[0].numel(), self.grid, **w.dims, BS=self.block_size,
-            NSPLIT=NSPLIT, T=TILE, BN=BN, BOX=BOX, NB=NB, NBUF=NBUF, PICK=pick, num_warps=NB)
-        return self.logits
+            k_cache, v_cache, block_table, pos, w.inv_freq, self.counters, token, tokens_out, w.embed,
+            self.best_val, self.best_idx, w.eps, w.rope_scale, LOG2E / math.sqrt(w.head_dim), k_cache[0].numel(),
+            grid, **w.dims, BS=self.block_size, NSPLIT=NSPLIT, T=TILE, BN=BN, BOX=BOX, NB=NB, NBUF=NBUF,
+            PICK=pick, num_warps=NB)
+
+    def tune_grid(self, repeats: int = 5) -> int:
+        """Time `repeats` launches at each of `grid_candidates` on a scratch one-block cache (position 0)
+        and return the fastest grid; `grid_us` keeps the times (us per launch)."""
+        d, dev = self.w.dims, self.w.embed.device
+        cache = torch.zeros((d["NL"], 1, *self.k_cache.shape[2:]), device=dev, dtype=self.k_cache.dtype)
+        token = torch.zeros(1, device=dev, dtype=torch.int64)
+        zero = torch.zeros(1, device=dev, dtype=torch.int32)  # the position and the block table
+        self.grid_us = {}
+        for grid in grid_candidates(self.w, self.num_sms):
+            self._run(token, zero, zero, cache, cache, token, 0, grid)  # the first compiles
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(repeats):
+                self._run(token, zero, zero, cache, cache, token, 0, grid)
+            end.record()
+            end.synchronize()
+            self.grid_us[grid] = start.elapsed_time(end) * 1e3 / repeats
+        return min(self.grid_us, key=self.grid_us.get)

@@ -14,12 +14,18 @@ acquire loads), one per stage:
     qkv GEMV (norm 1) -> attention (no weights) -> o GEMV (+ h) -> MLP: gate/up GEMV (norm 2), down (+ h)
     ... 16 layers ... -> lm_head GEMV (final norm) -> logits [V] fp32
 
+A chunk is one row tile (BN = 8 rows x the whole hidden size, 8 TMA boxes of 256 columns). The compute
+warps read it a warp per row, so a GEMV output never leaves its warp (in-thread products, then a
+shuffle sum over the lanes): no shared-memory reduction or barrier per tile beyond the one that frees
+the ring slot.
+
 The MLP is one stage: a program's gate/up row tile gives 8 values of SiLU(gate) x up, which it multiplies
-at once into the same 8 rows of the transposed down projection (split-K over the MLP width), summing
-a partial down output over its tiles in shared memory; at the stage's end it adds that partial into the
-residual with fp32 atomics (the sum's order varies between runs: the last bits of h do too). The MLP
-normalises the residual after attention (h_attn) while the partials land in h, so no program reads h
-while another adds to it:
+at once into the same 8 rows of the transposed down projection (split-K over the MLP width). Those
+chunks are read a warp per box, each thread all 8 rows of its 8 columns, so the partial down output
+sums over the rows in registers across the program's tiles; at the stage's end every thread adds its
+columns into the residual with fp32 atomics (the sum's order varies between runs: the last bits of h
+do too). The MLP normalises the residual after attention (h_attn) while the partials land in h, so no
+program reads h while another adds to it:
 
     o stage:  h_attn[rows] = h[rows] = h[rows] + o[rows]      (each program its own rows)
     MLP:      xs = RMSNorm(h_attn);  h += sum over programs of down^T[tile rows]^T (SiLU(gate) x up)[tile rows]
@@ -40,9 +46,9 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.decode_step_attention import attention_split, stage_merge
 from ascend_kernels.decode_step_layout import stage_layout as _stage_layout
-from ascend_kernels.decode_step_layout import tile_out as _tile_out
+from ascend_kernels.decode_step_stream import chunk as _chunk
 from ascend_kernels.decode_step_stream import issue_chunk as _issue
-from ascend_kernels.decode_step_stream import locate as _locate
+from ascend_kernels.decode_step_stream import row_tile as _row_tile
 from ascend_kernels.decode_step_stream import stage_offsets
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import smem_view as _view
@@ -52,11 +58,9 @@ LOG2E = 1.4426950408889634
 
 
 @gluon.jit
-def _stage_norm(xs, src_ptr, nw, eps, K: gl.constexpr, NORM: gl.constexpr, NB: gl.constexpr):
+def _stage_norm(xs, src_ptr, nw, eps, K: gl.constexpr, NB: gl.constexpr):
     x = gl.load(src_ptr + _stage_layout(K, NB), cache_modifier=".cg").to(gl.float32)
-    if NORM:
-        x = x * gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps) * nw
-    xs.slice(0, K // 8, dim=0).store(x)
+    xs.store(x * gl.rsqrt(gl.sum(gl.sum(x * x, axis=1), axis=0) / K + eps) * nw)
 
 
 @gluon.jit
@@ -94,7 +98,7 @@ def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr,
 def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
             n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
             token_ptr, tokens_out_ptr, embed_ptr,
-            best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ds, ready, empty,
+            best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
             NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
@@ -109,16 +113,19 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr,
 
 
 @gluon.jit
-def _stage_start(layer, s, ci, pos, token, xs, ds, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
-                 k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale, qk_scale,
-                 layer_stride, G, H: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
+def _stage_start(layer, s: gl.constexpr, ci, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr,
+                 nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale,
+                 qk_scale, layer_stride, G, H: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
                  D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
-    """A stage starts: (attention before the o GEMV,) wait for the previous stage's counter, then stage
-    this GEMV's input in xs (RMS-normalised for q/k/v, the MLP and lm_head; the MLP also zeroes its
-    partial down sums in ds)."""
+    """Stage s (0 q/k/v, 1 o, 2 MLP, 3 lm_head) starts: (attention before the o GEMV,) wait for counter
+    ci - 1 (the previous stage), then stage this GEMV's input in xs (RMS-normalised but for o)."""
     kk = _stage_layout(H, NB)  # norm weights first: they do not depend on the grid
-    nw_ptr = gl.where(s == 0, n1_ptr + layer * H, gl.where(s == 2, n2_ptr + layer * H, nf_ptr))
-    nw = gl.load(nw_ptr + kk, mask=(kk < H) & (s != 1), other=0.0).to(gl.float32)
+    if s == 0:
+        nw = gl.load(n1_ptr + layer * H + kk).to(gl.float32)
+    elif s == 2:
+        nw = gl.load(n2_ptr + layer * H + kk).to(gl.float32)
+    elif s == 3:
+        nw = gl.load(nf_ptr + kk).to(gl.float32)
     if s == 1:  # attention between the q/k/v and o GEMVs (programs without a split only sign in)
         if gl.program_id(0) < NQH * NSPLIT:
             attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr,
@@ -126,121 +133,112 @@ def _stage_start(layer, s, ci, pos, token, xs, ds, h_ptr, ha_ptr, qkv_ptr, part_
         signal_stage(cnt_ptr, ci - 1)
     if ci > 0:
         wait_stage(cnt_ptr, ci - 1, G)
-    _barrier()  # the previous stage's last chunk has read xs
+    _barrier()  # every warp has its copy of the previous stage's input
     if s == 1:
         stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
-    elif (s == 0) & (layer == 0):  # the first norm reads the token's embedding row
-        _stage_norm(xs, embed_ptr + token * H, nw, eps, H, True, NB)
     elif s == 2:
-        _stage_norm(xs, ha_ptr, nw, eps, H, True, NB)
-        ds.store(gl.zeros_like(nw))
+        _stage_norm(xs, ha_ptr, nw, eps, H, NB)
+    elif s == 3:
+        _stage_norm(xs, h_ptr, nw, eps, H, NB)
+    elif layer == 0:  # the first norm reads the token's embedding row
+        _stage_norm(xs, embed_ptr + token * H, nw, eps, H, NB)
     else:
-        _stage_norm(xs, h_ptr, nw, eps, H, True, NB)
+        _stage_norm(xs, h_ptr, nw, eps, H, NB)
     _barrier()
 
 
 @gluon.jit
-def _tile_end(acc, gate, g, best_v, best_i, s, c, rows, qkv_ptr, logits_ptr, h_ptr, ha_ptr, CG: gl.constexpr,
-              V: gl.constexpr):
-    """After a chunk: when it ends a row tile, reduce and store the tile (q/k/v, logits and the running
-    greedy token, or the residual after o); an MLP tile keeps its gate, then SiLU(gate) x up for its
-    down^T chunks."""
-    if (s == 2) & (c == CG - 1):  # the gate third of an MLP tile
-        gate = _tile_out(acc)
-        acc = gl.zeros_like(acc)
-    elif (s == 2) & (c == 2 * CG - 1):  # the up third
-        g = gate / (1.0 + gl.exp(-gate)) * _tile_out(acc)
-        acc = gl.zeros_like(acc)
-    elif (s != 2) & (c == CG - 1):
-        val = _tile_out(acc)
-        if s == 0:
-            gl.store(qkv_ptr + rows, val)
-        elif s == 3:
-            gl.store(logits_ptr + rows, val)
-            top = gl.max(val, axis=0)
-            if top > best_v:  # tiles come in row order: strict > keeps the first maximal index
-                best_i = gl.min(gl.where(val == top, rows, V), axis=0)
-                best_v = top
-        else:  # o: the residual after attention, in h (the MLP adds into it) and h_attn (the MLP's input)
-            res = gl.load(h_ptr + rows, cache_modifier=".cg") + val
-            gl.store(h_ptr + rows, res)
-            gl.store(ha_ptr + rows, res)
-        acc = gl.zeros_like(acc)
-    return acc, gate, g, best_v, best_i
-
-
-@gluon.jit
-def _mlp_flush(dsv, h_ptr, XL: gl.constexpr, CG: gl.constexpr, NB: gl.constexpr, BOX: gl.constexpr):
-    """Add this program's partial down sums (each thread its own columns) into the residual."""
-    wb = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
-    tt = gl.arange(0, BOX // 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
-    ee = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
+def _mlp_flush(dacc, h_ptr, BOX: gl.constexpr, NB: gl.constexpr, XB: gl.constexpr):
+    """Add this program's partial down sums [NB, BOX // 8, 8] (each thread its own 8 columns) into the residual."""
+    wb = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, XB)))
+    tt = gl.arange(0, BOX // 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, XB)))
+    ee = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, XB)))
     cols = (gl.expand_dims(gl.expand_dims(wb, 1), 2) * BOX + gl.expand_dims(gl.expand_dims(tt, 0), 2) * 8
             + gl.expand_dims(gl.expand_dims(ee, 0), 1))
-    for cc in gl.static_range(CG):
-        gl.atomic_add(h_ptr + cc * NB * BOX + cols, dsv.index(cc).load(XL), sem="relaxed")
+    gl.atomic_add(h_ptr + cols, dacc, sem="relaxed")
 
 
 @gluon.jit
 def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
              n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
              token_ptr, tokens_out_ptr, embed_ptr,
-             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ds, ready, empty,
+             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
              NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
              NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
              BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
-    KC: gl.constexpr = BOX * NB
-    CG: gl.constexpr = H // KC
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
-    L4: gl.constexpr = gl.BlockedLayout([1, BN, 1, 8], [1, 1, 32, 1], [NB, 1, 1, 1], [3, 2, 1, 0])
-    ACC: gl.constexpr = gl.SliceLayout(3, L4)
+    # a chunk [NB boxes, BN rows, BOX columns] in registers: warp r holds row r, each thread 8 columns of
+    # every box, so a row's sum never leaves its warp
+    L4: gl.constexpr = gl.BlockedLayout([NB, 1, 1, 8], [1, 1, 32, 1], [1, NB, 1, 1], [3, 2, 1, 0])
     XL: gl.constexpr = gl.SliceLayout(1, L4)
-    ROWS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, ACC))
+    ROWS: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(0, gl.SliceLayout(3, L4)))
+    # down^T chunks go the other way: warp b holds box b, each thread all BN rows of its 8 columns, so the
+    # partial down sums over the rows stay in-thread
+    LB: gl.constexpr = gl.BlockedLayout([1, BN, 1, 8], [1, 1, 32, 1], [NB, 1, 1, 1], [3, 2, 1, 0])
+    XB: gl.constexpr = gl.SliceLayout(1, LB)
+    GB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LB)))
     pid = gl.program_id(0)
-    offB, offC, P = stage_offsets(G, NQ, H, I, BN, CG)
-    total = NL * P + (V // BN - pid + G - 1) // G * CG
     ringv = _view(ring, gl.bfloat16, [NBUF, NB, BN, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
-    xsv = _view(xs, gl.float32, [CG, NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-    dsv = _view(ds, gl.float32, [CG, NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    xsv = _view(xs, gl.float32, [NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     rows_in = gl.arange(0, BN, layout=ROWS)
-    acc = gl.zeros([NB, BN, BOX // 8], gl.float32, ACC)
-    gate = gl.zeros([BN], gl.float32, ROWS)
-    g = gl.zeros([BN], gl.float32, ROWS)
+    nq, no = (NQ // BN - pid + G - 1) // G, (H // BN - pid + G - 1) // G  # this program's row tiles
+    nm, nv = (I // BN - pid + G - 1) // G, (V // BN - pid + G - 1) // G
     pos = gl.load(pos_ptr)
     token = gl.load(token_ptr).to(gl.int64)
-    for j in range((H // BN - pid + G - 1) // G):  # the residual rows this program owns (the o stage)
+    for j in range(no):  # the residual rows this program owns (the o stage)
         rows = (pid + j * G) * BN + rows_in
         gl.store(h_ptr + rows, gl.load(embed_ptr + token * H + rows).to(gl.float32))
-    best_v = gl.to_tensor(float("-inf"))
-    best_i = gl.to_tensor(0)
-    for i in range(total):
-        layer, s, j, c, r = _locate(i, P, offB, offC, NL, CG)
-        in_layer = layer < NL
-        ci = gl.where(s == 3, NL * 4, layer * 4 + s + (s >= 1).to(gl.int32))  # the counter this stage bumps
-        if (r == 0) | (in_layer & ((r == offB) | (r == offC))):  # a stage starts
-            _stage_start(layer, s, ci, pos, token, xs, ds, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr,
-                         nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale,
-                         qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
-        slot = i % NBUF
-        mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
-        w = ringv.index(slot).load(L4).to(gl.float32)
-        _barrier()  # every warp holds its part of the chunk
-        mbarrier.arrive(empty.index(slot), count=1)
-        if (s == 2) & (c >= 2 * CG):  # down^T rows of this tile: partial down sums += their rows x g
-            g4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(g, 0), 2), 3)
-            part = dsv.index(c % CG)
-            part.store(part.load(XL) + gl.sum(w * g4, axis=1))
-        else:
-            acc += gl.sum(w * gl.expand_dims(xsv.index(c % CG).load(XL), 1), axis=3)
+    i = 0
+    for layer in range(NL):
+        _stage_start(layer, 0, 4 * layer, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr,
+                     nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale,
+                     qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
+        x = xsv.load(XL)
+        for j in range(nq):
+            gl.store(qkv_ptr + (pid + j * G) * BN + rows_in, _row_tile(ringv, ready, empty, i, x, L4, NBUF))
+            i += 1
+        signal_stage(cnt_ptr, 4 * layer)
+        _stage_start(layer, 1, 4 * layer + 2, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr,
+                     n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps,
+                     rope_scale, qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
+        x = xsv.load(XL)
+        for j in range(no):  # o: the residual after attention, in h (the MLP adds into it) and h_attn
             rows = (pid + j * G) * BN + rows_in
-            acc, gate, g, best_v, best_i = _tile_end(acc, gate, g, best_v, best_i, s, c, rows, qkv_ptr, logits_ptr,
-                                                     h_ptr, ha_ptr, CG, V)
-        if in_layer & (r == P - 1):
-            _mlp_flush(dsv, h_ptr, XL, CG, NB, BOX)
-        if in_layer & ((r == offB - 1) | (r == offC - 1) | (r == P - 1)):
-            signal_stage(cnt_ptr, ci)
-    _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr, tokens_out_ptr, pos_ptr, pos,
-                 G, NL, V, NB, PICK)
+            res = gl.load(h_ptr + rows, cache_modifier=".cg") + _row_tile(ringv, ready, empty, i, x, L4, NBUF)
+            gl.store(h_ptr + rows, res)
+            gl.store(ha_ptr + rows, res)
+            i += 1
+        signal_stage(cnt_ptr, 4 * layer + 2)
+        _stage_start(layer, 2, 4 * layer + 3, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr,
+                     n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps,
+                     rope_scale, qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
+        x = xsv.load(XL)
+        dacc = gl.zeros([NB, BOX // 8, 8], gl.float32, XB)
+        for j in range(nm):  # gate and up rows, then SiLU(gate) x up times the same rows of down^T
+            gate = _row_tile(ringv, ready, empty, i, x, L4, NBUF)
+            up = _row_tile(ringv, ready, empty, i + 1, x, L4, NBUF)
+            g = gl.convert_layout(gate / (1.0 + gl.exp(-gate)) * up, GB)  # every thread all BN rows
+            g4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(g, 0), 2), 3)
+            dacc += gl.sum(_chunk(ringv, ready, empty, i + 2, LB, NBUF) * g4, axis=1)
+            i += 3
+        _mlp_flush(dacc, h_ptr, BOX, NB, XB)
+        signal_stage(cnt_ptr, 4 * layer + 3)
+    _stage_start(NL, 3, 4 * NL, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
+                 k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale, qk_scale,
+                 layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
+    x = xsv.load(XL)
+    best_v = gl.full([BN], float("-inf"), gl.float32, ROWS)  # per row slot: tiles come in row order, so a
+    best_i = gl.zeros([BN], gl.int32, ROWS)  # strict > keeps each slot's first maximal index
+    for j in range(nv):
+        rows = (pid + j * G) * BN + rows_in
+        val = _row_tile(ringv, ready, empty, i, x, L4, NBUF)
+        gl.store(logits_ptr + rows, val)
+        best_i = gl.where(val > best_v, rows, best_i)
+        best_v = gl.maximum(val, best_v)
+        i += 1
+    top = gl.max(best_v, axis=0)
+    _finish_step(top, gl.min(gl.where(best_v == top, best_i, V), axis=0), best_val_ptr, best_idx_ptr, cnt_ptr,
+                 token_ptr, tokens_out_ptr, pos_ptr, pos, G, NL, V, NB, PICK)
 
 
 @gluon.jit
@@ -270,7 +268,6 @@ def decode_step_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     xs = gl.allocate_shared_memory(gl.float32, [H // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    ds = gl.allocate_shared_memory(gl.float32, [H // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     for b in gl.static_range(NBUF):
         mbarrier.init(ready.index(b), count=1)
         mbarrier.init(empty.index(b), count=1)
@@ -278,12 +275,12 @@ def decode_step_kernel(
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
                     n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                     token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
-                    layer_stride, G, ring, xs, ds, ready, empty,
+                    layer_stride, G, ring, xs, ready, empty,
                     NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, PICK)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
                    n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                    token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
-                   layer_stride, G, ring, xs, ds, ready, empty,
+                   layer_stride, G, ring, xs, ready, empty,
                    NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, PICK)),
     ], [1], [48])
     for b in gl.static_range(NBUF):

@@ -13,6 +13,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import tma_load as _tma_load
 
 
@@ -65,3 +66,23 @@ def issue_chunk(i, P, offB, offC, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc
             _tma_load(wd_desc, [layer * I + row, col], bar, ring.index(slot * NB + b))
         else:
             _tma_load(wl_desc, [row, col], bar, ring.index(slot * NB + b))
+
+
+@gluon.jit
+def chunk(ringv, ready, empty, i, L4: gl.constexpr, NBUF: gl.constexpr):
+    """The i-th chunk of this program's stream, in registers [NB boxes, BN rows, BOX // 8, 8] fp32 (a warp
+    per row), its ring slot handed back to the loader."""
+    slot = i % NBUF
+    mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
+    w = ringv.index(slot).load(L4)
+    _barrier()  # every warp holds its row of the chunk
+    mbarrier.arrive(empty.index(slot), count=1)
+    return w.to(gl.float32)
+
+
+@gluon.jit
+def row_tile(ringv, ready, empty, i, x, L4: gl.constexpr, NBUF: gl.constexpr):
+    """One row tile (one chunk: K = H) times the staged input x [NB, BOX // 8, 8]: BN outputs, each summed
+    inside its warp (the row's products in-thread, then across the lanes)."""
+    w = chunk(ringv, ready, empty, i, L4, NBUF)
+    return gl.sum(gl.sum(gl.sum(w * gl.expand_dims(x, 1), axis=3), axis=0), axis=1)

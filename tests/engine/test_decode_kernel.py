@@ -191,8 +191,19 @@ def test_problem_names_shapes_the_kernel_cannot_take(monkeypatch):
     assert decode_step.problem(shaped(2048, 6144, 32, 64), 16, cuda) is None
     assert decode_step.problem(shaped(2048, 5632, 32, 64), 16, cuda) is None
     assert "row tile" in decode_step.problem(shaped(2048, 1000, 32, 64), 16, cuda)
-    assert "power of two" in decode_step.problem(shaped(6144, 8192, 96, 64), 16, cuda)  # the staging
-    assert "multiple" in decode_step.problem(shaped(3072, 8192, 48, 64), 16, cuda)
+    # a chunk holds one row of each weight across the whole hidden size
+    assert "hidden size 4096" in decode_step.problem(shaped(4096, 8192, 64, 64), 16, cuda)
+    assert "hidden size 3072" in decode_step.problem(shaped(3072, 8192, 48, 64), 16, cuda)
+
+
+def test_grid_candidates_split_llama_widths_evenly():
+    """The start-up grid tuning times the SM count and the powers of two from the attention's programs up."""
+    from ascend_kernels import decode_step
+
+    w = SimpleNamespace(num_q_heads=32)  # 32 heads x 2 splits: 64 programs at least
+    assert decode_step.grid_candidates(w, 132) == [64, 128, 132]
+    assert decode_step.grid_candidates(w, 64) == [64]
+    assert decode_step.grid_candidates(w, 114) == [64, 114]
 
 
 def test_a_kernel_that_fails_its_first_launch_falls_back(caplog):

@@ -38,6 +38,17 @@ def test_steps_match_float32_reference():
     assert rel_err(step.logits, logits_ref) < 1e-4
     assert step.token.item() == logits_ref.argmax().item()
     assert step.pos.item() == ids.shape[1] + 1
+    # the grid was timed at start-up; every candidate computes the same step
+    tuned, candidates = step.kernel.grid, decode_step.grid_candidates(step.kernel.w, step.kernel.num_sms)
+    assert tuned in candidates and sorted(step.kernel.grid_us) == candidates
+    for grid in candidates:
+        step.kernel.grid = grid
+        step.load_prompt(cache, t0.item(), ids.shape[1])
+        step._launch()
+        torch.cuda.synchronize()
+        assert rel_err(step.logits, logits_ref) < 1e-4, grid
+        assert step.token.item() == logits_ref.argmax().item(), grid
+    step.kernel.grid = tuned
     # the next steps read the K/V this one stored: compare with the float32 model fed our tokens
     cache32 = bench._float_cache(cache, model.config.num_hidden_layers)
     with torch.no_grad():
