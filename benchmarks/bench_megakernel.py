@@ -1,11 +1,12 @@
 """The decode megakernel probe (benchmarks/decode_megakernel.py) against the engine's per-kernel path.
 
-Workload: 16 Llama-3.2-1B layers without attention at M = 1 and 2 rows, bf16 weights (1.95 GB,
+Workload: 16 Llama-3.2-1B layers without attention at M = 1, 2 and 16 rows, bf16 weights (1.95 GB,
 16 distinct weight sets), random weights. Per replay of a CUDA graph, in one process on one card:
 - `inductor_cublas`: torch.compile of the eager layers (Inductor norms and SiLU, cuBLAS GEMVs,
   bf16 activations): the engine's path;
 - `megakernel`: one persistent launch (fp32 activations), plus the two small kernels that reset
   its counters and load the input rows;
+- `megakernel_mma_grid<G>` (M = 16): the tensor-core probe (decode_megakernel_mma.py) on G programs;
 - `megakernel_no_sync` (diagnostic, wrong results): the grid waits removed, i.e. what streaming
   the weights with the same compute costs;
 - the floor: weight bytes / measured copy bandwidth.
@@ -120,6 +121,36 @@ def _megakernel(w: dict, x: torch.Tensor, cfg: MegakernelConfig, sync: bool):
     return run
 
 
+def _megakernel_mma(w: dict, x: torch.Tensor, grid: int | None = None):
+    """A callable that runs the batch-16 tensor-core probe (decode_megakernel_mma.py) on rows x (at most
+    16; fp32 result in its `h`, rows past x's zero)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from benchmarks.decode_megakernel_mma import decode_megakernel_mma_kernel
+
+    mb, max_tiles, m = 16, 4, x.shape[0]
+    if not 1 <= m <= mb:
+        raise ValueError(f"the probe takes 1 to {mb} rows, got {m}")
+    layout = gl.NVMMASharedLayout(128, 16, rank=2)
+    descs = [TensorDescriptor.from_tensor(w[k], [8, 64], layout) for k in ("wq", "wo", "wg", "wd")]
+    grid = grid or torch.cuda.get_device_properties(0).multi_processor_count
+    if -(-H // 8 // grid) > max_tiles or H // 8 < grid:
+        raise ValueError(f"grid {grid}: every program needs 1 to {max_tiles} row tiles of the hidden size")
+    h = torch.zeros(mb, H, device="cuda")
+    scratch_q, scratch_g = torch.zeros(mb, NQ, device="cuda"), torch.zeros(mb, I, device="cuda")
+    counters = torch.zeros(L * 4, device="cuda", dtype=torch.int32)
+
+    def run():
+        h[:m].copy_(x)
+        counters.zero_()
+        decode_megakernel_mma_kernel[(grid,)](*descs, h, scratch_q, scratch_g, w["n1"], w["n2"], counters, EPS, grid,
+                                              m, NL=L, H=H, I=I, NQ=NQ, MB=mb, BN=8, NB=8, NBUF=4, MAXT=max_tiles,
+                                              num_warps=8)
+    run.h = h[:m]
+    return run
+
+
 def run(quick: bool = False) -> dict:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         return {"skipped": "needs an sm_90 GPU"}
@@ -149,6 +180,21 @@ def run(quick: bool = False) -> dict:
             v["floor_pct"] = 100 * res["floor_us"] / v["us"]
         res["rows"][f"M={m}"] = row
         print(m, row, flush=True)
+    # batch 16 on tensor cores (the probe stages activations in bf16, as the model's linears take them)
+    x = torch.randn(16, H, device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    ref, row = _layers(w, x, torch.float32), {}
+    with torch.no_grad():
+        row["inductor_cublas"] = {"us": _graph_us(lambda: compiled(x)), "err": rel_err(compiled(x), ref)}
+    for grid in (64, 128, torch.cuda.get_device_properties(0).multi_processor_count):
+        fn = _megakernel_mma(w, x, grid)
+        us = _graph_us(fn)
+        fn()
+        torch.cuda.synchronize()
+        row[f"megakernel_mma_grid{grid}"] = {"us": us, "err": rel_err(fn.h, ref)}
+    for v in row.values():
+        v["floor_pct"] = 100 * res["floor_us"] / v["us"]
+    res["rows"]["M=16"] = row
+    print(16, row, flush=True)
     return res
 
 
@@ -159,10 +205,14 @@ def table(res: dict) -> str:
              "| rows | Inductor + cuBLAS | megakernel | speedup | no grid sync (diagnostic) |",
              "| --- | --- | --- | --- | --- |"]
     for m, r in res["rows"].items():
-        base, mk, ns = r["inductor_cublas"], r["megakernel"], r["megakernel_no_sync"]
-        lines.append(f"| {m} | {base['us']:.0f} us ({base['floor_pct']:.0f}%, err {base['err']:.1e}) | "
-                     f"{mk['us']:.0f} us ({mk['floor_pct']:.0f}%, err {mk['err']:.1e}) | "
-                     f"{base['us'] / mk['us']:.2f}x | {ns['us']:.0f} us ({ns['floor_pct']:.0f}%) |")
+        base = r["inductor_cublas"]
+        for name, mk in r.items():
+            if name.startswith("megakernel") and name != "megakernel_no_sync":
+                ns = r.get("megakernel_no_sync")
+                diag = f"{ns['us']:.0f} us ({ns['floor_pct']:.0f}%)" if ns and name == "megakernel" else ""
+                lines.append(f"| {m} {name} | {base['us']:.0f} us ({base['floor_pct']:.0f}%, err {base['err']:.1e}) | "
+                             f"{mk['us']:.0f} us ({mk['floor_pct']:.0f}%, err {mk['err']:.1e}) | "
+                             f"{base['us'] / mk['us']:.2f}x | {diag} |")
     return "\n".join(lines)
 
 

@@ -40,3 +40,26 @@ def test_matches_float32_reference(m):
         fn()
         torch.cuda.synchronize()
         assert rel_err(fn.h, ref) < 1e-5
+
+
+def test_mma_probe_compiles_for_sm90():
+    report = compile_in_fresh_process("mma")
+    assert report["tma"] and report["acquire"] and report["release"], report
+    assert report["shared"] <= bench_megakernel.SMEM_BYTES
+
+
+@pytest.mark.gpu
+@requires_sm90
+@pytest.mark.parametrize(("m", "grid"), [(16, None), (5, 64)])
+def test_mma_probe_matches_float32_reference(m, grid):
+    """The batch-16 tensor-core probe rounds only the GEMVs' inputs to bf16 (as the model's linears take
+    them), so it must land at least as close to float32 as the layers run in bf16 do."""
+    w = bench_megakernel._weights("cuda")
+    x = torch.randn(m, bench_megakernel.H, device="cuda")
+    ref = bench_megakernel._layers(w, x, torch.float32)
+    bound = rel_err(bench_megakernel._layers(w, x, torch.bfloat16), ref)
+    fn = bench_megakernel._megakernel_mma(w, x, grid)
+    for _ in range(2):  # a second launch must not see the first one's counters
+        fn()
+        torch.cuda.synchronize()
+        assert rel_err(fn.h, ref) <= bound, (rel_err(fn.h, ref), bound)
