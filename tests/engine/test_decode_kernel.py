@@ -70,12 +70,16 @@ def test_kv_caches_are_one_stacked_tensor_when_layers_agree():
     assert stacked(k) is None
 
 
-def test_takes_only_single_token_single_request_steps():
+def test_takes_only_single_token_steps_of_at_most_max_rows_requests():
     def row(n, sample=True, drafts=0):
         return SimpleNamespace(token_ids=[0] * n, sample=sample, num_draft_tokens=drafts)
 
     assert DecodeKernelPath.takes([row(1)])
-    assert not DecodeKernelPath.takes([row(1), row(1)])
+    assert not DecodeKernelPath.takes([row(1), row(1)])  # the batch-1 kernel
+    assert DecodeKernelPath.takes([row(1), row(1)], max_rows=2)
+    assert not DecodeKernelPath.takes([row(1)] * 3, max_rows=2)
+    assert not DecodeKernelPath.takes([row(1), row(2)], max_rows=2)
+    assert not DecodeKernelPath.takes([], max_rows=2)
     assert not DecodeKernelPath.takes([row(7)])
     assert not DecodeKernelPath.takes([row(1, sample=False)])
     assert not DecodeKernelPath.takes([row(1, drafts=2)])
@@ -214,10 +218,10 @@ def test_a_kernel_that_fails_its_first_launch_falls_back(caplog):
     llm = LLM(build_model("llama"), compile=False)
 
     class Failing:
-        num_steps, argmax = 0, None
+        num_steps, argmax, max_rows = 0, None, 1
         takes = staticmethod(DecodeKernelPath.takes)
 
-        def run(self, inputs, static, pos, num_steps=1):
+        def run(self, inputs, static, pos, num_steps=1, num_rows=1):
             self.num_steps += 1
             raise RuntimeError("no sm_90 here")
 

@@ -1,11 +1,12 @@
-"""Batch-1 decode steps as one persistent launch (opt-in: `EngineConfig.decode_megakernel`).
+"""Decode steps as one persistent launch (opt-in: `EngineConfig.decode_megakernel`).
 
 A step whose only row is one request decoding one token (no drafts) skips the compiled model: the
 whole-step kernel (ascend_kernels/decode_step_kernel.py) reads the token id, its position and the
 request's block table from the step's device buffers, writes the token's K/V into the paged cache
 and returns the logits for the sampler (with their argmax, which greedy rows take as is). A decode
 burst (ScheduledRequest.num_steps, EngineConfig.decode_burst) replays several launches back to back.
-Every other step (prefill chunks, batches, verification) runs the compiled model on the same cache.
+A kernel that takes several rows (DecodeKernelPath.max_rows) also runs steps of up to that many decodes.
+Every other step (prefill chunks, larger batches, verification) runs the compiled model on the same cache.
 
 The kernel streams each kind of weight through one TMA descriptor, so the weights are copied once,
 stacked over the layers (the model's own stay where they are: the other steps use them). It takes
@@ -105,14 +106,20 @@ def stacked(caches: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class DecodeKernelPath:
-    """Runs batch-1 decode steps on the whole-step kernel; counts the tokens it decoded.
+    """Runs decode steps on the whole-step kernel; counts its launches.
 
-    The kernel runs as a decode loop: each launch writes its greedy token over the step's input token,
-    steps the position (both in the step's device buffers) and records the token at
+    Batch 1: the kernel runs as a decode loop. Each launch writes its greedy token over the step's input
+    token, steps the position (both in the step's device buffers) and records the token at
     tokens_out[position], so a burst of launches decodes token after token with no host work between:
 
         input_ids[0], position_ids[0]:  t, p  ->  t1, p+1  ->  t2, p+2 ...     (launch by launch)
         tokens_out:                     [... | t1 @ p | t2 @ p+1 | ...]        (the host reads a slice)
+
+    Several rows: a kernel with `max_rows` > 1 (and `launch_rows`) takes steps of up to that many
+    requests, each decoding one token, in one launch: it reads the step's input ids, positions, block
+    table and slot mapping (a negative slot marks a padding row of a CUDA-graph bucket), writes each
+    row's greedy token into `row_tokens` and its logits into row r of its [max_rows, V] buffer. The
+    batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1.
     """
 
     def __init__(self, weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
@@ -121,42 +128,53 @@ class DecodeKernelPath:
         if k is None or v is None:
             raise ValueError("the KV caches are not one stacked tensor per K and V")
         self.kernel = kernel or DecodeStepKernel(weights, k, v, block_size)
+        self.max_rows = getattr(self.kernel, "max_rows", 1)
         self.num_steps = 0
         self.tokens_out = torch.zeros(max_model_len + 1, dtype=torch.int64, device=k.device)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # per (bucket buffer, burst size)
+        self.row_tokens = torch.zeros(self.max_rows, dtype=torch.int64, device=k.device)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # per (bucket buffer, burst size or 0)
 
     @staticmethod
-    def takes(rows) -> bool:
-        """One request, one new token, sampled, no drafts."""
-        return (len(rows) == 1 and len(rows[0].token_ids) == 1 and rows[0].sample
-                and rows[0].num_draft_tokens == 0)
+    def takes(rows, max_rows: int = 1) -> bool:
+        """1 to max_rows requests, each decoding one new token: sampled, no drafts."""
+        return 1 <= len(rows) <= max_rows and all(
+            len(r.token_ids) == 1 and r.sample and r.num_draft_tokens == 0 for r in rows)
 
     @property
     def logits(self) -> torch.Tensor:
-        """[1, V] fp32 logits of the last decoded step (a buffer the next launch overwrites)."""
-        return self.kernel.logits.view(1, -1)
+        """[rows, V] fp32 logits of the last step (a buffer the next launch overwrites; the batch-1
+        kernel's is one row, a multi-row kernel's has max_rows)."""
+        return self.kernel.logits.view(-1, self.kernel.logits.shape[-1])
 
     def _launch(self, inputs: dict, num_steps: int) -> None:
         metadata = inputs[hf.METADATA_KWARG]
+        if num_steps == 0:  # one launch over every row
+            self.kernel.launch_rows(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table,
+                                    metadata.slot_mapping, self.row_tokens)
+            return
         for _ in range(num_steps):
             self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0],
                                self.tokens_out, loop=True)
 
-    def run(self, inputs: dict, static: bool, pos: int, num_steps: int = 1) -> torch.Tensor:
-        """The greedy tokens [num_steps] int64 (a view of a buffer that later steps reuse) decoded from
-        the step packed in `inputs`, whose token sits at position `pos`. With `static` inputs (a CUDA
-        graph bucket's buffers) the launches are replayed from a graph captured after the first run of
-        that bucket and burst size (a Gluon launch costs tens of microseconds of host time)."""
-        self.num_steps += num_steps
-        key = (inputs["input_ids"].data_ptr(), num_steps)
+    def run(self, inputs: dict, static: bool, pos: int, num_steps: int = 1, num_rows: int = 1) -> torch.Tensor:
+        """The greedy tokens (int64; a view of a buffer that later steps reuse) of the step packed in
+        `inputs`: with one row, whose token sits at position `pos`, [num_steps] tokens decoded one
+        after another; with num_rows > 1 (one step), [num_rows], one per row. With `static` inputs (a
+        CUDA graph bucket's buffers) the launches are replayed from a graph captured after the first run
+        of that bucket and burst size (a Gluon launch costs tens of microseconds of host time)."""
+        if num_rows > 1 and num_steps != 1:
+            raise ValueError("decode bursts take one request")
+        launches = num_steps if num_rows == 1 else 0
+        self.num_steps += max(launches, 1)
+        key = (inputs["input_ids"].data_ptr(), launches)
         graph = self._graphs.get(key) if static else None
         if graph is not None:
             graph.replay()
         else:
-            self._launch(inputs, num_steps)  # compiles on the first step
+            self._launch(inputs, launches)  # compiles on the first step
             if static:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):  # captured, not run: this step is already launched
-                    self._launch(inputs, num_steps)
+                    self._launch(inputs, launches)
                 self._graphs[key] = graph
-        return self.tokens_out[pos : pos + num_steps]
+        return self.row_tokens[:num_rows] if launches == 0 else self.tokens_out[pos : pos + num_steps]

@@ -289,13 +289,14 @@ class ModelRunner:
         """The step's logits from the whole-step decode kernel when it takes the step, else None. A
         failure before the kernel ever ran (its compile) turns the path off with a warning and the
         compiled model runs the step; once the kernel has run, a failure is raised."""
-        if self.decode_path is None or not self.decode_path.takes(out.rows):
+        path = self.decode_path
+        if path is None or not path.takes(out.rows, path.max_rows):
             if any(r.num_steps > 1 for r in out.rows):
                 raise RuntimeError("xyserve: a decode burst was scheduled without the decode kernel path")
             return None
         row = out.rows[0]
         try:
-            tokens = self.decode_path.run(step.inputs, step.graph, row.num_computed_tokens, row.num_steps)
+            tokens = path.run(step.inputs, step.graph, row.num_computed_tokens, row.num_steps, len(out.rows))
         except Exception as e:
             if self.decode_path.num_steps > row.num_steps:  # bursts come only after a step that ran
                 raise
