@@ -1,6 +1,7 @@
-"""Attention inside the whole-step decode kernel (decode_step_kernel.py): one q head's split of the
-positions per program (split-KV), RoPE on the fly, the new token's K/V from registers, and the merge
-of the splits that the o GEMV's staging does.
+"""Attention inside the whole-step decode kernels. Batch 1 (decode_step_kernel.py): one q head's split
+of the positions per program (split-KV), RoPE on the fly, the new token's K/V from registers, and the
+merge of the splits that the o GEMV's staging does. Several rows (decode_rows_kernel.py): one (row,
+q head) task at a time over all the row's positions.
 """
 from __future__ import annotations
 
@@ -101,3 +102,44 @@ def stage_merge(xs, part_ptr, H: gl.constexpr, D: gl.constexpr, NSPLIT: gl.const
         num += w * gl.load(base + sp * (D + 2) + kk % D, cache_modifier=".cg")
         den += w * gl.load(base + sp * (D + 2) + D + 1, cache_modifier=".cg")
     xs.slice(0, H // 8, dim=0).store(num / den)
+
+
+@gluon.jit
+def attention_rows(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
+                   inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, qkv_done, G, M, NQH: gl.constexpr,
+                   NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
+    """The multi-row kernel's attention (decode_rows_kernel.py): task t = (row t // NQH, q head t % NQH)
+    of M * NQH, dealt round-robin to the G programs, each over all of its row's positions (no split: 16
+    rows give enough tasks). Writes the normalised output attn[row, head * D:] (fp32) and, for the first
+    q head of each KV head, the new token's K/V at the row's slot."""
+    LA: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [NB, 1], [1, 0])  # [T positions, D]
+    COL: gl.constexpr = gl.SliceLayout(0, LA)
+    ROW: gl.constexpr = gl.SliceLayout(1, LA)
+    NQ: gl.constexpr = (NQH + 2 * NKV) * D
+    d = gl.arange(0, D, layout=COL)
+    for task in range(gl.program_id(0), M * NQH, G):
+        m = task // NQH
+        hq = task % NQH
+        kvh = hq // (NQH // NKV)
+        pos = gl.load(pos_ptr + m).to(gl.int32)
+        bt = bt_ptr + m * bt_stride
+        base = layer.to(gl.int64) * layer_stride + kvh * D
+        p, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, bt, base, 0, pos + 1, pos, d, BS, NKV, D, T, ROW)
+        ang = pos.to(gl.float32) * gl.load(inv_freq_ptr + d % (D // 2))
+        cos_a = gl.cos(ang) * rope_scale
+        sin_a = gl.where(d < D // 2, -1.0, 1.0) * gl.sin(ang) * rope_scale
+        wait_stage(cnt_ptr, qkv_done, G)  # returns at once after a program's first task
+        row = qkv_ptr + m * NQ
+        q = _rope(row + hq * D, d, cos_a, sin_a, D) * qk_scale  # log2 domain
+        k_new = _rope(row + (NQH + kvh) * D, d, cos_a, sin_a, D)
+        v_new = gl.load(row + (NQH + NKV + kvh) * D + d, cache_modifier=".cg")
+        m_i, l_i, acc = _attend(p, k, v, q, k_new, v_new, pos, pos + 1, gl.to_tensor(-1.0e30), gl.to_tensor(0.0),
+                                gl.zeros([D], gl.float32, COL))
+        for t0 in range(T, pos + 1, T):
+            p, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, bt, base, t0, pos + 1, pos, d, BS, NKV, D, T, ROW)
+            m_i, l_i, acc = _attend(p, k, v, q, k_new, v_new, pos, pos + 1, m_i, l_i, acc)
+        gl.store(attn_ptr + m * (NQH * D) + hq * D + d, acc / l_i)
+        if hq % (NQH // NKV) == 0:  # the new token's K/V, for later steps
+            dst = base + gl.load(slot_ptr + m) * (NKV * D) + d
+            gl.store(k_cache_ptr + dst, k_new.to(k_cache_ptr.dtype.element_ty))
+            gl.store(v_cache_ptr + dst, v_new.to(v_cache_ptr.dtype.element_ty))

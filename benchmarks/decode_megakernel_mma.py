@@ -5,13 +5,7 @@ Not wired into the engine. `python -m benchmarks.bench_megakernel` times it agai
 at M = 16. It answers whether the batch-1 kernel's weight stream (ascend_kernels/decode_step_kernel.py)
 can carry 16 rows: on CUDA cores a 32 KB chunk would be 262K multiply-adds, above its HBM time.
 
-A chunk is one row tile of BN = 8 weight rows x 2,048 columns, copied by 32 TMA boxes of [8, 64]
-(128 bytes wide: the swizzle that makes `ldmatrix` conflict-free). Warp w owns the columns
-(4 w + q) * 64 .. + 63, q = 0..3, of every chunk and of the staged activations:
-
-    ring slot:  [4 (q), NB (w), BN rows, 64 cols] bf16     xs:  [4 (q), NB (w), MB rows, 64 cols] bf16
-    per chunk:  acc[w] += xs[q, w] @ ring[q, w]^T   (q = 0..3; a batched mma over the warps)
-                out [MB, BN] = sum over warps of acc    (4 KB through shared memory)
+The chunks, their shared-memory layout and the tensor-core product are ascend_kernels/decode_rows_stream.py's.
 
 Stages per layer, each ended by a grid counter: q/k/v (norm 1), o (+ h; its input is q's first H
 columns), gate/up (norm 2; SiLU(gate) x up to g), down (+ h). Down's K is the MLP width: its chunks
@@ -22,34 +16,16 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
+from ascend_kernels.decode_rows_stream import BOXK, KC, Q
+from ascend_kernels.decode_rows_stream import chunk_out as _chunk_out
+from ascend_kernels.decode_rows_stream import issue_chunk as _issue
+from ascend_kernels.decode_rows_stream import num_tiles as _num_tiles
+from ascend_kernels.decode_rows_stream import stage_rows as _stage
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import smem_view as _view
-from ascend_kernels.gluon_compat import tma_load as _tma_load
 from ascend_kernels.grid_sync import signal_stage, wait_stage
-
-KC = gl.constexpr(2048)  # columns per chunk
-BOXK = gl.constexpr(64)  # columns per TMA box
-Q = gl.constexpr(4)  # boxes per warp per chunk (KC // (BOXK * 8 warps))
-
-
-@gluon.jit
-def _num_tiles(n_rows: gl.constexpr, BN: gl.constexpr, G):
-    return (n_rows // BN - gl.program_id(0) + G - 1) // G
-
-
-@gluon.jit
-def _issue(desc, row, col0, i, ring, ready, empty, NB: gl.constexpr, BN: gl.constexpr, NBUF: gl.constexpr):
-    """TMA copies of one chunk (rows row .. row + BN - 1, columns col0 .. col0 + KC - 1) into slot i % NBUF."""
-    slot = i % NBUF
-    mbarrier.wait(empty.index(slot), ((i // NBUF) & 1) ^ 1)
-    bar = ready.index(slot)
-    mbarrier.expect(bar, BN * KC * 2)
-    for q in gl.static_range(Q):
-        for w in gl.static_range(NB):
-            _tma_load(desc, [row, col0 + (w * Q + q) * BOXK], bar, ring.index((slot * Q + q) * NB + w))
 
 
 @gluon.jit
@@ -74,59 +50,6 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_
             for j in range(no):
                 _issue(wd_desc, layer * H + (pid + j * G) * BN, c * KC, i, ring, ready, empty, NB, BN, NBUF)
                 i += 1
-
-
-@gluon.jit
-def _load_slice(src_ptr, stride_m, col0, q, M, MB: gl.constexpr, NB: gl.constexpr):
-    """Columns (4 w + q) * 64 .. + 63 of rows 0..M-1 of src[:, col0:] for every warp w: [NB, MB, BOXK] fp32,
-    and the columns' offsets [NB, 1, BOXK]; rows past M are zero."""
-    L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 4, 8], [NB, 1, 1], [2, 1, 0])
-    ww = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-    mm = gl.arange(0, MB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
-    kk = gl.arange(0, BOXK, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-    col = gl.expand_dims(gl.expand_dims(ww * Q + q, 1), 2) * BOXK + gl.expand_dims(gl.expand_dims(kk, 0), 1)
-    m3 = gl.expand_dims(gl.expand_dims(mm, 0), 2)
-    x = gl.load(src_ptr + m3 * stride_m + col0 + col, mask=(m3 < M) & (col >= 0), other=0.0, cache_modifier=".cg")
-    return x, col
-
-
-@gluon.jit
-def _stage(xs, src_ptr, stride_m, col0, nw_ptr, eps, M, NORM: gl.constexpr, K: gl.constexpr, MB: gl.constexpr,
-           NB: gl.constexpr):
-    """Rows 0..M-1 of src[:, col0 .. col0 + KC - 1] (fp32; RMS-normalised over K = KC columns with weights
-    nw when NORM) into xs as bf16, in the chunk's column order; rows past M are zero. The norm takes a
-    first pass over the slices for the rows' sums of squares (L2-hot re-reads)."""
-    if NORM:
-        x, col = _load_slice(src_ptr, stride_m, col0, 0, M, MB, NB)
-        ss = gl.sum(gl.sum(x * x, axis=2), axis=0)
-        for q in gl.static_range(1, Q):
-            x, col = _load_slice(src_ptr, stride_m, col0, q, M, MB, NB)
-            ss += gl.sum(gl.sum(x * x, axis=2), axis=0)
-        rs = gl.expand_dims(gl.expand_dims(gl.rsqrt(ss / K + eps), 0), 2)  # [1, MB, 1]
-    for q in gl.static_range(Q):
-        x, col = _load_slice(src_ptr, stride_m, col0, q, M, MB, NB)
-        if NORM:
-            x = x * rs * gl.load(nw_ptr + col).to(gl.float32)
-        xs.index(q).store(x.to(gl.bfloat16))
-
-
-@gluon.jit
-def _chunk_out(ring, xs, ready, empty, i, MB: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr,
-               NBUF: gl.constexpr):
-    """Chunk i times the staged activations: [MB, BN] fp32, summed over the warps' column slices."""
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NB, 1, 1], instr_shape=[1, 16, 8])
-    A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    B: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    slot = i % NBUF
-    mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
-    acc = gl.zeros([NB, MB, BN], gl.float32, MMA)
-    for q in gl.static_range(Q):
-        a = xs.index(q).load(A)  # [NB, MB, BOXK]
-        b = ring.index(slot * Q + q).permute((0, 2, 1)).load(B)  # [NB, BOXK, BN]
-        acc = mma_v2(a, b, acc)
-    _barrier()  # every warp has read the slot
-    mbarrier.arrive(empty.index(slot), count=1)
-    return gl.sum(acc, axis=0)
 
 
 @gluon.jit

@@ -17,21 +17,21 @@ from xy_inductor.engine.decode_kernel import DecodeKernelPath, stack_weights, st
 
 class ReferenceRows(ReferenceLoop):
     """A multi-row kernel: each real row (slot >= 0) of the step decodes its token in float32 torch;
-    its logits go to row r of `logits`, its greedy token to tokens_out[r]."""
+    its logits go to row r of `rows_logits`, its greedy token to tokens_out[r]."""
 
     max_rows = 3
 
     def __init__(self, w, k_cache, v_cache):
         super().__init__(w, k_cache, v_cache)
-        self.logits = torch.zeros(self.max_rows, w.embed.shape[0])
+        self.rows_logits = torch.zeros(self.max_rows, w.embed.shape[0])
         self.rows_per_launch: list[int] = []
 
     def launch_rows(self, input_ids, position_ids, block_table, slot_mapping, tokens_out):
         real = [r for r in range(input_ids.shape[0]) if slot_mapping[r] >= 0]
         for r in real:
-            self.logits[r] = reference.decode_step(self.w, self.k_cache, self.v_cache, block_table[r],
-                                                   int(position_ids[r]), int(input_ids[r]))
-            tokens_out[r] = self.logits[r].argmax()
+            self.rows_logits[r] = reference.decode_step(self.w, self.k_cache, self.v_cache, block_table[r],
+                                                        int(position_ids[r]), int(input_ids[r]))
+            tokens_out[r] = self.rows_logits[r].argmax()
         self.rows_per_launch.append(len(real))
 
 

@@ -1,7 +1,7 @@
 """Compile a decode megakernel probe for sm_90 without a GPU; print what the PTX holds as JSON.
 Run in a fresh process from the repository root: `python -m tests.kernels.compile_megakernel_sm90 ARG`,
-ARG = 1 or 2 (benchmarks/decode_megakernel.py at M = ARG), `mma` (benchmarks/decode_megakernel_mma.py) or
-`step` (ascend_kernels/decode_step_kernel.py).
+ARG = 1 or 2 (benchmarks/decode_megakernel.py at M = ARG), `mma` (benchmarks/decode_megakernel_mma.py),
+`step` (ascend_kernels/decode_step_kernel.py) or `rows` (ascend_kernels/decode_rows_kernel.py).
 """
 import inspect
 import json
@@ -16,6 +16,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 
 from ascend_kernels import decode_step
+from ascend_kernels.decode_rows_kernel import decode_rows_kernel
 from ascend_kernels.decode_step_kernel import decode_step_kernel
 from benchmarks.bench_megakernel import MegakernelConfig
 from benchmarks.decode_megakernel import decode_megakernel_kernel
@@ -23,7 +24,8 @@ from benchmarks.decode_megakernel_mma import decode_megakernel_mma_kernel
 
 _TYPES = {"n1_ptr": "*bf16", "n2_ptr": "*bf16", "nf_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
           "embed_ptr": "*bf16", "cnt_ptr": "*i32", "bt_ptr": "*i32", "pos_ptr": "*i32", "best_idx_ptr": "*i32",
-          "token_ptr": "*i64", "tokens_out_ptr": "*i64", "eps": "fp32", "rope_scale": "fp32", "qk_scale": "fp32"}
+          "token_ptr": "*i64", "tokens_out_ptr": "*i64", "eps": "fp32", "rope_scale": "fp32", "qk_scale": "fp32",
+          "ids_ptr": "*i64", "slot_ptr": "*i64"}
 
 
 def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int, swizzle: int = 0) -> dict:
@@ -51,6 +53,10 @@ def main(arg: str) -> dict:
         const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
                  "NSPLIT": b.NSPLIT, "T": b.TILE, "BN": b.BN, "BOX": b.BOX, "NB": b.NB, "NBUF": b.NBUF, "PICK": 2}
         return _compile(decode_step_kernel, const, (b.BN, b.BOX), b.NB)
+    if arg == "rows":  # the multi-row decode kernel (ascend_kernels/decode_rows_kernel.py)
+        const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
+                 "TILE": 128, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
+        return _compile(decode_rows_kernel, const, (8, 64), 8, swizzle=128)
     if arg == "mma":  # the batch-16 probe: tensor cores, 128-byte swizzled boxes of [8, 64]
         const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
         return _compile(decode_megakernel_mma_kernel, const, (8, 64), 8, swizzle=128)

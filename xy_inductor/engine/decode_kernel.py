@@ -118,8 +118,8 @@ class DecodeKernelPath:
     Several rows: a kernel with `max_rows` > 1 (and `launch_rows`) takes steps of up to that many
     requests, each decoding one token, in one launch: it reads the step's input ids, positions, block
     table and slot mapping (a negative slot marks a padding row of a CUDA-graph bucket), writes each
-    row's greedy token into `row_tokens` and its logits into row r of its [max_rows, V] buffer. The
-    batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1.
+    row's greedy token into `row_tokens` and its logits into row r of its `rows_logits` [max_rows, V].
+    The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1.
     """
 
     def __init__(self, weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
@@ -133,6 +133,7 @@ class DecodeKernelPath:
         self.tokens_out = torch.zeros(max_model_len + 1, dtype=torch.int64, device=k.device)
         self.row_tokens = torch.zeros(self.max_rows, dtype=torch.int64, device=k.device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # per (bucket buffer, burst size or 0)
+        self._rows = False  # the last step was a multi-row launch
 
     @staticmethod
     def takes(rows, max_rows: int = 1) -> bool:
@@ -142,9 +143,10 @@ class DecodeKernelPath:
 
     @property
     def logits(self) -> torch.Tensor:
-        """[rows, V] fp32 logits of the last step (a buffer the next launch overwrites; the batch-1
-        kernel's is one row, a multi-row kernel's has max_rows)."""
-        return self.kernel.logits.view(-1, self.kernel.logits.shape[-1])
+        """[rows, V] fp32 logits of the last step (a buffer the next launch overwrites): the batch-1
+        launch's one row, or a multi-row launch's `rows_logits` [max_rows, V]."""
+        buf = self.kernel.rows_logits if self._rows else self.kernel.logits
+        return buf.view(-1, buf.shape[-1])
 
     def _launch(self, inputs: dict, num_steps: int) -> None:
         metadata = inputs[hf.METADATA_KWARG]
@@ -165,6 +167,7 @@ class DecodeKernelPath:
         if num_rows > 1 and num_steps != 1:
             raise ValueError("decode bursts take one request")
         launches = num_steps if num_rows == 1 else 0
+        self._rows = launches == 0
         self.num_steps += max(launches, 1)
         key = (inputs["input_ids"].data_ptr(), launches)
         graph = self._graphs.get(key) if static else None
