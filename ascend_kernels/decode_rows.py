@@ -13,7 +13,8 @@ import torch
 
 from ascend_kernels.decode_step import BN, DecodeStepKernel, DecodeWeights, problem
 
-MAX_ROWS, NB, NBUF, TILE, KC = 16, 8, 4, 128, 2048
+# 64-position attention tiles: with 128 the kernel spills registers (72 bytes, ptxas for sm_90a)
+MAX_ROWS, NB, NBUF, TILE, KC = 16, 8, 4, 64, 2048
 
 
 def rows_problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | None:

@@ -55,7 +55,7 @@ def main(arg: str) -> dict:
         return _compile(decode_step_kernel, const, (b.BN, b.BOX), b.NB)
     if arg == "rows":  # the multi-row decode kernel (ascend_kernels/decode_rows_kernel.py)
         const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
-                 "TILE": 128, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
+                 "TILE": 64, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
         return _compile(decode_rows_kernel, const, (8, 64), 8, swizzle=128)
     if arg == "mma":  # the batch-16 probe: tensor cores, 128-byte swizzled boxes of [8, 64]
         const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
