@@ -52,7 +52,8 @@ class DecodeRowsKernel:
         f32 = {"device": dev, "dtype": torch.float32}
         nq = (d["NQH"] + 2 * d["NKV"]) * w.head_dim
         self.hidden, self.qkv = torch.empty(MAX_ROWS, h, **f32), torch.empty(MAX_ROWS, nq, **f32)
-        self.attn, self.g = torch.empty(MAX_ROWS, h, **f32), torch.empty(MAX_ROWS, i, **f32)
+        bf16 = {"device": dev, "dtype": torch.bfloat16}  # the GEMVs take these inputs as bf16 anyway
+        self.attn, self.g = torch.empty(MAX_ROWS, h, **bf16), torch.empty(MAX_ROWS, i, **bf16)
         self.rows_logits = torch.empty(MAX_ROWS, d["V"], **f32)
         self.best_val = torch.empty(self.grid, MAX_ROWS, **f32)
         self.best_idx = torch.empty(self.grid, MAX_ROWS, device=dev, dtype=torch.int32)

@@ -133,10 +133,10 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot
         ci = 1 + STAGES * layer
         wait_stage(cnt_ptr, ci - 1, G)
         _barrier()  # the previous stage's last chunk has read xs
-        _stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, H, MB, NB)
+        rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, H, MB, NB), 1)
         _barrier()
         for j in range(nq):
-            out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
+            out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
             gl.store(qkv_ptr + m2 * NQ + (pid + j * G) * BN + n2, out, mask=ok)
             i += 1
         signal_stage(cnt_ptr, ci)
@@ -154,11 +154,11 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot
         signal_stage(cnt_ptr, ci + 2)
         wait_stage(cnt_ptr, ci + 2, G)
         _barrier()
-        _stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, H, MB, NB)
+        rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, H, MB, NB), 1)
         _barrier()
         for j in range(ng):
-            gate = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
-            up = _chunk_out(ringv, xs, ready, empty, i + 1, MB, BN, NB, NBUF)
+            gate = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
+            up = _chunk_out(ringv, xs, ready, empty, i + 1, MB, BN, NB, NBUF) * rs
             gl.store(g_ptr + m2 * I + (pid + j * G) * BN + n2, gate / (1.0 + gl.exp(-gate)) * up, mask=ok)
             i += 2
         signal_stage(cnt_ptr, ci + 3)
@@ -180,13 +180,13 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot
         signal_stage(cnt_ptr, ci + 4)
     wait_stage(cnt_ptr, STAGES * NL, G)
     _barrier()
-    _stage(xs, h_ptr, H, 0, nf_ptr, eps, M, True, H, MB, NB)
+    rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, nf_ptr, eps, M, True, H, MB, NB), 1)
     _barrier()
     best_v = gl.full([MB, BN], float("-inf"), gl.float32, OUT)  # per row and row slot: tiles come in row
     best_i = gl.zeros([MB, BN], gl.int32, OUT)  # order, so a strict > keeps each slot's first maximal index
     for j in range(_num_tiles(V, BN, G)):
         rows = (pid + j * G) * BN + n2
-        out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
+        out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
         gl.store(logits_ptr + m2 * V + rows, out, mask=ok)
         best_i = gl.where(out > best_v, rows, best_i)
         best_v = gl.maximum(out, best_v)
@@ -202,8 +202,8 @@ def decode_rows_kernel(
     bt_stride, T,
     h_ptr,  # [MB, H] fp32 scratch: the residual stream
     qkv_ptr,  # [MB, NQ] fp32 scratch
-    attn_ptr,  # [MB, NQH * D] fp32 scratch: attention output
-    g_ptr,  # [MB, I] fp32 scratch: SiLU(gate) x up
+    attn_ptr,  # [MB, NQH * D] bf16 scratch: attention output (the o GEMV takes it as bf16 anyway)
+    g_ptr,  # [MB, I] bf16 scratch: SiLU(gate) x up (likewise the down GEMV's input)
     logits_ptr,  # [MB, V] fp32
     n1_ptr, n2_ptr, nf_ptr,  # [NL, H], [NL, H], [H] bf16 norm weights
     k_cache_ptr, v_cache_ptr,  # [NL, num_blocks, BS, NKV, D] bf16

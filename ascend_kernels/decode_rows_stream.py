@@ -54,27 +54,27 @@ def _load_slice(src_ptr, stride_m, col0, q, M, MB: gl.constexpr, NB: gl.constexp
     col = gl.expand_dims(gl.expand_dims(ww * Q + q, 1), 2) * BOXK + gl.expand_dims(gl.expand_dims(kk, 0), 1)
     m3 = gl.expand_dims(gl.expand_dims(mm, 0), 2)
     x = gl.load(src_ptr + m3 * stride_m + col0 + col, mask=(m3 < M) & (col >= 0), other=0.0, cache_modifier=".cg")
-    return x, col
+    return x.to(gl.float32), col
 
 
 @gluon.jit
 def stage_rows(xs, src_ptr, stride_m, col0, nw_ptr, eps, M, NORM: gl.constexpr, K: gl.constexpr, MB: gl.constexpr,
                NB: gl.constexpr):
-    """Rows 0..M-1 of src[:, col0 .. col0 + KC - 1] (fp32; RMS-normalised over K = KC columns with weights
-    nw when NORM) into xs as bf16, in the chunk's column order; rows past M are zero. The norm takes a
-    first pass over the slices for the rows' sums of squares (L2-hot re-reads)."""
-    if NORM:
-        x, col = _load_slice(src_ptr, stride_m, col0, 0, M, MB, NB)
-        ss = gl.sum(gl.sum(x * x, axis=2), axis=0)
-        for q in gl.static_range(1, Q):
-            x, col = _load_slice(src_ptr, stride_m, col0, q, M, MB, NB)
-            ss += gl.sum(gl.sum(x * x, axis=2), axis=0)
-        rs = gl.expand_dims(gl.expand_dims(gl.rsqrt(ss / K + eps), 0), 2)  # [1, MB, 1]
+    """Rows 0..M-1 of src[:, col0 .. col0 + KC - 1] (fp32 or bf16) into xs as bf16, in the chunk's column
+    order (rows past M are zero). With NORM it stages x * nw and returns each row's 1 / rms over K = KC
+    columns, [MB] laid out like `chunk_out`'s rows: RMSNorm(x) @ W^T = ((x * nw) @ W^T) / rms, so one
+    pass over x does (the scale multiplies the GEMV's outputs). Without NORM it returns ones."""
+    L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 4, 8], [NB, 1, 1], [2, 1, 0])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NB, 1, 1], instr_shape=[1, 16, 8])
+    ss = gl.zeros([MB], gl.float32, gl.SliceLayout(0, gl.SliceLayout(2, L3)))
     for q in gl.static_range(Q):
         x, col = _load_slice(src_ptr, stride_m, col0, q, M, MB, NB)
         if NORM:
-            x = x * rs * gl.load(nw_ptr + col).to(gl.float32)
+            ss += gl.sum(gl.sum(x * x, axis=2), axis=0)
+            x = x * gl.load(nw_ptr + col).to(gl.float32)
         xs.index(q).store(x.to(gl.bfloat16))
+    rs = gl.rsqrt(ss / K + eps) if NORM else ss + 1.0
+    return gl.convert_layout(rs, gl.SliceLayout(1, gl.SliceLayout(0, MMA)))
 
 
 @gluon.jit

@@ -71,17 +71,17 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
                 wait_stage(cnt_ptr, layer * 4 + s - 1, G)
             _barrier()  # the previous stage's last chunk has read xs
             if s == 0:
-                _stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, H, MB, NB)
+                rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, H, MB, NB), 1)
             elif s == 1:
                 _stage(xs, q_ptr, NQ, 0, n1_ptr, eps, M, False, H, MB, NB)
             elif s == 2:
-                _stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, H, MB, NB)
+                rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, H, MB, NB), 1)
             else:
                 _stage(xs, g_ptr, I, 0, n2_ptr, eps, M, False, KC, MB, NB)
             _barrier()
             if s == 0:
                 for j in range(nq):
-                    out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
+                    out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
                     gl.store(q_ptr + m2 * NQ + (pid + j * G) * BN + n2, out, mask=ok)
                     i += 1
             elif s == 1:
@@ -92,8 +92,8 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
                     i += 1
             elif s == 2:
                 for j in range(ng):
-                    gate = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
-                    up = _chunk_out(ringv, xs, ready, empty, i + 1, MB, BN, NB, NBUF)
+                    gate = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
+                    up = _chunk_out(ringv, xs, ready, empty, i + 1, MB, BN, NB, NBUF) * rs
                     gl.store(g_ptr + m2 * I + (pid + j * G) * BN + n2, gate / (1.0 + gl.exp(-gate)) * up, mask=ok)
                     i += 2
             else:

@@ -28,7 +28,8 @@ _TYPES = {"n1_ptr": "*bf16", "n2_ptr": "*bf16", "nf_ptr": "*bf16", "k_cache_ptr"
           "ids_ptr": "*i64", "slot_ptr": "*i64"}
 
 
-def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int, swizzle: int = 0) -> dict:
+def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int, swizzle: int = 0,
+             types: dict | None = None) -> dict:
     layout = gl.NVMMASharedLayout(swizzle, 16, rank=2)
     params = list(inspect.signature(kernel.fn).parameters)
     sig = {}
@@ -38,7 +39,7 @@ def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int, swizzle:
         elif name.endswith("_desc"):
             sig[name] = f"tensordesc<bf16[{box[0]},{box[1]}],{layout!r}>"
         else:
-            sig[name] = _TYPES.get(name, "*fp32" if name.endswith("_ptr") else "i32")
+            sig[name] = {**_TYPES, **(types or {})}.get(name, "*fp32" if name.endswith("_ptr") else "i32")
     src = GluonASTSource(kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
                          attrs={(params.index(k),): [["tt.divisibility", 16]] for k in params if k.endswith("_ptr")})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
@@ -56,7 +57,8 @@ def main(arg: str) -> dict:
     if arg == "rows":  # the multi-row decode kernel (ascend_kernels/decode_rows_kernel.py)
         const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
                  "TILE": 64, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
-        return _compile(decode_rows_kernel, const, (8, 64), 8, swizzle=128)
+        return _compile(decode_rows_kernel, const, (8, 64), 8, swizzle=128,
+                        types={"attn_ptr": "*bf16", "g_ptr": "*bf16", "pos_ptr": "*i64"})
     if arg == "mma":  # the batch-16 probe: tensor cores, 128-byte swizzled boxes of [8, 64]
         const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
         return _compile(decode_megakernel_mma_kernel, const, (8, 64), 8, swizzle=128)
