@@ -14,8 +14,8 @@ import math
 
 import torch
 
-# tiling of the kernel (measured on an H100, benchmarks/RESULTS.md): 8-row tiles, 32 KB chunks of
-# 8 TMA boxes (one per compute warp), a 4-chunk ring, attention split in 2 over 128-position tiles
+# tiling of the kernel (measured on an H100, benchmarks/RESULTS.md): 8-row tiles (one row per compute
+# warp), 32 KB chunks of 8 TMA boxes, a 4-chunk ring, attention split in 2 over 128-position tiles
 BN, BOX, NB, NBUF, NSPLIT, TILE = 8, 256, 8, 4, 2, 128
 SMEM_BYTES = 227 * 1024
 
