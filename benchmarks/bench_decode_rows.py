@@ -1,0 +1,134 @@
+"""The multi-row decode kernel (ascend_kernels/decode_rows_kernel.py) against the engine's batch-16 decode,
+in one process on one card. Llama-3.2-1B shapes, bf16, random weights (issue 6's batch-16 target).
+
+- `kernel_m<M>`: one decode step of M requests at positions around PROMPT + NEW / 2, as a CUDA graph of
+  20 launches (the same step: its K/V writes repeat); tok/s = M / the time per step.
+- `engine`: `LLM.generate` of 16 prompts of PROMPT tokens, NEW new tokens each (compiled model, CUDA
+  graphs, async scheduling): tok/s of the whole generate and the decode rate past the prefill.
+- the floor: (weights + the step's K/V reads) / measured copy bandwidth, per step of 16.
+Correctness: every row's logits of a 16-row step against the float32 oracle (ascend_kernels.reference)
+run row by row, and its greedy token against its own logits' argmax.
+
+    python -m benchmarks.bench_decode_rows [--quick]        (sm_90 only; never run yet)
+"""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaForCausalLM
+
+from benchmarks.common import (
+    card_name,
+    card_rates,
+    cli,
+    llama_config,
+    rel_err,
+    timed,
+    weight_bytes,
+)
+
+PROMPT, NEW, BS, ROWS = 128, 128, 16, 16
+
+
+def _step(w, num_rows: int, blocks_per_row: int = 24):
+    """A paged cache with random K/V and the inputs of one decode step of num_rows requests."""
+    nl, nkv, hd = w.dims["NL"], w.num_kv_heads, w.head_dim
+    k = torch.randn(nl, num_rows * blocks_per_row, BS, nkv, hd, device="cuda", dtype=torch.bfloat16) * 0.5
+    v = torch.randn_like(k)
+    block_table = torch.randperm(num_rows * blocks_per_row, device="cuda").view(num_rows, -1).int()
+    positions = torch.randint(PROMPT, PROMPT + NEW, (num_rows,), device="cuda")
+    slots = block_table[torch.arange(num_rows), positions // BS].long() * BS + positions % BS
+    ids = torch.randint(0, w.dims["V"], (num_rows,), device="cuda")
+    return k, v, (ids, positions, block_table, slots, torch.zeros(ROWS, device="cuda", dtype=torch.int64))
+
+
+def _graph_us(fn, launches: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / launches)
+    return sorted(times)[len(times) // 2]
+
+
+def _check(w, kernel, k, v, args) -> dict:
+    from ascend_kernels import reference
+
+    ids, positions, block_table, _, tokens = args
+    k_ref, v_ref = k.clone(), v.clone()
+    logits = kernel.launch_rows(*args)
+    torch.cuda.synchronize()
+    errs, argmax_ok = [], 0
+    for r in range(ids.shape[0]):
+        ref = reference.decode_step(w, k_ref, v_ref, block_table[r], int(positions[r]), int(ids[r]))
+        errs.append(rel_err(logits[r], ref))
+        argmax_ok += int(tokens[r]) == int(logits[r].argmax())
+    return {"max_rel_err": max(errs), "tokens_equal_own_argmax": argmax_ok, "rows": ids.shape[0]}
+
+
+def _engine(model, quick: bool) -> dict:
+    from xy_inductor import LLM, SamplingParams
+
+    prompts = torch.randint(0, model.config.vocab_size, (ROWS, PROMPT)).tolist()
+    llm = LLM(model)
+    full = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompts, full, use_tqdm=False)  # warm-up
+    seconds, _ = timed(lambda: llm.generate(prompts, full, use_tqdm=False), 2 if quick else 3)
+    prefill, _ = timed(lambda: llm.generate(prompts, one, use_tqdm=False), 2 if quick else 3)
+    return {"tok_s": ROWS * NEW / seconds, "decode_tok_s": ROWS * (NEW - 1) / (seconds - prefill)}
+
+
+def run(quick: bool = False) -> dict:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        return {"skipped": "needs an sm_90 GPU"}
+    from ascend_kernels.decode_rows import DecodeRowsKernel
+    from xy_inductor.engine.decode_kernel import stack_weights
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
+    w = stack_weights(model)
+    rates = card_rates()
+    kv_bytes = ROWS * (PROMPT + NEW // 2) * w.dims["NL"] * w.num_kv_heads * w.head_dim * 2 * 2
+    floor_step_s = (weight_bytes(model) + kv_bytes) / rates["copy_bytes_per_s"]
+    res = {"card": card_name(), "floor_tok_s": ROWS / floor_step_s, "rows": {}}
+    for m in (2, 8, 16):
+        k, v, args = _step(w, m)
+        kernel = DecodeRowsKernel(w, k, v, BS)
+        if m == ROWS:
+            res["check"] = _check(w, kernel, k, v, args)
+        us = _graph_us(lambda kernel=kernel, args=args: kernel.launch_rows(*args))
+        res["rows"][f"kernel_m{m}"] = {"us_per_step": us, "tok_s": m / us * 1e6, "grid": kernel.grid}
+        del kernel, k, v
+        torch.cuda.empty_cache()
+    del w
+    torch.cuda.empty_cache()
+    res["rows"]["engine"] = _engine(model, quick)
+    for row in res["rows"].values():
+        row["floor_pct"] = 100 * row.get("decode_tok_s", row["tok_s"]) / res["floor_tok_s"]
+    print(res, flush=True)
+    return res
+
+
+def table(res: dict) -> str:
+    if "rows" not in res:
+        return str(res)
+    lines = [f"{res['card']}: Llama-3.2-1B shapes, decode at {ROWS} requests, floor {res['floor_tok_s']:,.0f} tok/s",
+             "| variant | tok/s | % of floor (decode) |", "| --- | --- | --- |"]
+    for name, row in res["rows"].items():
+        dec = f" (decode past the prefill {row['decode_tok_s']:,.0f})" if "decode_tok_s" in row else ""
+        lines.append(f"| {name} | {row['tok_s']:,.0f}{dec} | {row['floor_pct']:.1f}% |")
+    lines.append(f"check: {res['check']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cli(run, table)
