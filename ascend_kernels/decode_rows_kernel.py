@@ -20,9 +20,13 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ascend_kernels.decode_rows_stream import BOXK, KC, Q
+from ascend_kernels.decode_rows_stream import BOXK, Q
 from ascend_kernels.decode_rows_stream import chunk_out as _chunk_out
+from ascend_kernels.decode_rows_stream import down_rows as _down_rows
+from ascend_kernels.decode_rows_stream import gate_up_rows as _gate_up_rows
+from ascend_kernels.decode_rows_stream import gemv_rows as _gemv_rows
 from ascend_kernels.decode_rows_stream import issue_chunk as _issue
+from ascend_kernels.decode_rows_stream import issue_layer as _issue_layer
 from ascend_kernels.decode_rows_stream import num_tiles as _num_tiles
 from ascend_kernels.decode_rows_stream import stage_rows as _stage
 from ascend_kernels.decode_step_attention import attention_rows
@@ -42,23 +46,9 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot_
             TILE: gl.constexpr, MB: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     pid = gl.program_id(0)
-    nq, no, ng = _num_tiles(NQ, BN, G), _num_tiles(H, BN, G), _num_tiles(I, BN, G)
     i = 0
     for layer in range(NL):
-        for j in range(nq):
-            _issue(wq_desc, layer * NQ + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
-            i += 1
-        for j in range(no):
-            _issue(wo_desc, layer * H + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
-            i += 1
-        for j in range(ng):  # the gate rows, then the same rows of up
-            _issue(wg_desc, layer * 2 * I + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
-            _issue(wg_desc, layer * 2 * I + I + (pid + j * G) * BN, 0, i + 1, ring, ready, empty, NB, BN, NBUF)
-            i += 2
-        for c in range(I // KC):  # down: slice by slice of its K, every tile of this program per slice
-            for j in range(no):
-                _issue(wd_desc, layer * H + (pid + j * G) * BN, c * KC, i, ring, ready, empty, NB, BN, NBUF)
-                i += 1
+        i = _issue_layer(wq_desc, wo_desc, wg_desc, wd_desc, layer, i, ring, ready, empty, G, NQ, H, I, BN, NB, NBUF)
     for j in range(_num_tiles(V, BN, G)):
         _issue(wl_desc, (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
         i += 1
@@ -69,13 +59,6 @@ def _num_rows(slot_ptr, T, MB: gl.constexpr, NB: gl.constexpr):
     """The step's rows: the leading tokens whose slot is not negative (at most MB)."""
     r = gl.arange(0, MB, layout=gl.BlockedLayout([1], [32], [NB], [0]))
     return gl.sum((gl.load(slot_ptr + r, mask=r < T, other=-1) >= 0).to(gl.int32), axis=0)
-
-
-@gluon.jit
-def _add_rows(h_ptr, out, m2, rows, ok, H: gl.constexpr):
-    """h[m, rows] += out for the real rows m (this program owns these residual columns)."""
-    dst = h_ptr + m2 * H + rows
-    gl.store(dst, gl.load(dst, mask=ok, other=0.0, cache_modifier=".cg") + out, mask=ok)
 
 
 @gluon.jit
@@ -121,9 +104,8 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot
     m2 = gl.expand_dims(gl.arange(0, MB, layout=gl.SliceLayout(1, OUT)), 1)  # [MB, 1]
     n2 = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, OUT)), 0)  # [1, BN]
     ok = (m2 < M) & (n2 >= 0)
-    nq, no, ng = _num_tiles(NQ, BN, G), _num_tiles(H, BN, G), _num_tiles(I, BN, G)
     tok = gl.load(ids_ptr + m2, mask=m2 < M, other=0).to(gl.int64)
-    for j in range(no):  # the residual rows this program owns: the tokens' embeddings
+    for j in range(_num_tiles(H, BN, G)):  # the residual rows this program owns: the tokens' embeddings
         rows = (pid + j * G) * BN + n2
         gl.store(h_ptr + m2 * H + rows, gl.load(embed_ptr + tok * H + rows, mask=ok, other=0.0).to(gl.float32),
                  mask=ok)
@@ -135,48 +117,25 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot
         _barrier()  # the previous stage's last chunk has read xs
         rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, H, MB, NB), 1)
         _barrier()
-        for j in range(nq):
-            out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
-            gl.store(qkv_ptr + m2 * NQ + (pid + j * G) * BN + n2, out, mask=ok)
-            i += 1
+        i = _gemv_rows(ringv, xs, ready, empty, i, NQ, qkv_ptr, rs, m2, n2, ok, G, False, MB, BN, NB, NBUF)
         signal_stage(cnt_ptr, ci)
         attention_rows(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
                        inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, ci, G, M, NQH, NKV, D, BS, TILE, NB)
         signal_stage(cnt_ptr, ci + 1)
         wait_stage(cnt_ptr, ci + 1, G)
         _barrier()
-        _stage(xs, attn_ptr, H, 0, n1_ptr, eps, M, False, H, MB, NB)
+        rs = gl.expand_dims(_stage(xs, attn_ptr, H, 0, n1_ptr, eps, M, False, H, MB, NB), 1)  # ones
         _barrier()
-        for j in range(no):
-            _add_rows(h_ptr, _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF), m2, (pid + j * G) * BN + n2,
-                      ok, H)
-            i += 1
+        i = _gemv_rows(ringv, xs, ready, empty, i, H, h_ptr, rs, m2, n2, ok, G, True, MB, BN, NB, NBUF)
         signal_stage(cnt_ptr, ci + 2)
         wait_stage(cnt_ptr, ci + 2, G)
         _barrier()
         rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, H, MB, NB), 1)
         _barrier()
-        for j in range(ng):
-            gate = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
-            up = _chunk_out(ringv, xs, ready, empty, i + 1, MB, BN, NB, NBUF) * rs
-            gl.store(g_ptr + m2 * I + (pid + j * G) * BN + n2, gate / (1.0 + gl.exp(-gate)) * up, mask=ok)
-            i += 2
+        i = _gate_up_rows(ringv, xs, ready, empty, i, g_ptr, rs, m2, n2, ok, G, I, MB, BN, NB, NBUF)
         signal_stage(cnt_ptr, ci + 3)
         wait_stage(cnt_ptr, ci + 3, G)
-        for c in range(I // KC):  # the next slice of g (every warp is done with the last one)
-            _barrier()
-            _stage(xs, g_ptr, I, c * KC, n2_ptr, eps, M, False, KC, MB, NB)
-            _barrier()
-            for j in range(no):
-                out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
-                part = dp.index(j)
-                if c > 0:
-                    out += part.load(OUT)
-                if c == I // KC - 1:
-                    _add_rows(h_ptr, out, m2, (pid + j * G) * BN + n2, ok, H)
-                else:
-                    part.store(out)
-                i += 1
+        i = _down_rows(ringv, xs, dp, ready, empty, i, g_ptr, h_ptr, eps, M, m2, n2, ok, G, H, I, MB, BN, NB, NBUF)
         signal_stage(cnt_ptr, ci + 4)
     wait_stage(cnt_ptr, STAGES * NL, G)
     _barrier()

@@ -94,3 +94,88 @@ def chunk_out(ringv, xs, ready, empty, i, MB: gl.constexpr, BN: gl.constexpr, NB
     _barrier()  # every warp has read the slot
     mbarrier.arrive(empty.index(slot), count=1)
     return gl.sum(acc, axis=0)
+
+
+@gluon.jit
+def issue_layer(wq_desc, wo_desc, wg_desc, wd_desc, layer, i, ring, ready, empty, G, NQ: gl.constexpr,
+                H: gl.constexpr, I: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+    """The loader's chunks of one layer, from chunk i on (returns the next chunk's index): q/k/v tiles, o
+    tiles, gate/up tiles (the gate rows, then the same rows of up), then down slice by slice of its K
+    (every tile of this program per slice)."""
+    pid = gl.program_id(0)
+    for j in range(num_tiles(NQ, BN, G)):
+        issue_chunk(wq_desc, layer * NQ + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
+        i += 1
+    for j in range(num_tiles(H, BN, G)):
+        issue_chunk(wo_desc, layer * H + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
+        i += 1
+    for j in range(num_tiles(I, BN, G)):
+        issue_chunk(wg_desc, layer * 2 * I + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
+        issue_chunk(wg_desc, layer * 2 * I + I + (pid + j * G) * BN, 0, i + 1, ring, ready, empty, NB, BN, NBUF)
+        i += 2
+    for c in range(I // KC):
+        for j in range(num_tiles(H, BN, G)):
+            issue_chunk(wd_desc, layer * H + (pid + j * G) * BN, c * KC, i, ring, ready, empty, NB, BN, NBUF)
+            i += 1
+    return i
+
+
+@gluon.jit
+def add_rows(h_ptr, out, m2, rows, ok, H: gl.constexpr):
+    """h[m, rows] += out for the real rows m (this program owns these residual columns)."""
+    dst = h_ptr + m2 * H + rows
+    gl.store(dst, gl.load(dst, mask=ok, other=0.0, cache_modifier=".cg") + out, mask=ok)
+
+
+@gluon.jit
+def gemv_rows(ringv, xs, ready, empty, i, n_out: gl.constexpr, out_ptr, rs, m2, n2, ok, G, ADD: gl.constexpr,
+              MB: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+    """This program's row tiles of a GEMV with n_out outputs over the staged rows, from chunk i on (returns
+    the next chunk's index): out[m, tile] = (the tile's products) * rs[m], stored into out_ptr [MB, n_out]
+    or, with ADD, added into it (the residual)."""
+    for j in range(num_tiles(n_out, BN, G)):
+        out = chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
+        rows = (gl.program_id(0) + j * G) * BN + n2
+        if ADD:
+            add_rows(out_ptr, out, m2, rows, ok, n_out)
+        else:
+            gl.store(out_ptr + m2 * n_out + rows, out, mask=ok)
+        i += 1
+    return i
+
+
+@gluon.jit
+def gate_up_rows(ringv, xs, ready, empty, i, g_ptr, rs, m2, n2, ok, G, I: gl.constexpr, MB: gl.constexpr,
+                 BN: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+    """g[m, tile] = SiLU(gate) x up for this program's gate/up row tiles (two chunks each), from chunk i on."""
+    for j in range(num_tiles(I, BN, G)):
+        gate = chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
+        up = chunk_out(ringv, xs, ready, empty, i + 1, MB, BN, NB, NBUF) * rs
+        gl.store(g_ptr + m2 * I + (gl.program_id(0) + j * G) * BN + n2, gate / (1.0 + gl.exp(-gate)) * up, mask=ok)
+        i += 2
+    return i
+
+
+@gluon.jit
+def down_rows(ringv, xs, dp, ready, empty, i, g_ptr, h_ptr, eps, M, m2, n2, ok, G, H: gl.constexpr,
+              I: gl.constexpr, MB: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
+    """h[m, tile] += g[m] @ W_down[tile]^T for this program's row tiles, from chunk i on: g is staged a
+    slice of KC columns at a time, every tile of the slice follows, and the tiles' partial sums wait in
+    dp [tiles, MB, BN] until the last slice."""
+    OUT: gl.constexpr = gl.SliceLayout(0, gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NB, 1, 1],
+                                                                    instr_shape=[1, 16, 8]))
+    for c in range(I // KC):
+        _barrier()  # every warp is done with the last slice
+        stage_rows(xs, g_ptr, I, c * KC, g_ptr, eps, M, False, KC, MB, NB)
+        _barrier()
+        for j in range(num_tiles(H, BN, G)):
+            out = chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
+            part = dp.index(j)
+            if c > 0:
+                out += part.load(OUT)
+            if c == I // KC - 1:
+                add_rows(h_ptr, out, m2, (gl.program_id(0) + j * G) * BN + n2, ok, H)
+            else:
+                part.store(out)
+            i += 1
+    return i

@@ -1,8 +1,8 @@
 """The multi-row decode kernel (ascend_kernels/decode_rows_kernel.py) against the engine's batch-16 decode,
 in one process on one card. Llama-3.2-1B shapes, bf16, random weights (issue 6's batch-16 target).
 
-- `kernel_m<M>`: one decode step of M requests at positions around PROMPT + NEW / 2, as a CUDA graph of
-  20 launches (the same step: its K/V writes repeat); tok/s = M / the time per step.
+- `kernel_m<M>`: one decode step of M requests at positions around PROMPT + NEW / 2, a CUDA graph of
+  it replayed (bench_megakernel's timing; the same step: its K/V writes repeat); tok/s = M / the time per step.
 - `engine`: `LLM.generate` of 16 prompts of PROMPT tokens, NEW new tokens each (compiled model, CUDA
   graphs, async scheduling): tok/s of the whole generate and the decode rate past the prefill.
 - the floor: (weights + the step's K/V reads) / measured copy bandwidth, per step of 16.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM
 
+from benchmarks.bench_megakernel import _graph_us
 from benchmarks.common import (
     card_name,
     card_rates,
@@ -39,24 +40,6 @@ def _step(w, num_rows: int, blocks_per_row: int = 24):
     slots = block_table[torch.arange(num_rows), positions // BS].long() * BS + positions % BS
     ids = torch.randint(0, w.dims["V"], (num_rows,), device="cuda")
     return k, v, (ids, positions, block_table, slots, torch.zeros(ROWS, device="cuda", dtype=torch.int64))
-
-
-def _graph_us(fn, launches: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(launches):
-            fn()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / launches)
-    return sorted(times)[len(times) // 2]
 
 
 def _check(w, kernel, k, v, args) -> dict:

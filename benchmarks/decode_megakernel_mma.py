@@ -18,10 +18,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ascend_kernels.decode_rows_stream import BOXK, KC, Q
-from ascend_kernels.decode_rows_stream import chunk_out as _chunk_out
-from ascend_kernels.decode_rows_stream import issue_chunk as _issue
-from ascend_kernels.decode_rows_stream import num_tiles as _num_tiles
+from ascend_kernels.decode_rows_stream import BOXK, Q
+from ascend_kernels.decode_rows_stream import down_rows as _down_rows
+from ascend_kernels.decode_rows_stream import gate_up_rows as _gate_up_rows
+from ascend_kernels.decode_rows_stream import gemv_rows as _gemv_rows
+from ascend_kernels.decode_rows_stream import issue_layer as _issue_layer
 from ascend_kernels.decode_rows_stream import stage_rows as _stage
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import smem_view as _view
@@ -32,24 +33,22 @@ from ascend_kernels.grid_sync import signal_stage, wait_stage
 def _loader(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring, xs,
             dp, ready, empty, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr,
             MB: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr):
-    pid = gl.program_id(0)
-    nq, no, ng = _num_tiles(NQ, BN, G), _num_tiles(H, BN, G), _num_tiles(I, BN, G)
     i = 0
     for layer in range(NL):
-        for j in range(nq):
-            _issue(wq_desc, layer * NQ + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
-            i += 1
-        for j in range(no):
-            _issue(wo_desc, layer * H + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
-            i += 1
-        for j in range(ng):  # the gate rows, then the same rows of up
-            _issue(wg_desc, layer * 2 * I + (pid + j * G) * BN, 0, i, ring, ready, empty, NB, BN, NBUF)
-            _issue(wg_desc, layer * 2 * I + I + (pid + j * G) * BN, 0, i + 1, ring, ready, empty, NB, BN, NBUF)
-            i += 2
-        for c in range(I // KC):  # down: slice by slice of its K, every tile of this program per slice
-            for j in range(no):
-                _issue(wd_desc, layer * H + (pid + j * G) * BN, c * KC, i, ring, ready, empty, NB, BN, NBUF)
-                i += 1
+        i = _issue_layer(wq_desc, wo_desc, wg_desc, wd_desc, layer, i, ring, ready, empty, G, NQ, H, I, BN, NB, NBUF)
+
+
+@gluon.jit
+def _stage_start(xs, src_ptr, stride_m, nw_ptr, eps, M, cnt_ptr, done, G, NORM: gl.constexpr, MB: gl.constexpr,
+                 NB: gl.constexpr, H: gl.constexpr):
+    """Wait for counter `done` (the previous stage; none before the first), then stage the rows'
+    activations; returns their row scales [MB, 1] (ones without NORM)."""
+    if done >= 0:
+        wait_stage(cnt_ptr, done, G)
+    _barrier()  # the previous stage's last chunk has read xs
+    rs = gl.expand_dims(_stage(xs, src_ptr, stride_m, 0, nw_ptr, eps, M, NORM, H, MB, NB), 1)
+    _barrier()
+    return rs
 
 
 @gluon.jit
@@ -59,61 +58,24 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NB, 1, 1], instr_shape=[1, 16, 8])
     OUT: gl.constexpr = gl.SliceLayout(0, MMA)
     ringv = _view(ring, gl.bfloat16, [NBUF * Q, NB, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=3))
-    pid = gl.program_id(0)
     m2 = gl.expand_dims(gl.arange(0, MB, layout=gl.SliceLayout(1, OUT)), 1)  # [MB, 1]
     n2 = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, OUT)), 0)  # [1, BN]
     ok = (m2 < M) & (n2 >= 0)
-    nq, no, ng = _num_tiles(NQ, BN, G), _num_tiles(H, BN, G), _num_tiles(I, BN, G)
     i = 0
     for layer in range(NL):
-        for s in gl.static_range(4):
-            if layer * 4 + s > 0:
-                wait_stage(cnt_ptr, layer * 4 + s - 1, G)
-            _barrier()  # the previous stage's last chunk has read xs
-            if s == 0:
-                rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, H, MB, NB), 1)
-            elif s == 1:
-                _stage(xs, q_ptr, NQ, 0, n1_ptr, eps, M, False, H, MB, NB)
-            elif s == 2:
-                rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, H, MB, NB), 1)
-            else:
-                _stage(xs, g_ptr, I, 0, n2_ptr, eps, M, False, KC, MB, NB)
-            _barrier()
-            if s == 0:
-                for j in range(nq):
-                    out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
-                    gl.store(q_ptr + m2 * NQ + (pid + j * G) * BN + n2, out, mask=ok)
-                    i += 1
-            elif s == 1:
-                for j in range(no):
-                    out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
-                    dst = h_ptr + m2 * H + (pid + j * G) * BN + n2
-                    gl.store(dst, gl.load(dst, mask=ok, other=0.0, cache_modifier=".cg") + out, mask=ok)
-                    i += 1
-            elif s == 2:
-                for j in range(ng):
-                    gate = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF) * rs
-                    up = _chunk_out(ringv, xs, ready, empty, i + 1, MB, BN, NB, NBUF) * rs
-                    gl.store(g_ptr + m2 * I + (pid + j * G) * BN + n2, gate / (1.0 + gl.exp(-gate)) * up, mask=ok)
-                    i += 2
-            else:
-                for c in range(I // KC):
-                    if c > 0:  # the next slice of g (every warp is done with this one)
-                        _barrier()
-                        _stage(xs, g_ptr, I, c * KC, n2_ptr, eps, M, False, KC, MB, NB)
-                        _barrier()
-                    for j in range(no):
-                        out = _chunk_out(ringv, xs, ready, empty, i, MB, BN, NB, NBUF)
-                        part = dp.index(j)
-                        if c > 0:
-                            out += part.load(OUT)
-                        if c == I // KC - 1:
-                            dst = h_ptr + m2 * H + (pid + j * G) * BN + n2
-                            gl.store(dst, gl.load(dst, mask=ok, other=0.0, cache_modifier=".cg") + out, mask=ok)
-                        else:
-                            part.store(out)
-                        i += 1
-            signal_stage(cnt_ptr, layer * 4 + s)
+        c0 = layer * 4
+        rs = _stage_start(xs, h_ptr, H, n1_ptr + layer * H, eps, M, cnt_ptr, c0 - 1, G, True, MB, NB, H)
+        i = _gemv_rows(ringv, xs, ready, empty, i, NQ, q_ptr, rs, m2, n2, ok, G, False, MB, BN, NB, NBUF)
+        signal_stage(cnt_ptr, c0)
+        rs = _stage_start(xs, q_ptr, NQ, n1_ptr, eps, M, cnt_ptr, c0, G, False, MB, NB, H)  # ones
+        i = _gemv_rows(ringv, xs, ready, empty, i, H, h_ptr, rs, m2, n2, ok, G, True, MB, BN, NB, NBUF)
+        signal_stage(cnt_ptr, c0 + 1)
+        rs = _stage_start(xs, h_ptr, H, n2_ptr + layer * H, eps, M, cnt_ptr, c0 + 1, G, True, MB, NB, H)
+        i = _gate_up_rows(ringv, xs, ready, empty, i, g_ptr, rs, m2, n2, ok, G, I, MB, BN, NB, NBUF)
+        signal_stage(cnt_ptr, c0 + 2)
+        wait_stage(cnt_ptr, c0 + 2, G)
+        i = _down_rows(ringv, xs, dp, ready, empty, i, g_ptr, h_ptr, eps, M, m2, n2, ok, G, H, I, MB, BN, NB, NBUF)
+        signal_stage(cnt_ptr, c0 + 3)
 
 
 @gluon.jit

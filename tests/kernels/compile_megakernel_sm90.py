@@ -78,5 +78,13 @@ def compile_in_fresh_process(arg: str) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def assert_compiles(arg: str, smem_bytes: int) -> None:
+    """`main(arg)` compiles in a fresh process, with TMA copies and the grid counters' acquire loads and
+    release reductions in its PTX, within smem_bytes of shared memory."""
+    report = compile_in_fresh_process(arg)
+    assert report["tma"] and report["acquire"] and report["release"], report
+    assert report["shared"] <= smem_bytes, report
+
+
 if __name__ == "__main__":
     print(json.dumps(main(sys.argv[1])))

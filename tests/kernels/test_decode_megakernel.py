@@ -8,7 +8,7 @@ import torch
 from benchmarks import bench_megakernel
 from benchmarks.bench_megakernel import MegakernelConfig
 from benchmarks.common import rel_err
-from tests.kernels.compile_megakernel_sm90 import compile_in_fresh_process
+from tests.kernels.compile_megakernel_sm90 import assert_compiles
 from tests.sm90 import requires_sm90
 
 
@@ -22,10 +22,9 @@ def test_config_checks():
         MegakernelConfig(m=2, num_buf=8)
 
 
-def test_compiles_for_sm90():
-    report = compile_in_fresh_process("1")
-    assert report["tma"] and report["acquire"] and report["release"], report
-    assert report["shared"] <= bench_megakernel.SMEM_BYTES
+@pytest.mark.parametrize("probe", ["1", "mma"])  # CUDA cores at M = 1; tensor cores at M = 16
+def test_compiles_for_sm90(probe):
+    assert_compiles(probe, bench_megakernel.SMEM_BYTES)
 
 
 @pytest.mark.gpu
@@ -40,12 +39,6 @@ def test_matches_float32_reference(m):
         fn()
         torch.cuda.synchronize()
         assert rel_err(fn.h, ref) < 1e-5
-
-
-def test_mma_probe_compiles_for_sm90():
-    report = compile_in_fresh_process("mma")
-    assert report["tma"] and report["acquire"] and report["release"], report
-    assert report["shared"] <= bench_megakernel.SMEM_BYTES
 
 
 @pytest.mark.gpu

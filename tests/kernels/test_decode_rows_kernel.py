@@ -6,16 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ascend_kernels import decode_rows, reference
+from ascend_kernels import decode_rows, decode_step, reference
 from benchmarks.common import rel_err
-from tests.kernels.compile_megakernel_sm90 import compile_in_fresh_process
+from tests.kernels.compile_megakernel_sm90 import assert_compiles
 from tests.sm90 import requires_sm90
 
 
 def test_compiles_for_sm90():
-    report = compile_in_fresh_process("rows")
-    assert report["tma"] and report["acquire"] and report["release"], report
-    assert report["shared"] <= 227 * 1024
+    assert_compiles("rows", decode_step.SMEM_BYTES)
 
 
 def test_rows_problem_needs_mlp_slices_of_2048(monkeypatch):
