@@ -55,7 +55,10 @@ def test_rows_match_float32_oracle(num_rows):
         ref = reference.decode_step(w, k_ref, v_ref, block_table[r], int(positions[r]), int(ids[r]))
         assert rel_err(logits[r], ref) < 2e-2, r  # activations enter the tensor cores as bf16
         assert int(tokens[r]) == int(logits[r].argmax()), r
-        layer_slot = (slice(None), int(slots[r]) // bs, int(slots[r]) % bs)
-        assert torch.allclose(k[layer_slot].float(), k_ref[layer_slot].float(), atol=3e-2, rtol=3e-2), r
+        blk, off = int(slots[r]) // bs, int(slots[r]) % bs
+        for layer in range(nl):  # the new token's K/V, by the logits' measure: deep layers' bf16 activations
+            for cache, ref_cache in ((k, k_ref), (v, v_ref)):  # drift by more than an elementwise tolerance
+                err = rel_err(cache[layer, blk, off], ref_cache[layer, blk, off].float())
+                assert err < 2e-2, (r, layer, err)
     assert (tokens[num_rows:] == -1).all()  # padding rows are not written
     assert kernel.counters.eq(0).all()  # left zero for the next launch
