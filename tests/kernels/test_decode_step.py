@@ -17,6 +17,14 @@ def test_compiles_for_sm90():
     assert_compiles("step", decode_step.SMEM_BYTES)
 
 
+def test_timeline_copy_compiles_for_sm90():
+    """benchmarks/decode_step_timeline.py's stamps still find their anchors in the kernel and compile."""
+    from benchmarks.decode_step_timeline import stamped_source
+
+    assert stamped_source().count("_stamp(ts_ptr") == 10  # its definition, 4 in _stage_start, 5 at stages' ends
+    assert_compiles("step_timeline", decode_step.SMEM_BYTES)
+
+
 @pytest.mark.gpu
 @requires_sm90
 def test_steps_match_float32_reference():
