@@ -17,6 +17,22 @@ def test_compiles_for_sm90():
     assert_compiles("step", decode_step.SMEM_BYTES)
 
 
+def test_ab_loads_a_revision_beside_the_working_tree():
+    """benchmarks/ab_decode_step.py's copy of a revision's kernel imports its own modules, not the tree's."""
+    import importlib
+    from pathlib import Path
+
+    from benchmarks.ab_decode_step import load_revision
+
+    launcher = load_revision("HEAD")
+    pkg = launcher.__name__.rsplit(".", 1)[0]
+    kernel = importlib.import_module(f"{pkg}.decode_step_kernel")  # the launcher imports it at launch
+    assert launcher.DecodeStepKernel is not decode_step.DecodeStepKernel
+    for path in Path(launcher.__file__).parent.glob("*.py"):
+        assert "ascend_kernels.decode_step" not in path.read_text(), path
+    assert kernel.attention_split.__module__ == f"{pkg}.decode_step_attention"
+
+
 def test_timeline_copy_compiles_for_sm90():
     """benchmarks/decode_step_timeline.py's stamps still find their anchors in the kernel and compile."""
     from benchmarks.decode_step_timeline import stamped_source
