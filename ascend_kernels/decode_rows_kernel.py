@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.decode_rows_stream import BOXK, Q
 from ascend_kernels.decode_rows_stream import chunk_out as _chunk_out
@@ -28,6 +27,8 @@ from ascend_kernels.decode_rows_stream import gemv_rows as _gemv_rows
 from ascend_kernels.decode_rows_stream import issue_chunk as _issue
 from ascend_kernels.decode_rows_stream import issue_layer as _issue_layer
 from ascend_kernels.decode_rows_stream import num_tiles as _num_tiles
+from ascend_kernels.decode_rows_stream import release_ring as _release_ring
+from ascend_kernels.decode_rows_stream import rows_smem as _rows_smem
 from ascend_kernels.decode_rows_stream import stage_rows as _stage
 from ascend_kernels.decode_step_attention import attention_rows
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
@@ -176,16 +177,7 @@ def decode_rows_kernel(
     D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr,
     NBUF: gl.constexpr, MAXT: gl.constexpr,
 ):
-    # one TMA box per index of `ring` (128-byte swizzle: the pattern repeats every 8 rows, i.e. per box);
-    # the compute warps see the same bytes as [NBUF * Q, NB, BN, BOXK]
-    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * Q * NB, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
-    xs = gl.allocate_shared_memory(gl.bfloat16, [Q, NB, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=3))
-    dp = gl.allocate_shared_memory(gl.float32, [MAXT, MB, BN], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(NBUF):
-        mbarrier.init(ready.index(b), count=1)
-        mbarrier.init(empty.index(b), count=1)
+    ring, xs, dp, ready, empty = _rows_smem(MB, BN, NB, NBUF, MAXT)
     gl.warp_specialize([
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot_ptr, bt_ptr, bt_stride, T,
                     h_ptr, qkv_ptr, attn_ptr, g_ptr, logits_ptr, n1_ptr, n2_ptr, nf_ptr, k_cache_ptr,
@@ -198,6 +190,4 @@ def decode_rows_kernel(
                    rope_scale, qk_scale, layer_stride, G, ring, xs, dp, ready, empty,
                    NL, H, I, V, NQH, NKV, D, BS, TILE, MB, BN, NB, NBUF)),
     ], [1], [48])
-    for b in gl.static_range(NBUF):
-        mbarrier.invalidate(ready.index(b))
-        mbarrier.invalidate(empty.index(b))
+    _release_ring(ready, empty, NBUF)

@@ -25,6 +25,31 @@ Q = gl.constexpr(4)  # boxes per warp per chunk (KC // (BOXK * 8 warps))
 
 
 @gluon.jit
+def rows_smem(MB: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, MAXT: gl.constexpr):
+    """The shared memory of a multi-row persistent kernel (decode_rows_kernel.py, the MMA probe): the TMA
+    ring (one box per index; 128-byte swizzle, so the pattern repeats every 8 rows, i.e. per box; the
+    compute warps see the same bytes as [NBUF * Q, NB, BN, BOXK]), the staged rows xs, the down partials
+    dp and the ring's ready / empty barriers, initialised."""
+    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * Q * NB, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
+    xs = gl.allocate_shared_memory(gl.bfloat16, [Q, NB, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=3))
+    dp = gl.allocate_shared_memory(gl.float32, [MAXT, MB, BN], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NBUF):
+        mbarrier.init(ready.index(b), count=1)
+        mbarrier.init(empty.index(b), count=1)
+    return ring, xs, dp, ready, empty
+
+
+@gluon.jit
+def release_ring(ready, empty, NBUF: gl.constexpr):
+    """Invalidate the ring's barriers (rows_smem's) after the partitions are done."""
+    for b in gl.static_range(NBUF):
+        mbarrier.invalidate(ready.index(b))
+        mbarrier.invalidate(empty.index(b))
+
+
+@gluon.jit
 def num_tiles(n_rows: gl.constexpr, BN: gl.constexpr, G):
     """This program's row tiles of a GEMV with n_rows outputs (tile t belongs to program t mod G)."""
     return (n_rows // BN - gl.program_id(0) + G - 1) // G

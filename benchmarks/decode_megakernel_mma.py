@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.decode_rows_stream import BOXK, Q
 from ascend_kernels.decode_rows_stream import down_rows as _down_rows
 from ascend_kernels.decode_rows_stream import gate_up_rows as _gate_up_rows
 from ascend_kernels.decode_rows_stream import gemv_rows as _gemv_rows
 from ascend_kernels.decode_rows_stream import issue_layer as _issue_layer
+from ascend_kernels.decode_rows_stream import release_ring as _release_ring
+from ascend_kernels.decode_rows_stream import rows_smem as _rows_smem
 from ascend_kernels.decode_rows_stream import stage_rows as _stage
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import smem_view as _view
@@ -90,22 +91,11 @@ def decode_megakernel_mma_kernel(
     NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr, BN: gl.constexpr,
     NB: gl.constexpr, NBUF: gl.constexpr, MAXT: gl.constexpr,
 ):
-    # one TMA box per index of `ring` (128-byte swizzle: the pattern repeats every 8 rows, i.e. per box);
-    # the compute warps see the same bytes as [NBUF * Q, NB, BN, BOXK] (ringv)
-    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * Q * NB, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
-    xs = gl.allocate_shared_memory(gl.bfloat16, [Q, NB, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=3))
-    dp = gl.allocate_shared_memory(gl.float32, [MAXT, MB, BN], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(NBUF):
-        mbarrier.init(ready.index(b), count=1)
-        mbarrier.init(empty.index(b), count=1)
+    ring, xs, dp, ready, empty = _rows_smem(MB, BN, NB, NBUF, MAXT)
     gl.warp_specialize([
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring,
                     xs, dp, ready, empty, NL, H, I, NQ, MB, BN, NB, NBUF)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring,
                    xs, dp, ready, empty, NL, H, I, NQ, MB, BN, NB, NBUF)),
     ], [1], [48])
-    for b in gl.static_range(NBUF):
-        mbarrier.invalidate(ready.index(b))
-        mbarrier.invalidate(empty.index(b))
+    _release_ring(ready, empty, NBUF)
