@@ -53,7 +53,9 @@ def load_revision(rev: str):
     return importlib.import_module(f"{pkg}.decode_step")
 
 
-def _setup(num_blocks: int = 128, block_size: int = 16):
+def step_inputs(num_blocks: int = 128, block_size: int = 16):
+    """Llama-3.2-1B shapes with random weights, stacked for the decode kernel, and a random paged KV cache
+    with a shuffled block table: (weights, k_cache, v_cache, block_table)."""
     from transformers import LlamaForCausalLM
 
     from benchmarks.common import llama_config
@@ -73,7 +75,7 @@ def run(rev: str, quick: bool) -> dict:
     from benchmarks.common import card_name
 
     mods = {"tree": decode_step, rev: load_revision(rev)}
-    w, k, v, bt = _setup()
+    w, k, v, bt = step_inputs()
     kernels = {name: mod.DecodeStepKernel(w, k, v, 16) for name, mod in mods.items()}
     token = torch.tensor([17], device="cuda", dtype=torch.int64)
     common = {kern.grid for kern in kernels.values()} | {64, 128}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import card_name, cli, llama_config
+from benchmarks.common import card_name, cli
 
 STAMP_HELPERS = '''
 
@@ -116,22 +116,16 @@ def _segments(t: torch.Tensor, num_attention: int) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    from transformers import LlamaForCausalLM
-
     from ascend_kernels import decode_step as ds
     from ascend_kernels.decode_step_kernel import LOG2E
+    from benchmarks.ab_decode_step import step_inputs
     from benchmarks.bench_megakernel import _graph_us
-    from xy_inductor.engine.decode_kernel import stack_weights
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to("cuda", torch.bfloat16).eval()
-    w = stack_weights(model)
-    d, bs, num_blocks = w.dims, 16, 128
-    k = torch.randn(d["NL"], num_blocks, bs, d["NKV"], w.head_dim, device="cuda", dtype=torch.bfloat16) * 0.5
-    v = torch.randn_like(k)
+    bs = 16
+    w, k, v, bt = step_inputs(block_size=bs)
+    d = w.dims
     kern = ds.DecodeStepKernel(w, k, v, bs)
     mod = stamped_module()
-    bt = torch.randperm(num_blocks, device="cuda").int()
     token = torch.tensor([17], device="cuda", dtype=torch.int64)
     ts = torch.zeros(kern.num_sms * (d["NL"] + 1) * 32, device="cuda", dtype=torch.int64)
 
