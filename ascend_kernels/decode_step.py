@@ -14,8 +14,9 @@ import math
 
 import torch
 
-# tiling of the kernel (measured on an H100, benchmarks/RESULTS.md): 8-row tiles (one row per compute
-# warp), 32 KB chunks of 8 TMA boxes, a 4-chunk ring, attention split in 2 over 128-position tiles
+# tiling of the kernel (measured on an H100 and an H200, benchmarks/RESULTS.md): 8-row tiles (one row per
+# compute warp), 32 KB chunks of 8 TMA boxes, a 4-chunk ring, attention split in 2 over 128-position tiles
+# (in 4 from position 512 on, where the grid has 4 programs a q head)
 BN, BOX, NB, NBUF, NSPLIT, TILE = 8, 256, 8, 4, 2, 128
 SMEM_BYTES = 227 * 1024
 
@@ -128,7 +129,7 @@ class DecodeStepKernel:
         self.hidden = torch.empty(d["H"], **f32)
         self.qkv = torch.empty((d["NQH"] + 2 * d["NKV"]) * w.head_dim, **f32)
         self.hidden_attn, self.logits = torch.empty(d["H"], **f32), torch.empty(d["V"], **f32)
-        self.part = torch.empty(d["NQH"] * NSPLIT * (w.head_dim + 2), **f32)
+        self.part = torch.empty(d["NQH"] * 2 * NSPLIT * (w.head_dim + 2), **f32)  # long contexts: 2 NSPLIT
         self.best_val = torch.empty(self.num_sms, **f32)
         self.best_idx = torch.empty(self.num_sms, device=dev, dtype=torch.int32)
         self.counters = torch.zeros(4 * d["NL"] + 1, device=dev, dtype=torch.int32)  # zero between launches

@@ -47,19 +47,19 @@ def _attend(p, k, v, q, k_new, v_new, pos, end, m_i, l_i, acc):
 
 @gluon.jit
 def attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr, rope_scale,
-                    qk_scale, layer_stride, cnt_ptr, qkv_done, G, NQH: gl.constexpr, NKV: gl.constexpr,
-                    D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
-    """This program's split of one q head over positions 0..pos (pos = the new token). The cached K/V
-    and RoPE's angles do not depend on this step: they are loaded before the wait for q/k/v."""
+                    qk_scale, layer_stride, cnt_ptr, qkv_done, G, ns, NQH: gl.constexpr, NKV: gl.constexpr,
+                    D: gl.constexpr, BS: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
+    """This program's split (of ns) of one q head over positions 0..pos (pos = the new token). The cached
+    K/V and RoPE's angles do not depend on this step: they are loaded before the wait for q/k/v."""
     LA: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (D // 8), D // 8], [NB, 1], [1, 0])  # [T positions, D]
     COL: gl.constexpr = gl.SliceLayout(0, LA)
     ROW: gl.constexpr = gl.SliceLayout(1, LA)
     pid = gl.program_id(0)
-    hq = pid // NSPLIT
-    sp = pid % NSPLIT
+    hq = pid // ns
+    sp = pid % ns
     kvh = hq // (NQH // NKV)
     d = gl.arange(0, D, layout=COL)
-    span = (pos + NSPLIT) // NSPLIT  # cdiv(pos + 1, NSPLIT)
+    span = (pos + ns) // ns  # cdiv(pos + 1, ns)
     start = sp * span
     end = gl.minimum(pos + 1, start + span)
     base = layer.to(gl.int64) * layer_stride + kvh * D  # a whole cache can pass 2^31 elements
@@ -73,10 +73,10 @@ def attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, 
     v_new = gl.load(qkv_ptr + (NQH + NKV + kvh) * D + d, cache_modifier=".cg")
     m_i, l_i, acc = _attend(p, k, v, q, k_new, v_new, pos, end, gl.to_tensor(-1.0e30), gl.to_tensor(0.0),
                             gl.zeros([D], gl.float32, COL))
-    for t0 in range(start + T, end, T):  # longer contexts than NSPLIT * T
+    for t0 in range(start + T, end, T):  # longer contexts than ns * T
         p, k, v = _kv_tile(k_cache_ptr, v_cache_ptr, bt_ptr, base, t0, end, pos, d, BS, NKV, D, T, ROW)
         m_i, l_i, acc = _attend(p, k, v, q, k_new, v_new, pos, end, m_i, l_i, acc)
-    out = part_ptr + (hq * NSPLIT + sp) * (D + 2)
+    out = part_ptr + (hq * ns + sp) * (D + 2)
     gl.store(out + d, acc)
     gl.store(out + D + d, gl.where(d == 0, m_i, l_i), mask=d < 2)
     if (sp == 0) & (hq % (NQH // NKV) == 0):  # the new token's K/V, for later steps
@@ -87,20 +87,22 @@ def attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, 
 
 
 @gluon.jit
-def stage_merge(xs, part_ptr, H: gl.constexpr, D: gl.constexpr, NSPLIT: gl.constexpr, NB: gl.constexpr):
-    """The o GEMV's input: every head's NSPLIT partials merged (flash-decoding's combine) into xs."""
+def stage_merge(xs, part_ptr, ns, H: gl.constexpr, D: gl.constexpr, NSMAX: gl.constexpr, NB: gl.constexpr):
+    """The o GEMV's input: every head's ns (<= NSMAX) partials merged (flash-decoding's combine) into xs.
+    The loops are static and masked, so all the partials' loads go out at once: on a card streaming
+    weights, each round trip waited for in turn costs about a microsecond."""
     kk = _stage_layout(H, NB)
     head = kk // D
-    base = part_ptr + head * (NSPLIT * (D + 2))
+    base = part_ptr + head * (ns * (D + 2))
     m = gl.load(base + D, cache_modifier=".cg")
-    for sp in gl.static_range(1, NSPLIT):
-        m = gl.maximum(m, gl.load(base + sp * (D + 2) + D, cache_modifier=".cg"))
+    for sp in gl.static_range(1, NSMAX):
+        m = gl.maximum(m, gl.load(base + sp * (D + 2) + D, mask=sp < ns, other=-1.0e30, cache_modifier=".cg"))
     num = gl.zeros_like(m)
     den = gl.zeros_like(m)
-    for sp in gl.static_range(NSPLIT):
-        w = gl.exp2(gl.load(base + sp * (D + 2) + D, cache_modifier=".cg") - m)
-        num += w * gl.load(base + sp * (D + 2) + kk % D, cache_modifier=".cg")
-        den += w * gl.load(base + sp * (D + 2) + D + 1, cache_modifier=".cg")
+    for sp in gl.static_range(NSMAX):
+        w = gl.exp2(gl.load(base + sp * (D + 2) + D, mask=sp < ns, other=-1.0e30, cache_modifier=".cg") - m)
+        num += w * gl.load(base + sp * (D + 2) + kk % D, mask=sp < ns, other=0.0, cache_modifier=".cg")
+        den += w * gl.load(base + sp * (D + 2) + D + 1, mask=sp < ns, other=0.0, cache_modifier=".cg")
     xs.slice(0, H // 8, dim=0).store(num / den)
 
 

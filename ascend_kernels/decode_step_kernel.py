@@ -31,8 +31,9 @@ program reads h while another adds to it:
     MLP:      xs = RMSNorm(h_attn);  h += sum over programs of down^T[tile rows]^T (SiLU(gate) x up)[tile rows]
 
 The loader warp streams only the GEMVs' weights, so while the compute warps do attention the next
-o / gate/up chunks keep arriving. Attention task p < NQH * NSPLIT: q head p // NSPLIT over one
-NSPLIT-th of the positions (split-KV); it writes an unnormalised partial (acc, max, sum) that the
+o / gate/up chunks keep arriving. Attention task p < NQH * ns: q head p // ns over one ns-th of
+the positions (split-KV; ns = NSPLIT, or 2 NSPLIT from position 256 NSPLIT on where the grid has the
+programs: long contexts need the parallelism, short ones do not gain from it); it writes an unnormalised partial (acc, max, sum) that the
 o stage merges while it stages its input. The new token's K/V come from the q/k/v scratch (RoPE in
 registers), not from the cache: the first program of each KV head stores them for later steps.
 
@@ -113,7 +114,7 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr,
 
 
 @gluon.jit
-def _stage_start(layer, s: gl.constexpr, ci, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr,
+def _stage_start(layer, s: gl.constexpr, ci, pos, ns, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr,
                  nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale,
                  qk_scale, layer_stride, G, H: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
                  D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr, NB: gl.constexpr):
@@ -127,15 +128,15 @@ def _stage_start(layer, s: gl.constexpr, ci, pos, token, xs, h_ptr, ha_ptr, qkv_
     elif s == 3:
         nw = gl.load(nf_ptr + kk).to(gl.float32)
     if s == 1:  # attention between the q/k/v and o GEMVs (programs without a split only sign in)
-        if gl.program_id(0) < NQH * NSPLIT:
+        if gl.program_id(0) < NQH * ns:
             attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos, inv_freq_ptr,
-                            rope_scale, qk_scale, layer_stride, cnt_ptr, ci - 2, G, NQH, NKV, D, BS, NSPLIT, T, NB)
+                            rope_scale, qk_scale, layer_stride, cnt_ptr, ci - 2, G, ns, NQH, NKV, D, BS, T, NB)
         signal_stage(cnt_ptr, ci - 1)
     if ci > 0:
         wait_stage(cnt_ptr, ci - 1, G)
     _barrier()  # every warp has its copy of the previous stage's input
     if s == 1:
-        stage_merge(xs, part_ptr, H, D, NSPLIT, NB)
+        stage_merge(xs, part_ptr, ns, H, D, 2 * NSPLIT, NB)
     elif s == 2:
         _stage_norm(xs, ha_ptr, nw, eps, H, NB)
     elif s == 3:
@@ -185,12 +186,13 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr
     nm, nv = (I // BN - pid + G - 1) // G, (V // BN - pid + G - 1) // G
     pos = gl.load(pos_ptr)
     token = gl.load(token_ptr).to(gl.int64)
+    ns = gl.where((pos >= 256 * NSPLIT) & (G >= 2 * NSPLIT * NQH), 2 * NSPLIT, NSPLIT)  # attention splits
     for j in range(no):  # the residual rows this program owns (the o stage)
         rows = (pid + j * G) * BN + rows_in
         gl.store(h_ptr + rows, gl.load(embed_ptr + token * H + rows).to(gl.float32))
     i = 0
     for layer in range(NL):
-        _stage_start(layer, 0, 4 * layer, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr,
+        _stage_start(layer, 0, 4 * layer, pos, ns, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr,
                      nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale,
                      qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
         x = xsv.load(XL)
@@ -198,7 +200,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr
             gl.store(qkv_ptr + (pid + j * G) * BN + rows_in, _row_tile(ringv, ready, empty, i, x, L4, NBUF))
             i += 1
         signal_stage(cnt_ptr, 4 * layer)
-        _stage_start(layer, 1, 4 * layer + 2, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr,
+        _stage_start(layer, 1, 4 * layer + 2, pos, ns, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr,
                      n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps,
                      rope_scale, qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
         x = xsv.load(XL)
@@ -209,7 +211,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr
             gl.store(ha_ptr + rows, res)
             i += 1
         signal_stage(cnt_ptr, 4 * layer + 2)
-        _stage_start(layer, 2, 4 * layer + 3, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr,
+        _stage_start(layer, 2, 4 * layer + 3, pos, ns, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr,
                      n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps,
                      rope_scale, qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
         x = xsv.load(XL)
@@ -223,7 +225,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr
             i += 3
         _mlp_flush(dacc, h_ptr, BOX, NB, XB)
         signal_stage(cnt_ptr, 4 * layer + 3)
-    _stage_start(NL, 3, 4 * NL, pos, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
+    _stage_start(NL, 3, 4 * NL, pos, ns, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
                  k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale, qk_scale,
                  layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
     x = xsv.load(XL)
@@ -247,7 +249,7 @@ def decode_step_kernel(
     h_ptr,  # [H] fp32 residual stream (scratch; the last residual out)
     ha_ptr,  # [H] fp32 the residual after attention (the MLP's input)
     qkv_ptr,  # [NQ] fp32 scratch
-    part_ptr,  # [NQH, NSPLIT, D + 2] fp32 attention partials (acc, max, sum)
+    part_ptr,  # [NQH, 2 NSPLIT, D + 2] fp32 attention partials (acc, max, sum)
     logits_ptr,  # [V] fp32
     n1_ptr, n2_ptr, nf_ptr,  # [NL, H], [NL, H], [H] bf16 norm weights
     k_cache_ptr, v_cache_ptr,  # [NL, num_blocks, BS, NKV, D] bf16

@@ -7,7 +7,10 @@ The revision's kernel files (ascend_kernels/decode_step*.py and the modules they
 a temporary package with their imports pointed at each other, and its `DecodeStepKernel` runs on the
 same weights and KV cache as the working tree's.
 
-    python -m benchmarks.ab_decode_step [--rev main] [--quick]     (sm_90; a few minutes)
+    python -m benchmarks.ab_decode_step [--rev main] [--rev DIR ...] [--quick]     (sm_90; a few minutes)
+
+--rev takes a git revision or a folder holding the kernel's module files (a variant kept out of git, or a
+machine whose copy of the repository has no history); repeat it to time several against the tree at once.
 """
 from __future__ import annotations
 
@@ -28,21 +31,33 @@ MODULES = ("decode_step", "decode_step_kernel", "decode_step_attention", "decode
            "grid_sync", "tagged_values")
 
 
-def load_revision(rev: str):
-    """ascend_kernels.decode_step as of git revision `rev`, importable next to the working tree's."""
+def _module_sources(rev: str) -> tuple[str, dict[str, str]]:
+    """(a package name, {module: source}) of the kernel's modules in folder `rev` or at git revision `rev`."""
+    folder = Path(rev)
+    if folder.is_dir():
+        found = {name: (folder / f"{name}.py").read_text() for name in MODULES if (folder / f"{name}.py").exists()}
+        return "xy_dir_" + re.sub(r"\W", "_", folder.resolve().name), found
     sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout.strip()
-    pkg = f"xy_rev_{sha}"
-    root = Path(tempfile.mkdtemp(prefix="xyserve_ab_"))
-    (root / pkg).mkdir()
-    (root / pkg / "__init__.py").write_text("")
-    present = []
+    found = {}
     for name in MODULES:
         show = subprocess.run(["git", "show", f"{sha}:ascend_kernels/{name}.py"], cwd=ROOT, capture_output=True,
                               text=True, check=False)
         if show.returncode == 0:
-            present.append(name)
-            (root / pkg / f"{name}.py").write_text(show.stdout)
+            found[name] = show.stdout
+    return f"xy_rev_{sha}", found
+
+
+def load_revision(rev: str):
+    """ascend_kernels.decode_step as of git revision (or in folder) `rev`, importable next to the working
+    tree's."""
+    pkg, sources = _module_sources(rev)
+    root = Path(tempfile.mkdtemp(prefix="xyserve_ab_"))
+    (root / pkg).mkdir()
+    (root / pkg / "__init__.py").write_text("")
+    present = list(sources)
+    for name, text in sources.items():
+        (root / pkg / f"{name}.py").write_text(text)
     if "decode_step" not in present:
         raise ValueError(f"revision {rev} has no ascend_kernels/decode_step.py")
     pattern = re.compile(r"\bascend_kernels\.(" + "|".join(present) + r")\b")
@@ -69,17 +84,17 @@ def step_inputs(num_blocks: int = 128, block_size: int = 16):
     return w, k, torch.randn_like(k), torch.randperm(num_blocks, device="cuda").int()
 
 
-def run(rev: str, quick: bool) -> dict:
+def run(revs: list[str], quick: bool) -> dict:
     from ascend_kernels import decode_step, reference
     from benchmarks.bench_megakernel import _graph_us
     from benchmarks.common import card_name
 
-    mods = {"tree": decode_step, rev: load_revision(rev)}
+    mods = {"tree": decode_step, **{rev: load_revision(rev) for rev in revs}}
     w, k, v, bt = step_inputs()
     kernels = {name: mod.DecodeStepKernel(w, k, v, 16) for name, mod in mods.items()}
     token = torch.tensor([17], device="cuda", dtype=torch.int64)
     common = {kern.grid for kern in kernels.values()} | {64, 128}
-    res = {"card": card_name(), "rev": rev, "tuned": {n: kern.grid for n, kern in kernels.items()}, "us": {}, "err": {}}
+    res = {"card": card_name(), "rev": revs, "tuned": {n: kern.grid for n, kern in kernels.items()}, "us": {}, "err": {}}
     for p in (192,) if quick else (192, 900, 1900):
         pos = torch.tensor([p], device="cuda", dtype=torch.int32)
         ref = reference.decode_step(w, k.clone(), v.clone(), bt, p, 17)
@@ -105,9 +120,9 @@ def table(res: dict) -> str:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rev", default="main")
+    ap.add_argument("--rev", action="append", help="a git revision or a folder of module files (repeatable)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    out = run(args.rev, args.quick)
+    out = run(args.rev or ["main"], args.quick)
     print(json.dumps(out, indent=1))
     print(table(out))

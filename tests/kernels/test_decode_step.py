@@ -17,14 +17,24 @@ def test_compiles_for_sm90():
     assert_compiles("step", decode_step.SMEM_BYTES)
 
 
-def test_ab_loads_a_revision_beside_the_working_tree():
-    """benchmarks/ab_decode_step.py's copy of a revision's kernel imports its own modules, not the tree's."""
+@pytest.mark.parametrize("source", ["revision", "folder"])
+def test_ab_loads_a_revision_beside_the_working_tree(source, tmp_path):
+    """benchmarks/ab_decode_step.py's copy of a revision's (or a folder's) kernel imports its own modules,
+    not the tree's."""
     import importlib
+    import shutil
     from pathlib import Path
 
-    from benchmarks.ab_decode_step import load_revision
+    from benchmarks.ab_decode_step import MODULES, load_revision
 
-    launcher = load_revision("HEAD")
+    rev = "HEAD"
+    if source == "folder":
+        rev = str(tmp_path / "variant")
+        Path(rev).mkdir()
+        for name in MODULES:
+            if (Path(decode_step.__file__).parent / f"{name}.py").exists():
+                shutil.copy(Path(decode_step.__file__).parent / f"{name}.py", rev)
+    launcher = load_revision(rev)
     pkg = launcher.__name__.rsplit(".", 1)[0]
     kernel = importlib.import_module(f"{pkg}.decode_step_kernel")  # the launcher imports it at launch
     assert launcher.DecodeStepKernel is not decode_step.DecodeStepKernel
@@ -39,6 +49,33 @@ def test_timeline_copy_compiles_for_sm90():
 
     assert stamped_source().count("_stamp(ts_ptr") == 10  # its definition, 4 in _stage_start, 5 at stages' ends
     assert_compiles("step_timeline", decode_step.SMEM_BYTES)
+
+
+@pytest.mark.gpu
+@requires_sm90
+def test_long_context_splits_match_float32_reference():
+    """From position 256 NSPLIT on, grids with 2 NSPLIT programs a q head split attention in 2 NSPLIT
+    (smaller grids keep NSPLIT): every grid gives the float32 model's logits and token."""
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.common import llama_config
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
+    ref = copy.deepcopy(model).float()
+    n = 256 * decode_step.NSPLIT + 77  # past the threshold, a partly filled page and a partial KV tile
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
+    t0, cache, _, logits_ref = bench._one_step(model, ref, ids)
+    step = bench.DecodeStep(model, n + 8)
+    candidates = decode_step.grid_candidates(step.kernel.w, step.kernel.num_sms)
+    assert max(candidates) >= 2 * decode_step.NSPLIT * model.config.num_attention_heads  # the 2 NSPLIT path runs
+    for grid in candidates:
+        step.kernel.grid = grid
+        step.load_prompt(cache, t0.item(), n)
+        step._launch()
+        torch.cuda.synchronize()
+        assert rel_err(step.logits, logits_ref) < 1e-4, grid
+        assert step.token.item() == logits_ref.argmax().item(), grid
 
 
 @pytest.mark.gpu
