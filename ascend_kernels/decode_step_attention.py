@@ -87,23 +87,33 @@ def attention_split(layer, qkv_ptr, part_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, 
 
 
 @gluon.jit
-def stage_merge(xs, part_ptr, ns, H: gl.constexpr, D: gl.constexpr, NSMAX: gl.constexpr, NB: gl.constexpr):
-    """The o GEMV's input: every head's ns (<= NSMAX) partials merged (flash-decoding's combine) into xs.
-    The loops are static and masked, so all the partials' loads go out at once: on a card streaming
-    weights, each round trip waited for in turn costs about a microsecond."""
+def _merge(xs, part_ptr, H: gl.constexpr, D: gl.constexpr, NS: gl.constexpr, NB: gl.constexpr):
+    """Every head's NS partials merged (flash-decoding's combine) into xs. The loops are static, so all the
+    partials' loads go out at once: on a card streaming weights each round trip waited for in turn costs
+    about a microsecond (runtime loops cost 24 us a step on an H200, benchmarks/RESULTS.md)."""
     kk = _stage_layout(H, NB)
     head = kk // D
-    base = part_ptr + head * (ns * (D + 2))
+    base = part_ptr + head * (NS * (D + 2))
     m = gl.load(base + D, cache_modifier=".cg")
-    for sp in gl.static_range(1, NSMAX):
-        m = gl.maximum(m, gl.load(base + sp * (D + 2) + D, mask=sp < ns, other=-1.0e30, cache_modifier=".cg"))
+    for sp in gl.static_range(1, NS):
+        m = gl.maximum(m, gl.load(base + sp * (D + 2) + D, cache_modifier=".cg"))
     num = gl.zeros_like(m)
     den = gl.zeros_like(m)
-    for sp in gl.static_range(NSMAX):
-        w = gl.exp2(gl.load(base + sp * (D + 2) + D, mask=sp < ns, other=-1.0e30, cache_modifier=".cg") - m)
-        num += w * gl.load(base + sp * (D + 2) + kk % D, mask=sp < ns, other=0.0, cache_modifier=".cg")
-        den += w * gl.load(base + sp * (D + 2) + D + 1, mask=sp < ns, other=0.0, cache_modifier=".cg")
+    for sp in gl.static_range(NS):
+        w = gl.exp2(gl.load(base + sp * (D + 2) + D, cache_modifier=".cg") - m)
+        num += w * gl.load(base + sp * (D + 2) + kk % D, cache_modifier=".cg")
+        den += w * gl.load(base + sp * (D + 2) + D + 1, cache_modifier=".cg")
     xs.slice(0, H // 8, dim=0).store(num / den)
+
+
+@gluon.jit
+def stage_merge(xs, part_ptr, ns, H: gl.constexpr, D: gl.constexpr, NSPLIT: gl.constexpr, NB: gl.constexpr):
+    """The o GEMV's input from ns = NSPLIT or 2 NSPLIT partials a head: a branch (uniform over the grid)
+    between two static merges, so short contexts run exactly the NSPLIT merge."""
+    if ns == NSPLIT:
+        _merge(xs, part_ptr, H, D, NSPLIT, NB)
+    else:
+        _merge(xs, part_ptr, H, D, 2 * NSPLIT, NB)
 
 
 @gluon.jit

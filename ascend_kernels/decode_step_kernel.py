@@ -33,8 +33,8 @@ program reads h while another adds to it:
 The loader warp streams only the GEMVs' weights, so while the compute warps do attention the next
 o / gate/up chunks keep arriving. Attention task p < NQH * ns: q head p // ns over one ns-th of
 the positions (split-KV; ns = NSPLIT, or 2 NSPLIT from position 256 NSPLIT on where the grid has the
-programs: long contexts need the parallelism, short ones do not gain from it); it writes an unnormalised partial (acc, max, sum) that the
-o stage merges while it stages its input. The new token's K/V come from the q/k/v scratch (RoPE in
+programs: long contexts need the parallelism, short ones do not gain from it); it writes an
+unnormalised partial (acc, max, sum) that the o stage merges while it stages its input. The new token's K/V come from the q/k/v scratch (RoPE in
 registers), not from the cache: the first program of each KV head stores them for later steps.
 
     k_cache, v_cache: [NL, num_blocks, BS, NKV, D] bf16 (the engine's per-layer layout, stacked)
@@ -136,7 +136,7 @@ def _stage_start(layer, s: gl.constexpr, ci, pos, ns, token, xs, h_ptr, ha_ptr, 
         wait_stage(cnt_ptr, ci - 1, G)
     _barrier()  # every warp has its copy of the previous stage's input
     if s == 1:
-        stage_merge(xs, part_ptr, ns, H, D, 2 * NSPLIT, NB)
+        stage_merge(xs, part_ptr, ns, H, D, NSPLIT, NB)
     elif s == 2:
         _stage_norm(xs, ha_ptr, nw, eps, H, NB)
     elif s == 3:
