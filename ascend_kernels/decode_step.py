@@ -19,6 +19,7 @@ import torch
 # (in 4 from position 512 on, where the grid has 4 programs a q head)
 BN, BOX, NB, NBUF, NSPLIT, TILE = 8, 256, 8, 4, 2, 128
 SMEM_BYTES = 227 * 1024
+LONG_POS = 256 * NSPLIT  # from here on attention runs 2 NSPLIT splits where the grid has the programs
 
 
 @dataclasses.dataclass(slots=True)
@@ -83,7 +84,7 @@ def problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | No
         return f"hidden size {d['H']} (the kernel takes {kc}, with q heads x head_dim = hidden)"
     if d["I"] % BN or d["H"] // BN < grid or d["I"] // BN < grid or d["NQH"] * NSPLIT > grid or d["V"] % BN:
         return "the grid needs a row tile of every GEMV and a program for every attention split"
-    if 4 * d["NL"] + 1 > 32 * NB or 2 * d["H"] * 4 + NBUF * NB * BN * BOX * 2 > SMEM_BYTES - 4096:
+    if 5 * d["NL"] + 2 > 32 * NB or 2 * d["H"] * 4 + NBUF * NB * BN * BOX * 2 > SMEM_BYTES - 4096:
         return "too many layers or too large a hidden size for the kernel's counters / shared memory"
     return None
 
@@ -132,19 +133,29 @@ class DecodeStepKernel:
         self.part = torch.empty(d["NQH"] * 2 * NSPLIT * (w.head_dim + 2), **f32)  # long contexts: 2 NSPLIT
         self.best_val = torch.empty(self.num_sms, **f32)
         self.best_idx = torch.empty(self.num_sms, device=dev, dtype=torch.int32)
-        self.counters = torch.zeros(4 * d["NL"] + 1, device=dev, dtype=torch.int32)  # zero between launches
+        self.counters = torch.zeros(5 * d["NL"] + 2, device=dev, dtype=torch.int32)  # zero between launches
         if grid is not None and grid not in grid_candidates(w, self.num_sms):
             raise ValueError(f"decode step kernel: grid {grid} is not one of {grid_candidates(w, self.num_sms)}")
         self.grid_us: dict[int, float] = {}
+        self.grid_us_long: dict[int, float] = {}
         self.grid = grid or self.tune_grid()
+        self.grid_long = grid or self.tune_grid(2 * LONG_POS)
+
+    def grid_for(self, pos: int) -> int:
+        """The grid timed fastest for a step at position `pos`: short contexts gain from fewer programs
+        (fewer counter arrivals and residual atomics), long ones need the attention splits of a large grid
+        (H200, benchmarks/RESULTS.md: 64 programs 752 us at position 192, 128 programs 838 us at 900)."""
+        return self.grid_long if pos >= LONG_POS else self.grid
 
     def launch(self, token: torch.Tensor, pos: torch.Tensor, block_table: torch.Tensor,
-               tokens_out: torch.Tensor | None = None, loop: bool = False) -> torch.Tensor:
+               tokens_out: torch.Tensor | None = None, loop: bool = False, grid: int | None = None) -> torch.Tensor:
         """The step's logits. With `tokens_out` (int64) the kernel also picks the greedy token into
         tokens_out[0]; with `loop` it instead writes it into `token` and tokens_out[pos] and steps `pos`:
-        a decode loop with no host work."""
+        a decode loop with no host work. `grid`: the programs (default the short-context `grid`; any
+        candidate computes the same step)."""
         pick = 0 if tokens_out is None else 2 if loop else 1
-        self._run(token, pos, block_table, self.k_cache, self.v_cache, tokens_out if pick else token, pick, self.grid)
+        self._run(token, pos, block_table, self.k_cache, self.v_cache, tokens_out if pick else token, pick,
+                  grid or self.grid)
         return self.logits
 
     def _run(self, token, pos, block_table, k_cache, v_cache, tokens_out, pick: int, grid: int) -> None:
@@ -158,21 +169,25 @@ class DecodeStepKernel:
             grid, **w.dims, BS=self.block_size, NSPLIT=NSPLIT, T=TILE, BN=BN, BOX=BOX, NB=NB, NBUF=NBUF,
             PICK=pick, num_warps=NB)
 
-    def tune_grid(self, repeats: int = 5) -> int:
-        """Time `repeats` launches at each of `grid_candidates` on a scratch one-block cache (position 0)
-        and return the fastest grid; `grid_us` keeps the times (us per launch)."""
+    def tune_grid(self, pos: int = 0, repeats: int = 5) -> int:
+        """Time `repeats` launches at each of `grid_candidates` on a scratch zero cache at position `pos`
+        and return the fastest grid; `grid_us` (position 0) or `grid_us_long` keeps the times (us per
+        launch)."""
         d, dev = self.w.dims, self.w.embed.device
-        cache = torch.zeros((d["NL"], 1, *self.k_cache.shape[2:]), device=dev, dtype=self.k_cache.dtype)
+        blocks = pos // self.block_size + 1
+        cache = torch.zeros((d["NL"], blocks, *self.k_cache.shape[2:]), device=dev, dtype=self.k_cache.dtype)
         token = torch.zeros(1, device=dev, dtype=torch.int64)
-        zero = torch.zeros(1, device=dev, dtype=torch.int32)  # the position and the block table
-        self.grid_us = {}
+        position = torch.full((1,), pos, device=dev, dtype=torch.int32)
+        table = torch.arange(blocks, device=dev, dtype=torch.int32)
+        times = self.grid_us if pos == 0 else self.grid_us_long
+        times.clear()
         for grid in grid_candidates(self.w, self.num_sms):
-            self._run(token, zero, zero, cache, cache, token, 0, grid)  # the first compiles
+            self._run(token, position, table, cache, cache, token, 0, grid)  # the first compiles
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(repeats):
-                self._run(token, zero, zero, cache, cache, token, 0, grid)
+                self._run(token, position, table, cache, cache, token, 0, grid)
             end.record()
             end.synchronize()
-            self.grid_us[grid] = start.elapsed_time(end) * 1e3 / repeats
-        return min(self.grid_us, key=self.grid_us.get)
+            times[grid] = start.elapsed_time(end) * 1e3 / repeats
+        return min(times, key=times.get)

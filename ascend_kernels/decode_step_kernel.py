@@ -31,7 +31,9 @@ program reads h while another adds to it:
     MLP:      xs = RMSNorm(h_attn);  h += sum over programs of down^T[tile rows]^T (SiLU(gate) x up)[tile rows]
 
 The loader warp streams only the GEMVs' weights, so while the compute warps do attention the next
-o / gate/up chunks keep arriving. Attention task p < NQH * ns: q head p // ns over one ns-th of
+o / gate/up chunks keep arriving. The last MLP and lm_head tiles of each program wait in a pool that the
+loaders take from while their rings have room (decode_step_stream.py): the programs stream at different
+rates, and the stage then ends when the grid's weights are read, not when the slowest program's are. Attention task p < NQH * ns: q head p // ns over one ns-th of
 the positions (split-KV; ns = NSPLIT, or 2 NSPLIT from position 256 NSPLIT on where the grid has the
 programs: long contexts need the parallelism, short ones do not gain from it); it writes an
 unnormalised partial (acc, max, sum) that the o stage merges while it stages its input. The new token's K/V come from the q/k/v scratch (RoPE in
@@ -47,10 +49,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.decode_step_attention import attention_split, stage_merge
 from ascend_kernels.decode_step_layout import stage_layout as _stage_layout
-from ascend_kernels.decode_step_stream import chunk as _chunk
-from ascend_kernels.decode_step_stream import issue_chunk as _issue
+from ascend_kernels.decode_step_stream import lm_chunks, mlp_chunks, stream_weights
 from ascend_kernels.decode_step_stream import row_tile as _row_tile
-from ascend_kernels.decode_step_stream import stage_offsets
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import smem_view as _view
 from ascend_kernels.grid_sync import signal_stage, wait_stage
@@ -91,7 +91,7 @@ def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr,
                 gl.store(token_ptr, token.to(token_ptr.dtype.element_ty))
                 gl.store(tokens_out_ptr + pos, token.to(gl.int64))
                 gl.store(pos_ptr, pos + 1)
-        gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 4 + 1)
+        gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 5 + 2)
 
 
 # _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
@@ -99,18 +99,12 @@ def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr,
 def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
             n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
             token_ptr, tokens_out_ptr, embed_ptr,
-            best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
+            best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, tags, ready, empty,
             NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
             NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
             BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
-    KC: gl.constexpr = BOX * NB
-    NQ: gl.constexpr = (NQH + 2 * NKV) * D
-    offB, offC, P = stage_offsets(G, NQ, H, I, BN, H // KC)
-    total = NL * P + (V // BN - gl.program_id(0) + G - 1) // G * (H // KC)
-    for i in range(total):
-        mbarrier.wait(empty.index(i % NBUF), ((i // NBUF) & 1) ^ 1)
-        _issue(i, P, offB, offC, G, wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ring, ready,
-               NL, NQ, H, I, BN, BOX, NB, NBUF)
+    stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, cnt_ptr, G, ring, tags, ready, empty,
+                   NL, (NQH + 2 * NKV) * D, H, I, V, BN, BOX, NB, NBUF)
 
 
 @gluon.jit
@@ -163,7 +157,7 @@ def _mlp_flush(dacc, h_ptr, BOX: gl.constexpr, NB: gl.constexpr, XB: gl.constexp
 def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
              n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
              token_ptr, tokens_out_ptr, embed_ptr,
-             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
+             best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, tags, ready, empty,
              NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr,
              NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
              BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
@@ -183,7 +177,6 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr
     xsv = _view(xs, gl.float32, [NB, BOX // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
     rows_in = gl.arange(0, BN, layout=ROWS)
     nq, no = (NQ // BN - pid + G - 1) // G, (H // BN - pid + G - 1) // G  # this program's row tiles
-    nm, nv = (I // BN - pid + G - 1) // G, (V // BN - pid + G - 1) // G
     pos = gl.load(pos_ptr)
     token = gl.load(token_ptr).to(gl.int64)
     ns = gl.where((pos >= 256 * NSPLIT) & (G >= 2 * NSPLIT * NQH), 2 * NSPLIT, NSPLIT)  # attention splits
@@ -214,30 +207,14 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr
         _stage_start(layer, 2, 4 * layer + 3, pos, ns, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr,
                      n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps,
                      rope_scale, qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
-        x = xsv.load(XL)
-        dacc = gl.zeros([NB, BOX // 8, 8], gl.float32, XB)
-        for j in range(nm):  # gate and up rows, then SiLU(gate) x up times the same rows of down^T
-            gate = _row_tile(ringv, ready, empty, i, x, L4, NBUF)
-            up = _row_tile(ringv, ready, empty, i + 1, x, L4, NBUF)
-            g = gl.convert_layout(gate / (1.0 + gl.exp(-gate)) * up, GB)  # every thread all BN rows
-            g4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(g, 0), 2), 3)
-            dacc += gl.sum(_chunk(ringv, ready, empty, i + 2, LB, NBUF) * g4, axis=1)
-            i += 3
+        dacc, i = mlp_chunks(xsv.load(XL), i, G, ringv, tags, ready, empty, I, BN, BOX, NB, NBUF, L4, LB, XB, GB)
         _mlp_flush(dacc, h_ptr, BOX, NB, XB)
         signal_stage(cnt_ptr, 4 * layer + 3)
     _stage_start(NL, 3, 4 * NL, pos, ns, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr, n2_ptr, nf_ptr,
                  k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps, rope_scale, qk_scale,
                  layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
-    x = xsv.load(XL)
-    best_v = gl.full([BN], float("-inf"), gl.float32, ROWS)  # per row slot: tiles come in row order, so a
-    best_i = gl.zeros([BN], gl.int32, ROWS)  # strict > keeps each slot's first maximal index
-    for j in range(nv):
-        rows = (pid + j * G) * BN + rows_in
-        val = _row_tile(ringv, ready, empty, i, x, L4, NBUF)
-        gl.store(logits_ptr + rows, val)
-        best_i = gl.where(val > best_v, rows, best_i)
-        best_v = gl.maximum(val, best_v)
-        i += 1
+    best_v, best_i = lm_chunks(xsv.load(XL), i, G, logits_ptr, ringv, tags, ready, empty, V, BN, NB, NBUF, L4,
+                                ROWS)
     top = gl.max(best_v, axis=0)
     _finish_step(top, gl.min(gl.where(best_v == top, best_i, V), axis=0), best_val_ptr, best_idx_ptr, cnt_ptr,
                  token_ptr, tokens_out_ptr, pos_ptr, pos, G, NL, V, NB, PICK)
@@ -256,7 +233,7 @@ def decode_step_kernel(
     bt_ptr,  # [max_blocks] int32 the request's block table
     pos_ptr,  # [1] int32 the new token's position
     inv_freq_ptr,  # [D / 2] fp32 RoPE frequencies (the model's, scaling included)
-    cnt_ptr,  # [NL * 4 + 1] int32 grid counters, zero at launch (and left zero)
+    cnt_ptr,  # [NL * 5 + 2] int32: 4 NL + 1 grid counters, then the MLP / lm_head tile pools; zero at launch (left zero)
     token_ptr,  # [1] int32 / int64: the step's input token (PICK 2: the next step's is written back)
     tokens_out_ptr,  # int64: PICK 1 [1] the greedy token; PICK 2 [max_len + 1], [pos] = the token after pos
     embed_ptr,  # [V, H] bf16 token embedding
@@ -270,6 +247,7 @@ def decode_step_kernel(
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     xs = gl.allocate_shared_memory(gl.float32, [H // 8, 8], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    tags = gl.allocate_shared_memory(gl.int32, [NBUF, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))  # pooled tiles
     for b in gl.static_range(NBUF):
         mbarrier.init(ready.index(b), count=1)
         mbarrier.init(empty.index(b), count=1)
@@ -277,12 +255,12 @@ def decode_step_kernel(
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
                     n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                     token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
-                    layer_stride, G, ring, xs, ready, empty,
+                    layer_stride, G, ring, xs, tags, ready, empty,
                     NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, PICK)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
                    n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, pos_ptr, inv_freq_ptr, cnt_ptr,
                    token_ptr, tokens_out_ptr, embed_ptr, best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale,
-                   layer_stride, G, ring, xs, ready, empty,
+                   layer_stride, G, ring, xs, tags, ready, empty,
                    NL, H, I, V, NQH, NKV, D, BS, NSPLIT, T, BN, BOX, NB, NBUF, PICK)),
     ], [1], [48])
     for b in gl.static_range(NBUF):

@@ -194,6 +194,7 @@ def run(quick: bool = False) -> dict:
     t0, cache, logits_bf16, logits_ref = _one_step(model, ref, ids)
     step = DecodeStep(model, PROMPT + NEW + BS)
     res["kernel_grid"], res["grid_us"] = step.kernel.grid, step.kernel.grid_us  # tuned at start-up
+    res["kernel_grid_long"], res["grid_us_long"] = step.kernel.grid_long, step.kernel.grid_us_long
     step.load_prompt(cache, t0.item(), PROMPT)
     step._launch()
     torch.cuda.synchronize()

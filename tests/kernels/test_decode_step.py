@@ -100,6 +100,9 @@ def test_steps_match_float32_reference():
     # the grid was timed at start-up; every candidate computes the same step
     tuned, candidates = step.kernel.grid, decode_step.grid_candidates(step.kernel.w, step.kernel.num_sms)
     assert tuned in candidates and sorted(step.kernel.grid_us) == candidates
+    assert step.kernel.grid_long in candidates and sorted(step.kernel.grid_us_long) == candidates
+    assert step.kernel.grid_for(decode_step.LONG_POS - 1) == tuned
+    assert step.kernel.grid_for(decode_step.LONG_POS) == step.kernel.grid_long
     for grid in candidates:
         step.kernel.grid = grid
         step.load_prompt(cache, t0.item(), ids.shape[1])

@@ -115,11 +115,16 @@ class DecodeKernelPath:
         input_ids[0], position_ids[0]:  t, p  ->  t1, p+1  ->  t2, p+2 ...     (launch by launch)
         tokens_out:                     [... | t1 @ p | t2 @ p+1 | ...]        (the host reads a slice)
 
+    A burst runs on the grid the kernel timed fastest for its first position (`grid_for`: fewer programs
+    for short contexts, more for long ones); each (bucket, burst size, grid) has its own CUDA graph.
+
     Several rows: a kernel with `max_rows` > 1 (and `launch_rows`) takes steps of up to that many
     requests, each decoding one token, in one launch: it reads the step's input ids, positions, block
     table and slot mapping (a negative slot marks a padding row of a CUDA-graph bucket), writes each
     row's greedy token into `row_tokens` and its logits into row r of its `rows_logits` [max_rows, V].
-    The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1.
+    The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1. The hook stays for a
+    multi-row kernel that beats the compiled path; the one written so far (ascend_kernels/decode_rows.py)
+    does not (8,943 against 12,611 tok/s at 16 rows on an H200), so the engine passes none.
     """
 
     def __init__(self, weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
@@ -132,7 +137,7 @@ class DecodeKernelPath:
         self.num_steps = 0
         self.tokens_out = torch.zeros(max_model_len + 1, dtype=torch.int64, device=k.device)
         self.row_tokens = torch.zeros(self.max_rows, dtype=torch.int64, device=k.device)
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # per (bucket buffer, burst size or 0)
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}  # per (bucket buffer, burst size or 0, grid)
         self._rows = False  # the last step was a multi-row launch
 
     @staticmethod
@@ -148,7 +153,7 @@ class DecodeKernelPath:
         buf = self.kernel.rows_logits if self._rows else self.kernel.logits
         return buf.view(-1, buf.shape[-1])
 
-    def _launch(self, inputs: dict, num_steps: int) -> None:
+    def _launch(self, inputs: dict, num_steps: int, grid: int | None) -> None:
         metadata = inputs[hf.METADATA_KWARG]
         if num_steps == 0:  # one launch over every row
             self.kernel.launch_rows(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table,
@@ -156,7 +161,7 @@ class DecodeKernelPath:
             return
         for _ in range(num_steps):
             self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0],
-                               self.tokens_out, loop=True)
+                               self.tokens_out, loop=True, grid=grid)
 
     def run(self, inputs: dict, static: bool, pos: int, num_steps: int = 1, num_rows: int = 1) -> torch.Tensor:
         """The greedy tokens (int64; a view of a buffer that later steps reuse) of the step packed in
@@ -169,15 +174,17 @@ class DecodeKernelPath:
         launches = num_steps if num_rows == 1 else 0
         self._rows = launches == 0
         self.num_steps += max(launches, 1)
-        key = (inputs["input_ids"].data_ptr(), launches)
+        grid_for = getattr(self.kernel, "grid_for", None)  # the batch-1 kernel's grid depends on the position
+        grid = grid_for(pos) if grid_for is not None and launches else None
+        key = (inputs["input_ids"].data_ptr(), launches, grid)
         graph = self._graphs.get(key) if static else None
         if graph is not None:
             graph.replay()
         else:
-            self._launch(inputs, launches)  # compiles on the first step
+            self._launch(inputs, launches, grid)  # compiles on the first step
             if static:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):  # captured, not run: this step is already launched
-                    self._launch(inputs, launches)
+                    self._launch(inputs, launches, grid)
                 self._graphs[key] = graph
         return self.row_tokens[:num_rows] if launches == 0 else self.tokens_out[pos : pos + num_steps]
