@@ -141,3 +141,34 @@ def test_in_order_steps_never_burst():
     out = llm.generate(random_prompts([11]), params, use_tqdm=False)
     assert out[0].token_ids == _plain(random_prompts([11]), params)[0]
     assert llm.engine.num_steps == 10 and llm.engine.runner.decode_path.num_steps == 9
+
+
+class GriddedLoop(ReferenceLoop):
+    """The reference loop with the batch-1 kernel's grid choice: a grid per context length."""
+
+    def __init__(self, w, k_cache, v_cache, long_pos: int):
+        super().__init__(w, k_cache, v_cache)
+        self.long_pos, self.grids = long_pos, []
+
+    def grid_for(self, pos: int) -> int:
+        return 128 if pos >= self.long_pos else 64
+
+    def launch(self, token, pos, block_table, tokens_out, loop=False, grid=None):
+        self.grids.append((int(pos[0]), grid))
+        super().launch(token, pos, block_table, tokens_out, loop)
+
+
+def test_each_burst_runs_on_the_grid_of_its_first_position():
+    prompts = random_prompts([13])
+    params = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)
+    llm = _llm(decode_burst=4)
+    runner = llm.engine.runner
+    kernel = GriddedLoop(runner.decode_path.kernel.w, runner.decode_path.kernel.k_cache,
+                         runner.decode_path.kernel.v_cache, long_pos=20)
+    runner.decode_path.kernel = kernel
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert out[0].token_ids == _plain(prompts, params)[0]  # any grid gives the same tokens
+    assert {g for _, g in kernel.grids} == {64, 128}
+    # a burst keeps the grid of its first position: one that starts below 20 may run past it on 64
+    assert all(g == 64 for p, g in kernel.grids if p < 20)
+    assert all(p >= 20 for p, g in kernel.grids if g == 128)

@@ -159,9 +159,10 @@ class DecodeKernelPath:
             self.kernel.launch_rows(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table,
                                     metadata.slot_mapping, self.row_tokens)
             return
+        on_grid = {} if grid is None else {"grid": grid}  # kernels without grid_for take no grid
         for _ in range(num_steps):
             self.kernel.launch(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table[0],
-                               self.tokens_out, loop=True, grid=grid)
+                               self.tokens_out, loop=True, **on_grid)
 
     def run(self, inputs: dict, static: bool, pos: int, num_steps: int = 1, num_rows: int = 1) -> torch.Tensor:
         """The greedy tokens (int64; a view of a buffer that later steps reuse) of the step packed in
