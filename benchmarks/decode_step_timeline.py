@@ -7,8 +7,8 @@ Per program, layer and stage (0 q/k/v, 1 attention + o, 2 MLP, 3 lm_head) the co
     4 the stage's chunks are done (the MLP: after its atomics)        5 the MLP's chunks, before the atomics
 and the report takes medians over the programs of the middle layers (4..11). The copy is made by text
 edits at fixed anchors of the kernel's source; a changed anchor fails loudly (tests/kernels/
-test_decode_step.py compiles the copy for sm_90 on the CPU). The session-14 numbers in benchmarks/RESULTS.md
-came from this copy's one-off predecessor; this module itself has not run on a GPU yet.
+test_decode_step.py compiles the copy for sm_90 on the CPU). It first ran on a GPU in session 15 (H200, 64
+programs; benchmarks/RESULTS.md); the session-14 numbers there came from its one-off predecessor.
 
     python -m benchmarks.decode_step_timeline [--quick]     (sm_90; about a minute)
 """
