@@ -33,10 +33,12 @@ program reads h while another adds to it:
 The loader warp streams only the GEMVs' weights, so while the compute warps do attention the next
 o / gate/up chunks keep arriving. The last MLP and lm_head tiles of each program wait in a pool that the
 loaders take from while their rings have room (decode_step_stream.py): the programs stream at different
-rates, and the stage then ends when the grid's weights are read, not when the slowest program's are. Attention task p < NQH * ns: q head p // ns over one ns-th of
-the positions (split-KV; ns = NSPLIT, or 2 NSPLIT from position 256 NSPLIT on where the grid has the
-programs: long contexts need the parallelism, short ones do not gain from it); it writes an
-unnormalised partial (acc, max, sum) that the o stage merges while it stages its input. The new token's K/V come from the q/k/v scratch (RoPE in
+rates, and the stage then ends when the grid's weights are read, not when the slowest program's are.
+
+Attention task p < NQH * ns: q head p // ns over one ns-th of the positions (split-KV; ns = NSPLIT, or
+2 NSPLIT from position 256 NSPLIT on where the grid has the programs: long contexts need the
+parallelism, short ones do not gain from it); it writes an unnormalised partial (acc, max, sum) that the
+o stage merges while it stages its input. The new token's K/V come from the q/k/v scratch (RoPE in
 registers), not from the cache: the first program of each KV head stores them for later steps.
 
     k_cache, v_cache: [NL, num_blocks, BS, NKV, D] bf16 (the engine's per-layer layout, stacked)
