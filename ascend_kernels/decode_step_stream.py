@@ -159,7 +159,7 @@ def row_tile(ringv, ready, empty, i, x, L4: gl.constexpr, NBUF: gl.constexpr):
 
 @gluon.jit
 def mlp_tile(dacc, ringv, ready, empty, i, x, L4: gl.constexpr, LB: gl.constexpr, GB: gl.constexpr,
-              NBUF: gl.constexpr):
+             NBUF: gl.constexpr):
     """One MLP tile from chunks i .. i + 2: gate and up rows, then SiLU(gate) x up times the same rows of
     down^T, added into the partial down sums."""
     gate = row_tile(ringv, ready, empty, i, x, L4, NBUF)
@@ -171,10 +171,10 @@ def mlp_tile(dacc, ringv, ready, empty, i, x, L4: gl.constexpr, LB: gl.constexpr
 
 @gluon.jit
 def mlp_chunks(x, i, G, ringv, tags, ready, empty, I: gl.constexpr, BN: gl.constexpr, BOX: gl.constexpr,
-                NB: gl.constexpr, NBUF: gl.constexpr, L4: gl.constexpr, LB: gl.constexpr, XB: gl.constexpr,
-                GB: gl.constexpr):
+               NB: gl.constexpr, NBUF: gl.constexpr, L4: gl.constexpr, LB: gl.constexpr, XB: gl.constexpr,
+               GB: gl.constexpr):
     """The MLP's partial down sums over this program's tiles: the dealt ones, then the pooled ones the
-    loader took until its stop slot (decode_step_stream.py). Returns them and the next chunk index."""
+    loader took until its stop slot. Returns them and the next chunk index."""
     dacc = gl.zeros([NB, BOX // 8, 8], gl.float32, XB)
     for j in range(gl.maximum((I // BN) // G - MLP_POOL, 0)):
         dacc = mlp_tile(dacc, ringv, ready, empty, i, x, L4, LB, GB, NBUF)
@@ -201,7 +201,7 @@ def _lm_tile(x, r, i, best_v, best_i, logits_ptr, ringv, ready, empty, BN: gl.co
 
 @gluon.jit
 def lm_chunks(x, i, G, logits_ptr, ringv, tags, ready, empty, V: gl.constexpr, BN: gl.constexpr, NB: gl.constexpr,
-               NBUF: gl.constexpr, L4: gl.constexpr, ROWS: gl.constexpr):
+              NBUF: gl.constexpr, L4: gl.constexpr, ROWS: gl.constexpr):
     """The lm_head's logits of this program's tiles, dealt then pooled, and each row slot's best logit and
     its first index."""
     best_v = gl.full([BN], float("-inf"), gl.float32, ROWS)
