@@ -21,6 +21,7 @@ from benchmarks.common import (
     card_name,
     card_rates,
     cli,
+    is_sm90,
     llama_config,
     rel_err,
     timed,
@@ -71,7 +72,7 @@ def _engine(model, quick: bool) -> dict:
 
 
 def run(quick: bool = False) -> dict:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    if not is_sm90():
         return {"skipped": "needs an sm_90 GPU"}
     from ascend_kernels.decode_rows import DecodeRowsKernel
     from xy_inductor.engine.decode_kernel import stack_weights

@@ -25,6 +25,7 @@ from benchmarks.common import (
     card_name,
     card_rates,
     cli,
+    is_sm90,
     llama_config,
     rel_err,
     weight_bytes,
@@ -179,7 +180,7 @@ def _engine_row(model, prompts, kwargs: dict) -> tuple[dict, list[int]]:
 
 
 def run(quick: bool = False) -> dict:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    if not is_sm90():
         return {"skipped": "needs an sm_90 GPU"}
     from benchmarks.bench_decode import _hf, _tok_s
 

@@ -21,7 +21,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import card_name, card_rates, cli, rel_err
+from benchmarks.common import card_name, card_rates, cli, is_sm90, rel_err
 
 H, I, NQ, L, EPS = 2048, 8192, 3072, 16, 1e-5
 SMEM_BYTES = 227 * 1024
@@ -152,7 +152,7 @@ def _megakernel_mma(w: dict, x: torch.Tensor, grid: int | None = None):
 
 
 def run(quick: bool = False) -> dict:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    if not is_sm90():
         return {"skipped": "needs an sm_90 GPU"}
     w = _weights("cuda")
     wbytes = sum(t.numel() * t.element_size() for t in w.values())

@@ -24,7 +24,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from benchmarks.common import card_name, cli
+from benchmarks.common import card_name, cli, is_sm90
 
 EXTRA = 1024  # scratch bytes at the end of dynamic smem: [0, 16) and [16, 32) sync barriers, [32, 48) ring barrier, 64 data
 _SCRATCH = gl.constexpr("{ .reg .u32 t; mov.u32 t, %dynamic_smem_size; mov.u32 $0, global_smem; add.u32 $0, $0, t; "
@@ -184,7 +184,7 @@ def cluster_probe(cluster: int, num_clusters: int, shared: int, iters: int = 100
 
 
 def run(quick: bool = False) -> dict:
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+    if not is_sm90():
         return {"skipped": "needs an sm_90 GPU"}
     res = {"card": card_name(), "probes": []}
     for cluster in (4, 8, 16):

@@ -13,6 +13,11 @@ def card_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def is_sm90() -> bool:
+    """An sm_90 (Hopper) GPU: what the Gluon kernels (and their benchmarks and tests) need."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
 def card_slug() -> str:
     """File-name form of the card, e.g. 'nvidia-h100-80gb-hbm3'."""
     return "".join(c if c.isalnum() else "-" for c in card_name().lower()).strip("-")
