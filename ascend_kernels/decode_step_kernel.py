@@ -96,6 +96,24 @@ def _finish_step(best_v, best_i, best_val_ptr, best_idx_ptr, cnt_ptr, token_ptr,
         gl.store(cnt_ptr + p, gl.zeros_like(p), mask=p < NL * 5 + 2)
 
 
+@gluon.jit
+def _own_rows(h_ptr, pid, no, G, L4: gl.constexpr, BN: gl.constexpr):
+    """The residual rows of this program's o tiles, [NB tiles (no used), BN] fp32. Nothing writes them
+    between the q/k/v stage and this program's o stage, so they load while attention runs."""
+    L2: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, L4))
+    jj = gl.arange(0, L4.size_per_thread[0], layout=gl.SliceLayout(1, L2))
+    rr = gl.arange(0, BN, layout=gl.SliceLayout(0, L2))
+    rows = gl.expand_dims((pid + jj * G) * BN, 1) + gl.expand_dims(rr, 0)
+    return gl.load(h_ptr + rows, mask=gl.expand_dims(jj < no, 1), other=0.0, cache_modifier=".cg")
+
+
+@gluon.jit
+def _row_of(own, j, ROWS: gl.constexpr):
+    """Tile j's rows of `_own_rows` in the layout of a row tile's outputs."""
+    jj = gl.arange(0, own.shape[0], layout=gl.SliceLayout(1, own.type.layout))
+    return gl.convert_layout(gl.sum(gl.where(gl.expand_dims(jj == j, 1), own, 0.0), axis=0), ROWS)
+
+
 # _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
 @gluon.jit
 def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr, part_ptr, logits_ptr, n1_ptr,
@@ -164,6 +182,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr
              NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, NSPLIT: gl.constexpr, T: gl.constexpr,
              BN: gl.constexpr, BOX: gl.constexpr, NB: gl.constexpr, NBUF: gl.constexpr, PICK: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
+    gl.static_assert(H // BN <= NB * NQH * NSPLIT)  # o tiles a program (G >= NQH NSPLIT) fit _own_rows
     # a chunk [NB boxes, BN rows, BOX columns] in registers: warp r holds row r, each thread 8 columns of
     # every box, so a row's sum never leaves its warp
     L4: gl.constexpr = gl.BlockedLayout([NB, 1, 1, 8], [1, 1, 32, 1], [1, NB, 1, 1], [3, 2, 1, 0])
@@ -195,13 +214,14 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, h_ptr, ha_ptr, qkv_ptr
             gl.store(qkv_ptr + (pid + j * G) * BN + rows_in, _row_tile(ringv, ready, empty, i, x, L4, NBUF))
             i += 1
         signal_stage(cnt_ptr, 4 * layer)
+        h_own = _own_rows(h_ptr, pid, no, G, L4, BN)  # loads under attention, not one round trip a tile
         _stage_start(layer, 1, 4 * layer + 2, pos, ns, token, xs, h_ptr, ha_ptr, qkv_ptr, part_ptr, n1_ptr,
                      n2_ptr, nf_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, inv_freq_ptr, cnt_ptr, embed_ptr, eps,
                      rope_scale, qk_scale, layer_stride, G, H, NQH, NKV, D, BS, NSPLIT, T, NB)
         x = xsv.load(XL)
         for j in range(no):  # o: the residual after attention, in h (the MLP adds into it) and h_attn
             rows = (pid + j * G) * BN + rows_in
-            res = gl.load(h_ptr + rows, cache_modifier=".cg") + _row_tile(ringv, ready, empty, i, x, L4, NBUF)
+            res = _row_of(h_own, j, ROWS) + _row_tile(ringv, ready, empty, i, x, L4, NBUF)
             gl.store(h_ptr + rows, res)
             gl.store(ha_ptr + rows, res)
             i += 1
