@@ -10,7 +10,7 @@ edits at fixed anchors of the kernel's source; a changed anchor fails loudly (te
 test_decode_step.py compiles the copy for sm_90 on the CPU). It first ran on a GPU in session 15 (H200, 64
 programs; benchmarks/RESULTS.md); the session-14 numbers there came from its one-off predecessor.
 
-    python -m benchmarks.decode_step_timeline [--quick]     (sm_90; about a minute)
+    python -m benchmarks.decode_step_timeline [--quick] [--tiles]     (sm_90; about a minute)
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import card_name, cli
+from benchmarks.common import card_name
 
 STAMP_HELPERS = '''
 
@@ -59,12 +59,23 @@ EDITS = [
       "        _stamp(ts_ptr, NL + 1, layer, 2, 4)\n")),
     ("    top = gl.max(best_v, axis=0)\n", "    _stamp(ts_ptr, NL + 1, NL, 3, 4)\n    top = gl.max(best_v, axis=0)\n"),
 ]
+# --tiles: stamps after single tiles (q/k/v: fields 5, 6, 7 after tiles 0, 3, 4; o: 6, 7 after tiles 0, 1), which
+# tell a chunk's compute from its wait (session 16, H100: ~0.45 us a chunk already in the ring)
+_QKV_END, _O_END = ("            i += 1\n        _stamp(ts_ptr, NL + 1, layer, 0, 4)\n",
+                    "            i += 1\n        _stamp(ts_ptr, NL + 1, layer, 1, 4)\n")
+TILE_EDITS = [
+    (_QKV_END, "".join(f"            if j == {j}:\n                _stamp(ts_ptr, NL + 1, layer, 0, {f})\n"
+                       for j, f in ((0, 5), (3, 6), (4, 7))) + _QKV_END),
+    (_O_END, "".join(f"            if j == {j}:\n                _stamp(ts_ptr, NL + 1, layer, 1, {f})\n"
+                     for j, f in ((0, 6), (1, 7))) + _O_END),
+]
 
 
-def stamped_source() -> str:
-    """decode_step_kernel.py with the stamps (raises if the kernel's source moved under an anchor)."""
+def stamped_source(tiles: bool = False) -> str:
+    """decode_step_kernel.py with the stamps, and with `tiles` the per-tile ones (raises if the kernel's source
+    moved under an anchor)."""
     src = (Path(__file__).parents[1] / "ascend_kernels" / "decode_step_kernel.py").read_text()
-    for edit in EDITS:
+    for edit in EDITS + (TILE_EDITS if tiles else []):
         anchor, new, count = edit if len(edit) == 3 else (*edit, 1)
         if src.count(anchor) != count:
             raise RuntimeError(f"decode_step_timeline: anchor found {src.count(anchor)} times, not {count}: {anchor!r}")
@@ -72,10 +83,10 @@ def stamped_source() -> str:
     return src
 
 
-def stamped_module():
+def stamped_module(tiles: bool = False):
     """The stamped kernel as an importable module (Gluon reads a kernel's source from its file)."""
     path = Path(tempfile.mkdtemp(prefix="xyserve_timeline_")) / "decode_step_kernel_stamped.py"
-    path.write_text(stamped_source())
+    path.write_text(stamped_source(tiles))
     spec = importlib.util.spec_from_file_location("decode_step_kernel_stamped", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -112,10 +123,20 @@ def _segments(t: torch.Tensor, num_attention: int) -> dict:
         (mid[:, :, 2, 4].amax(0) - mid[:, :, 2, 4].median(0).values).mean().item(), 2)
     out["lm_head"] = med(t[:, -1, 3, 4] - t[:, -1, 3, 3])
     out["step"] = round(t[:, -1, 3, 4].max().item() - t[:, 0, 0, 0].min().item(), 2)
+    if not mid[:, :, 0, 5].isnan().all():  # --tiles: means (the timer ticks in 0.256 us; a mean resolves below)
+        for name, (s0, f0), (s1, f1) in _TILE_SEGMENTS:
+            out[name] = round((mid[:, :, s1, f1] - mid[:, :, s0, f0]).nanmean().item(), 3)
     return out
 
 
-def run(quick: bool = False) -> dict:
+_TILE_SEGMENTS = [  # (name, (stage, field) from, to)
+    ("q/k/v tile 0, x staged included (mean)", (0, 3), (0, 5)), ("q/k/v tiles 1-3 (mean)", (0, 5), (0, 6)),
+    ("q/k/v tile 4 (mean)", (0, 6), (0, 7)), ("q/k/v tiles 5- (mean)", (0, 7), (0, 4)),
+    ("o tile 0, x staged included (mean)", (1, 3), (1, 6)), ("o tile 1 (mean)", (1, 6), (1, 7)),
+    ("o tiles 2- (mean)", (1, 7), (1, 4))]
+
+
+def run(quick: bool = False, tiles: bool = False) -> dict:
     from ascend_kernels import decode_step as ds
     from ascend_kernels.decode_step_kernel import LOG2E
     from benchmarks.ab_decode_step import step_inputs
@@ -125,7 +146,7 @@ def run(quick: bool = False) -> dict:
     w, k, v, bt = step_inputs(block_size=bs)
     d = w.dims
     kern = ds.DecodeStepKernel(w, k, v, bs)
-    mod = stamped_module()
+    mod = stamped_module(tiles)
     token = torch.tensor([17], device="cuda", dtype=torch.int64)
     ts = torch.zeros(kern.num_sms * (d["NL"] + 1) * 32, device="cuda", dtype=torch.int64)
 
@@ -161,4 +182,13 @@ def table(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    cli(run, table)
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--tiles", action="store_true", help="also stamp single q/k/v and o tiles")
+    args = ap.parse_args()
+    result = run(args.quick, args.tiles)
+    print(json.dumps(result, indent=1, default=str))
+    print(table(result))

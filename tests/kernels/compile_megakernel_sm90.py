@@ -1,8 +1,9 @@
 """Compile a decode megakernel probe for sm_90 without a GPU; print what the PTX holds as JSON.
 Run in a fresh process from the repository root: `python -m tests.kernels.compile_megakernel_sm90 ARG`,
 ARG = 1 or 2 (benchmarks/decode_megakernel.py at M = ARG), `mma` (benchmarks/decode_megakernel_mma.py),
-`step` (ascend_kernels/decode_step_kernel.py), `step_timeline` (its stamped copy,
-benchmarks/decode_step_timeline.py) or `rows` (ascend_kernels/decode_rows_kernel.py).
+`step` (ascend_kernels/decode_step_kernel.py), `step_timeline` / `step_timeline_tiles` (its stamped copy,
+benchmarks/decode_step_timeline.py, without / with the per-tile stamps) or `rows`
+(ascend_kernels/decode_rows_kernel.py).
 """
 import inspect
 import json
@@ -50,14 +51,14 @@ def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int, swizzle:
 
 
 def main(arg: str) -> dict:
-    if arg in ("step", "step_timeline"):  # the kernel, or its copy with timeline stamps
+    if arg in ("step", "step_timeline", "step_timeline_tiles"):  # the kernel, or its copy with timeline stamps
         b = decode_step
         const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
                  "NSPLIT": b.NSPLIT, "T": b.TILE, "BN": b.BN, "BOX": b.BOX, "NB": b.NB, "NBUF": b.NBUF, "PICK": 2}
         if arg == "step":
             return _compile(decode_step_kernel, const, (b.BN, b.BOX), b.NB)
         from benchmarks.decode_step_timeline import stamped_module
-        return _compile(stamped_module().decode_step_kernel, const, (b.BN, b.BOX), b.NB, types={"ts_ptr": "*i64"})
+        return _compile(stamped_module(arg == "step_timeline_tiles").decode_step_kernel, const, (b.BN, b.BOX), b.NB, types={"ts_ptr": "*i64"})
     if arg == "rows":  # the multi-row decode kernel (ascend_kernels/decode_rows_kernel.py)
         const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
                  "TILE": 64, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}

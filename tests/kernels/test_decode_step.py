@@ -48,7 +48,9 @@ def test_timeline_copy_compiles_for_sm90():
     from benchmarks.decode_step_timeline import stamped_source
 
     assert stamped_source().count("_stamp(ts_ptr") == 10  # its definition, 4 in _stage_start, 5 at stages' ends
+    assert stamped_source(tiles=True).count("_stamp(ts_ptr") == 15  # and after 3 q/k/v tiles and 2 o tiles
     assert_compiles("step_timeline", decode_step.SMEM_BYTES)
+    assert_compiles("step_timeline_tiles", decode_step.SMEM_BYTES)
 
 
 @pytest.mark.gpu
