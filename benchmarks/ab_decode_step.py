@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).parents[1]
 # the kernel's modules: their `from ascend_kernels.<name> import` lines are repointed to the copy
 MODULES = ("decode_step", "decode_step_kernel", "decode_step_attention", "decode_step_stream", "decode_step_layout",
-           "grid_sync", "tagged_values")
+           "grid_sync")
 
 
 def _module_sources(rev: str) -> tuple[str, dict[str, str]]:
