@@ -72,8 +72,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).abs().max() / ref.abs().max()).item()
 
 
-def timed(fn, repeats: int = 1) -> tuple[float, object]:
-    """Median wall seconds of `repeats` runs after one warm-up run (which also compiles);
+def timed_runs(fn, repeats: int = 1) -> tuple[list[float], object]:
+    """Wall seconds of each of `repeats` runs after one warm-up run (which also compiles);
     repeats=0 times the single run (for callers that warm up on their own)."""
     result = None if repeats == 0 else fn()
     times = []
@@ -83,6 +83,13 @@ def timed(fn, repeats: int = 1) -> tuple[float, object]:
         result = fn()
         sync()
         times.append(time.perf_counter() - start)
+    return times, result
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, object]:
+    """Median wall seconds of `repeats` runs after one warm-up run (the upper median for an even
+    count); repeats=0 times the single run."""
+    times, result = timed_runs(fn, repeats)
     return sorted(times)[len(times) // 2], result
 
 

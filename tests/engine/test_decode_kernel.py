@@ -138,6 +138,16 @@ def test_sampler_takes_a_given_argmax_for_greedy_rows_only():
     assert given.tolist() == [7, 9]  # the kernel's buffer is not written
 
 
+def test_sampler_returns_a_given_argmax_as_is_when_every_row_is_greedy():
+    from xy_inductor.engine.sampler import Sampler, SamplingRow
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    greedy = SamplingRow(SamplingParams(temperature=0), None, None)
+    given = torch.tensor([7, 9])
+    assert Sampler().sample_tensor(logits, [greedy, greedy], argmax=given) is given  # no copy launched
+    assert Sampler().sample_tensor(logits, [greedy, greedy]).tolist() == logits.argmax(-1).tolist()
+
+
 def test_decode_weights_check_their_shapes():
     w = stack_weights(build_model("llama"))
     with pytest.raises(ValueError, match="DecodeWeights.wo"):

@@ -39,7 +39,7 @@ class CudaGraphs:
     def __init__(self, layouts: Sequence[StepLayout], device: torch.device) -> None:
         self.layouts = sorted(layouts, key=lambda lay: lay.num_tokens)
         self.device = device
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, object]] = {}
         self.capture_seconds = 0.0
         self.capture_bytes = 0
         self.num_replays = 0
@@ -47,10 +47,11 @@ class CudaGraphs:
     def captured(self, layout: StepLayout) -> bool:
         return layout.num_tokens in self._graphs
 
-    def capture(self, run: Callable[[StepLayout], torch.Tensor], reset: Callable[[StepLayout], None],
+    def capture(self, run: Callable[[StepLayout], object], reset: Callable[[StepLayout], None],
                 use_tqdm: bool = True) -> None:
-        """Capture `run(layout)` (the forward on the layout's static views, returning logits) for
-        every bucket; `reset(layout)` first writes an empty step (no requests) into the views."""
+        """Capture `run(layout)` (the forward on the layout's static views, returning its output
+        tensors: the logits and their argmax) for every bucket; `reset(layout)` first writes an
+        empty step (no requests) into the views."""
         from tqdm.auto import tqdm
 
         torch.cuda.synchronize(self.device)
@@ -70,19 +71,19 @@ class CudaGraphs:
             torch.cuda.empty_cache()
             reserved = torch.cuda.memory_reserved(self.device)
             with torch.cuda.graph(graph, pool=pool):
-                logits = run(layout)
+                output = run(layout)
             self.capture_bytes += torch.cuda.memory_reserved(self.device) - reserved
-            self._graphs[layout.num_tokens] = (graph, logits)
+            self._graphs[layout.num_tokens] = (graph, output)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
 
-    def replay(self, layout: StepLayout) -> torch.Tensor:
-        """Run the bucket's graph on what its views hold now; its logits [K, V] (static: valid
-        until the next replay)."""
-        graph, logits = self._graphs[layout.num_tokens]
+    def replay(self, layout: StepLayout):
+        """Run the bucket's graph on what its views hold now; the captured output (static tensors:
+        valid until the bucket's next replay)."""
+        graph, output = self._graphs[layout.num_tokens]
         graph.replay()
         self.num_replays += 1
-        return logits
+        return output
 
     @property
     def stats(self) -> dict:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ascend_kernels.profiles import TargetProfile, profile_for
+from ascend_kernels.row_argmax import RowArgmax
 from lowering.ops import use_triton
 from xy_inductor import hf
 from xy_inductor.config import EngineConfig
@@ -103,6 +104,10 @@ class ModelRunner:
         uniform = all(s == self.layers[0] for s in self.layers)
         triton = use_triton(config.impl, self.k_caches[0])
         self._plan_spec = self.layers[0] if uniform and triton else None
+        # greedy tokens inside the step (and its CUDA graph): one launch instead of the sampler's
+        # torch reductions after it (ascend_kernels/row_argmax.py)
+        self._device_argmax = triton and self.device.type == "cuda"
+        self._argmax: RowArgmax | None = None
         self.forward, self.packed = compile_model(model, config, self.device)
         self._setup_steps()
 
@@ -163,8 +168,9 @@ class ModelRunner:
             self.buffer.pack_empty(layout)
             static[: layout.size].copy_(self.buffer.host[: layout.size])
 
-        def run(layout: StepLayout) -> torch.Tensor:
-            return self.forward(**self._static[layout.num_tokens]).logits[0]
+        def run(layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+            logits = self.forward(**self._static[layout.num_tokens]).logits[0]
+            return logits, self._argmax_of(logits)
 
         graphs = CudaGraphs(self.buckets, self.device)
         compiled_before = _graphs_compiled()
@@ -186,6 +192,15 @@ class ModelRunner:
                         len(self.buckets))
 
     # ------------------------------------------------------------ one step
+    def _argmax_of(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """The argmax of every logits row, on the device (None where the sampler computes it). The
+        workspace is made at the first call: a graph capture is always preceded by warm-up runs."""
+        if not self._device_argmax:
+            return None
+        if self._argmax is None:
+            self._argmax = RowArgmax(max(2, self.max_keep), logits.shape[-1], self.device)
+        return self._argmax(logits)
+
     def _inputs(self, v: StepViews) -> dict:
         metadata = PagedAttentionMetadata(
             k_caches=self.k_caches,
@@ -277,12 +292,15 @@ class ModelRunner:
         step = self.prepare(out, feed)
         self.last_argmax = self.picked_tokens = None
         logits = self._decode_kernel_step(out, step)
-        if logits is None and step.graph:
-            logits = self.graphs.replay(step.layout)
-        elif logits is None:
-            self._own_attention()
-            logits = self.forward(**step.inputs).logits[0]
-            self.num_eager_steps += 1
+        if logits is None:
+            if step.graph:
+                logits, argmax = self.graphs.replay(step.layout)
+            else:
+                self._own_attention()
+                logits = self.forward(**step.inputs).logits[0]
+                argmax = self._argmax_of(logits)
+                self.num_eager_steps += 1
+            self.last_argmax = argmax[: step.num_rows] if argmax is not None else None
         return logits[: step.num_rows], step.sample_ids
 
     def _decode_kernel_step(self, out: SchedulerOutput, step: PreparedStep) -> torch.Tensor | None:

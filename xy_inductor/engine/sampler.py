@@ -92,15 +92,19 @@ class Sampler:
                       argmax: torch.Tensor | None = None) -> torch.Tensor:
         """Like `sample`, as an int64 tensor [N] on the logits' device, without waiting for the
         device (an overlapped step reads it one step later). `argmax` [N]: the logits' argmax when
-        the step computed it already (the decode kernel does), taken as is by greedy rows."""
+        the step computed it already (the decode kernel and the runner's device argmax do), taken
+        as is by greedy rows; when every row is greedy it is returned itself, so it must stay
+        unchanged until the caller has read it."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"xyserve: {logits.shape[0]} logits rows for {len(rows)} requests")
         # every row's argmax (cheap), then the sampled rows overwritten one by one: no index
         # tensor built on the host, whose copy would wait for the device
+        drawn = [i for i, row in enumerate(rows) if not (row.params.greedy and row.params.repetition_penalty == 1.0)]
+        if argmax is not None and not drawn:
+            return argmax  # all greedy: the step's own argmax, not overwritten (no copy)
         out = argmax_rows(logits) if argmax is None else argmax.clone()
-        for i, row in enumerate(rows):
-            if not (row.params.greedy and row.params.repetition_penalty == 1.0):
-                out[i : i + 1] = self._sample_row(logits[i].float(), row)
+        for i in drawn:
+            out[i : i + 1] = self._sample_row(logits[i].float(), rows[i])
         return out
 
     def _sample_row(self, logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
