@@ -244,11 +244,11 @@ def test_graphs_mix_greedy_and_sampled_rows_on_gpu():
     """Greedy rows take the graph's own argmax; a sampled row beside them is drawn from its logits."""
     model = build_model("llama").cuda()
     prompts = random_prompts([7, 30, 12, 50])
+    expected = _hf_on(model, [p for i, p in enumerate(prompts) if i % 2 == 0], NEW)  # before the engine owns it
     llm = _gpu_llm(model, True, compile=False)
     sampled = SamplingParams(temperature=1.0, top_k=5, max_tokens=NEW, ignore_eos=True, seed=3)
     params = [GREEDY if i % 2 == 0 else sampled for i in range(len(prompts))]
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.engine.runner.last_argmax is not None  # the runner computed the argmax on the device
-    expected = _hf_on(model, [p for i, p in enumerate(prompts) if i % 2 == 0], NEW)
     assert [o.token_ids for i, o in enumerate(outs) if i % 2 == 0] == expected
     assert all(len(o.token_ids) == NEW for o in outs) and llm.stats["cuda_graph_replays"] > 0

@@ -177,3 +177,33 @@ def test_stop_string_cuts_accepted_drafts_like_plain_decoding():
         got = LLM(build_model("llama"), tok, compile=False, speculative=spec).generate([p], params, use_tqdm=False)[0]
         assert (got.token_ids, got.text, got.finish_reason) == (plain.token_ids, plain.text, plain.finish_reason)
         assert plain.finish_reason == "stop" and len(plain.token_ids) <= 7
+
+
+def test_greedy_rows_use_the_step_argmax_of_the_runner(monkeypatch):
+    """Where the runner computed every logits row's argmax in the step (the GPU's row_argmax), plain
+    and verify rows read it, taken to the host once a step, and the tokens stay those of plain greedy."""
+    from xy_inductor.engine import engine as engine_module
+    from xy_inductor.engine.sampler import argmax_rows
+
+    model = build_model("llama")
+    prompts = _prompts()
+    params = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
+    want, _, _ = _run(model, prompts, params)
+    llm = LLM(model, max_num_batched_tokens=64, max_num_seqs=12, compile=False,
+              speculative={"method": "ngram", "num_speculative_tokens": 3})
+    runner, execute, steps = llm.engine.runner, llm.engine.runner.execute, []
+
+    def with_argmax(out, feed=None):
+        logits, ids = execute(out, feed)
+        runner.last_argmax = argmax_rows(logits)  # what a GPU step leaves
+        steps.append(len(ids))
+        return logits, ids
+
+    def refused(_logits):
+        raise AssertionError("the engine recomputed an argmax the step had")
+
+    runner.execute = with_argmax
+    monkeypatch.setattr(engine_module, "argmax_rows", refused)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert llm.stats["spec_draft_tokens"] > 0 and steps

@@ -1,6 +1,7 @@
 """Speculative verification: greedy acceptance and distribution-preserving rejection sampling."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from xy_inductor.config import SamplingParams
@@ -22,6 +23,16 @@ def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
     expected = probs * counts.sum()
     keep = expected > 0
     return float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+
+
+def test_greedy_takes_a_known_argmax():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(3))
+    drafts = logits.argmax(-1).tolist()[:2] + [29 - logits[2].argmax().item()]
+    best = logits.argmax(-1).tolist()
+    assert verify_greedy(logits, drafts, best) == verify_greedy(logits, drafts)
+    assert verify_greedy(logits, drafts, best).num_accepted == 2
+    with pytest.raises(ValueError, match="argmax rows"):
+        verify_greedy(logits, drafts, best[:3])
 
 
 def test_rejection_sampling_preserves_the_target_distribution():

@@ -116,5 +116,7 @@ class PagedDraftDrafter:
                 else:
                     left[rid] = left[rid][len(take):]
             logits, sample_ids = self.runner.execute(SchedulerOutput(rows=rows))
-            done.update(zip(sample_ids, argmax_rows(logits).tolist()))
+            best = self.runner.last_argmax  # computed in the step (its CUDA graph) on a GPU
+            best = argmax_rows(logits) if best is None or best.shape[0] != logits.shape[0] else best
+            done.update(zip(sample_ids, best.tolist()))
         return done

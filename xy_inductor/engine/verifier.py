@@ -35,9 +35,12 @@ def target_probs(logits: torch.Tensor, params: SamplingParams, seen: list[int] |
     return logits.softmax(dim=-1)
 
 
-def verify_greedy(logits: torch.Tensor, draft_ids: list[int]) -> Verdict:
-    """logits [k + 1, V] for k drafted tokens."""
-    best = argmax_rows(logits).tolist()
+def verify_greedy(logits: torch.Tensor, draft_ids: list[int], best: list[int] | None = None) -> Verdict:
+    """logits [k + 1, V] for k drafted tokens; `best`: their argmax per row when already known."""
+    if best is None:
+        best = argmax_rows(logits).tolist()
+    elif len(best) != len(draft_ids) + 1:
+        raise ValueError(f"xyserve: {len(best)} argmax rows for {len(draft_ids)} drafted tokens")
     n = 0
     while n < len(draft_ids) and draft_ids[n] == best[n]:
         n += 1
