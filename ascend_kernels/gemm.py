@@ -32,8 +32,19 @@ from ascend_kernels.gemm_loops import (
 from ascend_kernels.gemm_streamk import smooth_gemm_streamk
 from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
 
-_FINISH_BLOCK_M = 16
-_FINISH_BLOCK_N = 128
+_COUNTERS: dict = {}  # device -> int32 arrival counters of split-K tiles, shared by every launch
+_OLD_COUNTERS: list = []  # outgrown ones stay alive: a captured CUDA graph may still point at them
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed arrival counters for `tiles` split-K tiles (every launch leaves them zero again).
+    Launches must not overlap in time (one stream, as the engine runs)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        if have is not None:
+            _OLD_COUNTERS.append(have)
+        _COUNTERS[device] = torch.zeros(max(4096, triton.next_power_of_2(tiles)), dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -41,7 +52,9 @@ def smooth_gemm_kernel(
     x_ptr,  # [num_rows, K] activations, any strides
     w_ptr,  # [N, K] (Linear) or [K, N] (Conv1D), read through stride_wk / stride_wn
     bias_ptr,  # [N] (read only when HAS_BIAS)
-    out_ptr,  # [num_rows, N]: x's dtype, or the fp32 [num_rows, N] workspace when SPLIT_K > 1
+    out_ptr,  # [num_rows, N] x's dtype
+    partials_ptr,  # [tiles, SPLIT_K, BLOCK_M, BLOCK_N] fp32 split-K partials (read only when SPLIT_K > 1)
+    counters_ptr,  # [>= tiles] int32 arrivals per tile, zero between launches (SPLIT_K > 1)
     num_tokens_ptr,  # [1] int32 real M (read only when M_FROM_DEVICE)
     num_rows,  # rows the grid was sized for (the bucket, or the real M)
     N,
@@ -96,41 +109,27 @@ def smooth_gemm_kernel(
                               stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K, EVEN_K, EVEN_N,
                               DOT_FP32, INPUT_PRECISION)  # fmt: skip
 
+    if SPLIT_K > 1:
+        # Publish this slice's partial; the tile's last slice to arrive sums all of them in slice
+        # order (the same bits whatever the arrival order) and stores the tile: one launch, no
+        # zeroed workspace, no finishing kernel.
+        offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        tile_base = pid.to(tl.int64) * SPLIT_K * (BLOCK_M * BLOCK_N)
+        tl.store(partials_ptr + tile_base + tl.program_id(1) * (BLOCK_M * BLOCK_N) + offs, acc)
+        tl.debug_barrier()  # every thread's partial precedes the release below
+        arrived = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived != SPLIT_K - 1:
+            return
+        tl.debug_barrier()
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(SPLIT_K):  # .cg: read at L2, where the other programs' stores are
+            acc += tl.load(partials_ptr + tile_base + s * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+        tl.atomic_xchg(counters_ptr + pid, 0, sem="relaxed", scope="gpu")  # zero for the next launch
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_ok = row_ok[:, None] & col_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_ok, sem="relaxed")
-
-
-@triton.jit(do_not_specialize=["num_rows"])
-def smooth_gemm_finish_kernel(
-    ws_ptr,  # [num_rows, N] fp32 split-K sums
-    bias_ptr,  # [N] (read only when HAS_BIAS)
-    out_ptr,  # [num_rows, N] x's dtype
-    num_tokens_ptr,  # [1] int32 real M (read only when M_FROM_DEVICE)
-    num_rows,
-    N,
-    stride_om,
-    HAS_BIAS: tl.constexpr,
-    M_FROM_DEVICE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    if M_FROM_DEVICE:
-        M = tl.minimum(tl.load(num_tokens_ptr), num_rows)
-    else:
-        M = num_rows
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    acc = tl.load(ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask=ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+        acc += tl.load(bias_ptr + offs_n, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], weight_kn: bool) -> tuple[int, int]:
@@ -220,25 +219,21 @@ def launch(
     dot_fp32, precision = dot_options(x2d)
     m_dev = num_tokens is not None
     use_tma = cfg.tma and tma_ok(x2d, weight)
-    target = out2d
-    if cfg.split_k > 1:
-        target = torch.zeros(rows, n, dtype=torch.float32, device=x2d.device)
-    grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    tiles = triton.cdiv(rows, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    partials = counters = out2d  # not read without split-K
+    if cfg.split_k > 1:  # per launch (a CUDA graph keeps it in its pool); counters are shared
+        partials = torch.empty(tiles * cfg.split_k * cfg.block_m * cfg.block_n, dtype=torch.float32,
+                               device=x2d.device)
+        counters = _counters(x2d.device, tiles)
+    grid = (tiles, cfg.split_k)
     smooth_gemm_kernel[grid](
-        x2d, weight, bias if bias is not None else out2d, target,
+        x2d, weight, bias if bias is not None else out2d, out2d, partials, counters,
         num_tokens if m_dev else out2d,
         rows, n, k,
-        x2d.stride(0), x2d.stride(1), stride_wk, stride_wn, target.stride(0),
+        x2d.stride(0), x2d.stride(1), stride_wk, stride_wn, out2d.stride(0),
         HAS_BIAS=bias is not None, M_FROM_DEVICE=m_dev,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         SPLIT_K=cfg.split_k, EVEN_K=k % (cfg.block_k * cfg.split_k) == 0, EVEN_N=n % cfg.block_n == 0,
         DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KN=weight_kn,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if cfg.split_k > 1:
-        fgrid = (triton.cdiv(rows, _FINISH_BLOCK_M), triton.cdiv(n, _FINISH_BLOCK_N))
-        smooth_gemm_finish_kernel[fgrid](
-            target, bias if bias is not None else out2d, out2d, num_tokens if m_dev else out2d,
-            rows, n, out2d.stride(0),
-            HAS_BIAS=bias is not None, M_FROM_DEVICE=m_dev, BLOCK_M=_FINISH_BLOCK_M, BLOCK_N=_FINISH_BLOCK_N,
-        )  # fmt: skip

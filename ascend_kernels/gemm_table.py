@@ -44,7 +44,7 @@ class GemmConfig:
     block_n: int = 128
     block_k: int = 64
     group_m: int = 8  # tiles of GROUP_M rows share a weight column panel in L2 (swizzle)
-    split_k: int = 1  # >1: K is cut into SPLIT_K slices reduced with fp32 atomics
+    split_k: int = 1  # >1: K is cut into SPLIT_K slices; the last slice of a tile to finish sums them
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # load through tensor descriptors where the GPU has a copy engine (Hopper+)

@@ -21,6 +21,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 PRIMITIVES = {
     "gemv16": GemmConfig(16, 32, 32, 1, 1, 4, 2),
     "gemv16-splitk": GemmConfig(16, 32, 16, 1, 2, 4, 2),
+    "gemv16-splitk4": GemmConfig(16, 32, 16, 1, 4, 4, 2),  # K=80 in slices of 32, 32, 16 and none
     "tile32": GemmConfig(32, 64, 32, 4, 1, 4, 2),
     "tile64": GemmConfig(64, 32, 32, 2, 1, 4, 3),
     "tile128": GemmConfig(128, 64, 64, 8, 1, 8, 3),
@@ -75,6 +76,17 @@ def test_primitive_matches_float64(name, dtype, layout):
         out = smooth_gemm(x, w, b, weight_kn, config=PRIMITIVES[name])
         assert out.shape == (m, N) and out.dtype == dtype and out.is_contiguous()
         assert _rel_err(out, x, w, b, weight_kn) < TOL[dtype], f"M={m}"
+        assert _counters_zero(), f"M={m}: a split-K tile was not reduced exactly once"
+
+
+def test_split_k_sums_slices_in_a_fixed_order():
+    """The last slice to arrive sums every slice in slice order: the same bits on every launch."""
+    torch.manual_seed(6)
+    x, w, b = _operands(17, torch.float32, False, True)
+    first = smooth_gemm(x, w, b, False, config=PRIMITIVES["gemv16-splitk4"])
+    for _ in range(3):
+        assert torch.equal(smooth_gemm(x, w, b, False, config=PRIMITIVES["gemv16-splitk4"]), first)
+    assert _counters_zero()
 
 
 @pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
@@ -91,8 +103,10 @@ def test_default_config_leading_dims_and_strided_x(weight_kn):
 
 
 def _counters_zero() -> bool:
-    """Every stream-K launch must leave its arrival counters at zero (the next launch relies on it)."""
-    return all(int(c.count_nonzero()) == 0 for key, c in gemm_streamk._WORKSPACES.items() if key[2] == 0)
+    """Every split-K or stream-K launch must leave its arrival counters at zero (the next launch
+    relies on it)."""
+    return (all(int(c.count_nonzero()) == 0 for key, c in gemm_streamk._WORKSPACES.items() if key[2] == 0)
+            and all(int(c.count_nonzero()) == 0 for c in smooth._COUNTERS.values()))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
@@ -160,8 +174,7 @@ class _KeyRecorder:
 
     def __init__(self, **overrides):
         self.gpu = DEVICE == "cuda"
-        self.kernels = (smooth.smooth_gemm_kernel, smooth.smooth_gemm_finish_kernel,
-                        gemm_streamk.smooth_gemm_streamk_kernel)
+        self.kernels = (smooth.smooth_gemm_kernel, gemm_streamk.smooth_gemm_streamk_kernel)
         self.keys: set = set()
         if not self.gpu:
             self.binders = {id(k): _shadow_binder(k, **overrides) for k in self.kernels}
