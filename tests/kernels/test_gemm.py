@@ -428,14 +428,14 @@ def test_compiled_model_any_token_count_no_recompile(unbacked, monkeypatch):
     real = smooth.smooth_gemm
     monkeypatch.setattr(smooth, "smooth_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(9)
-    model = _MLP().eval()
+    model = _MLP().eval().to(DEVICE)  # CPU tensors only where the interpreter runs the kernels
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend="xyserve", dynamic=True, options={"impl": "triton"})
     graphs = []
     with torch.no_grad():
         for t in TOKENS:
-            x = torch.randn(1, t, 32)
+            x = torch.randn(1, t, 32, device=DEVICE)
             if unbacked:
                 torch._dynamo.decorators.mark_unbacked(x, 1)
             out = compiled(x)
