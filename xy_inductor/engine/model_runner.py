@@ -195,8 +195,8 @@ class ModelRunner:
     def _argmax_of(self, logits: torch.Tensor) -> torch.Tensor | None:
         """The argmax of every logits row, on the device (None where the sampler computes it). The
         workspace is made at the first call: a graph capture is always preceded by warm-up runs."""
-        if not self._device_argmax:
-            return None
+        if not self._device_argmax or logits.dim() != 2 or logits.stride(-1) != 1:
+            return None  # the sampler's torch argmax takes any layout
         if self._argmax is None:
             self._argmax = RowArgmax(max(2, self.max_keep), logits.shape[-1], self.device)
         return self._argmax(logits)
