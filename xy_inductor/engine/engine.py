@@ -24,10 +24,10 @@ from xy_inductor.engine.overlap import InflightStep, TokenFeed
 from xy_inductor.engine.paged_drafter import PagedDraftDrafter
 from xy_inductor.engine.request import Request, RequestStatus
 from xy_inductor.engine.request_checks import check_request, encode_prompt
-from xy_inductor.engine.sampler import Sampler, SamplingRow, argmax_rows
+from xy_inductor.engine.sampler import Sampler, SamplingRow
 from xy_inductor.engine.scheduler import Scheduler
 from xy_inductor.engine.text_output import TextOutput
-from xy_inductor.engine.verifier import verify_greedy, verify_sampled
+from xy_inductor.engine.step_sampling import sample_in_order
 
 log = logging.getLogger("xyserve")
 
@@ -40,11 +40,6 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
     if eos is None:
         return ()
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-
-
-def _greedy(request: Request) -> bool:
-    """Its tokens are the argmax of the logits as they are (no penalty reshapes them)."""
-    return request.sampling_params.greedy and request.sampling_params.repetition_penalty == 1.0
 
 
 def default_budget(device: torch.device) -> int:
@@ -224,51 +219,8 @@ class LLMEngine:
             request.draft_token_ids = self.drafter.propose(request.request_id, request.all_token_ids(), room)
 
     def _sample(self, out, logits: torch.Tensor, sample_ids: list[str]) -> dict[str, list[int]]:
-        """Sampled tokens per request: one for plain rows, the verifier's verdict for verify rows.
-        Greedy rows (plain and verify) read one argmax of every logits row, taken to the host once."""
-        requests = self.scheduler.requests
-        drafts = {r.request_id: r.token_ids[1:] for r in out.rows if r.num_draft_tokens}
-        offsets, offset = [], 0
-        for rid in sample_ids:
-            offsets.append(offset)
-            offset += len(drafts.get(rid, ())) + 1
-        best = self._argmax_list(logits) if any(_greedy(requests[rid]) for rid in sample_ids) else None
-        sampled: dict[str, list[int]] = {}
-        drawn = [i for i, rid in enumerate(sample_ids) if rid not in drafts and not _greedy(requests[rid])]
-        rows = [SamplingRow(params=requests[sample_ids[i]].sampling_params,
-                            seen_token_ids=self._seen(requests[sample_ids[i]]),
-                            generator=requests[sample_ids[i]].generator) for i in drawn]
-        tokens = self.sampler.sample(logits[[offsets[i] for i in drawn]], rows) if rows else []
-        sampled.update({sample_ids[i]: [t] for i, t in zip(drawn, tokens)})
-        for i, rid in enumerate(sample_ids):
-            if rid in drafts:
-                d = drafts[rid]
-                row_best = best[offsets[i] : offsets[i] + len(d) + 1] if best is not None else None
-                sampled[rid] = self._verify(requests[rid], logits[offsets[i] : offsets[i] + len(d) + 1], d, row_best)
-            elif rid not in sampled:  # a greedy plain row
-                sampled[rid] = [best[offsets[i]]]
-        return sampled
-
-    def _argmax_list(self, logits: torch.Tensor) -> list[int]:
-        """Every logits row's argmax on the host: the runner's, computed in the step, when it has one."""
-        argmax = self.runner.last_argmax
-        if argmax is None or argmax.shape[0] != logits.shape[0]:
-            argmax = argmax_rows(logits)
-        return argmax.tolist()
-
-    def _verify(self, request: Request, logits: torch.Tensor, drafts: list[int],
-                best: list[int] | None = None) -> list[int]:
-        params = request.sampling_params
-        if _greedy(request):
-            return verify_greedy(logits, drafts, best).token_ids
-        generator = request.generator if request.generator is not None else self.sampler.generator
-        return verify_sampled(logits, drafts, None, params, self._seen(request), generator).token_ids
-
-    @staticmethod
-    def _seen(request: Request) -> list[int] | None:
-        if request.sampling_params.repetition_penalty == 1.0:
-            return None
-        return request.prompt_token_ids + request.output_token_ids
+        """An in-order step's tokens per request (step_sampling.py)."""
+        return sample_in_order(out, logits, sample_ids, self.scheduler.requests, self.sampler, self.runner.last_argmax)
 
     def _output(self, request: Request, stream_text: bool, num_new: int = 1) -> RequestOutput:
         params = request.sampling_params
