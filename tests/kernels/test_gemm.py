@@ -21,7 +21,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 PRIMITIVES = {
     "gemv16": GemmConfig(16, 32, 32, 1, 1, 4, 2),
     "gemv16-splitk": GemmConfig(16, 32, 16, 1, 2, 4, 2),
-    "gemv16-splitk4": GemmConfig(16, 32, 16, 1, 4, 4, 2),  # K=80 in slices of 32, 32, 16 and none
     "tile32": GemmConfig(32, 64, 32, 4, 1, 4, 2),
     "tile64": GemmConfig(64, 32, 32, 2, 1, 4, 3),
     "tile128": GemmConfig(128, 64, 64, 8, 1, 8, 3),
@@ -79,14 +78,22 @@ def test_primitive_matches_float64(name, dtype, layout):
         assert _counters_zero(), f"M={m}: a split-K tile was not reduced exactly once"
 
 
-def test_split_k_sums_slices_in_a_fixed_order():
-    """The last slice to arrive sums every slice in slice order: the same bits on every launch."""
+SPLIT_K4 = GemmConfig(16, 32, 16, 1, 4, 4, 2)  # K=80 in slices of 32, 32, 16 and an empty one
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+def test_split_k_sums_slices_in_a_fixed_order(layout):
+    """The last slice to arrive sums every slice in slice order: the same bits on every launch (an
+    empty slice included)."""
+    weight_kn, bias = layout
     torch.manual_seed(6)
-    x, w, b = _operands(17, torch.float32, False, True)
-    first = smooth_gemm(x, w, b, False, config=PRIMITIVES["gemv16-splitk4"])
-    for _ in range(3):
-        assert torch.equal(smooth_gemm(x, w, b, False, config=PRIMITIVES["gemv16-splitk4"]), first)
-    assert _counters_zero()
+    for m in (1, 17):
+        x, w, b = _operands(m, torch.float32, weight_kn, bias)
+        first = smooth_gemm(x, w, b, weight_kn, config=SPLIT_K4)
+        assert _rel_err(first, x, w, b, weight_kn) < TOL[torch.float32]
+        for _ in range(2):
+            assert torch.equal(smooth_gemm(x, w, b, weight_kn, config=SPLIT_K4), first)
+        assert _counters_zero()
 
 
 @pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
