@@ -199,6 +199,8 @@ class ModelRunner:
             return None  # the sampler's torch argmax takes any layout
         if self._argmax is None:
             self._argmax = RowArgmax(max(2, self.max_keep), logits.shape[-1], self.device)
+        if logits.shape[0] > self._argmax.max_rows or logits.shape[1] != self._argmax.vocab:
+            return None  # never expected (steps keep at most max_keep rows); the sampler copes
         return self._argmax(logits)
 
     def _inputs(self, v: StepViews) -> dict:
