@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ascend_kernels import prefill_hopper, reference
+from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.attention_kernel import LOG2E, meta_attention_kernel
 from ascend_kernels.profiles import AttentionTiles, TargetProfile, interpreting, next_power_of_2, profile_for
 from ascend_kernels.tiling import plan
@@ -22,7 +23,6 @@ from ascend_kernels.tiling import plan
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _warned: set[str] = set()
-_counters: dict[str, torch.Tensor] = {}
 _dense_plans: dict[tuple, torch.Tensor] = {}
 
 
@@ -38,18 +38,6 @@ def _runnable(t: torch.Tensor) -> str | None:
     if t.dtype not in DTYPES:
         return f"dtype {t.dtype} is not fp16/bf16/fp32"
     return None
-
-
-def _counter_buffer(device: torch.device, size: int) -> torch.Tensor:
-    """Arrival counters of split-KV pieces; the kernel resets each one it used, so the buffer
-    stays zero between launches and can be reused by a CUDA graph. Run one eager call per device
-    before capturing, so the buffer is allocated outside the graph's memory pool."""
-    key = str(device)
-    buf = _counters.get(key)
-    if buf is None or buf.numel() < size:
-        buf = torch.zeros(max(size, 1), dtype=torch.int32, device=device)
-        _counters[key] = buf
-    return buf
 
 
 @dataclass(slots=True)
@@ -135,7 +123,7 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
     parts = profile.max_partials
     part = torch.empty(parts, tiles.small_rows, constexprs["BLOCK_DV"], dtype=torch.float32, device=q.device)
     ml = torch.empty(parts, 2, tiles.small_rows, dtype=torch.float32, device=q.device)
-    counters = _counter_buffer(q.device, parts)
+    counters = arrival_counters(q.device, parts)  # split-KV pieces' arrivals
     # dense [B, H, S, D] vs packed [T, H, D]: (batch, token, head) strides
     sq = (q.stride(0), q.stride(2), q.stride(1)) if dense else (0, q.stride(0), q.stride(1))
     so = (out.stride(0), out.stride(2), out.stride(1)) if dense else (0, out.stride(0), out.stride(1))

@@ -26,25 +26,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.gemm_loops import (
     descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, tile_coords, tma_ok,
 )  # fmt: skip
 from ascend_kernels.gemm_streamk import smooth_gemm_streamk
 from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
 
-_COUNTERS: dict = {}  # device -> int32 arrival counters of split-K tiles, shared by every launch
-_OLD_COUNTERS: list = []  # outgrown ones stay alive: a captured CUDA graph may still point at them
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed arrival counters for `tiles` split-K tiles (every launch leaves them zero again).
-    Launches must not overlap in time (one stream, as the engine runs)."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < tiles:
-        if have is not None:
-            _OLD_COUNTERS.append(have)
-        _COUNTERS[device] = torch.zeros(max(4096, triton.next_power_of_2(tiles)), dtype=torch.int32, device=device)
-    return _COUNTERS[device]
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -224,7 +212,7 @@ def launch(
     if cfg.split_k > 1:  # per launch (a CUDA graph keeps it in its pool); counters are shared
         partials = torch.empty(tiles * cfg.split_k * cfg.block_m * cfg.block_n, dtype=torch.float32,
                                device=x2d.device)
-        counters = _counters(x2d.device, tiles)
+        counters = arrival_counters(x2d.device, tiles)
     grid = (tiles, cfg.split_k)
     smooth_gemm_kernel[grid](
         x2d, weight, bias if bias is not None else out2d, out2d, partials, counters,

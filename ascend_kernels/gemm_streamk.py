@@ -16,9 +16,9 @@ slot and bumps the tile's arrival counter; the last one to arrive adds the other
 the tile and sets the counter back to zero for the next launch. No program ever waits for another,
 so the order programs run in does not matter (the CPU interpreter runs them one by one).
 
-The workspace and counters are cached per device and shared by every launch: launches must not
-overlap in time (one stream, as the engine runs), and the first launch of a config must happen
-outside CUDA-graph capture (as for any Triton compile).
+The workspace is cached per device and shared by every launch, and so are the arrival counters
+(arrival_counters.py): launches must not overlap in time (one stream, as the engine runs), and the
+first launch of a config must happen outside CUDA-graph capture (as for any Triton compile).
 
 Measured on an H200 (benchmarks/RESULTS.md, round 2): faster than the tiled primitive where K is
 long and tiles are few (Llama down projections and 8B o at M <= 128, up to 1.55x); slower with big
@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.gemm_loops import (
     descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, tile_coords, tma_ok,
 )  # fmt: skip
@@ -201,16 +202,12 @@ _WORKSPACES: dict = {}
 MAX_SPLITS = 4
 
 
-def _workspace(device: torch.device, programs: int, tile_elems: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partials, counters) for `programs` programs of a tile size. Never freed nor regrown: a
-    captured CUDA graph keeps pointing at them."""
+def _workspace(device: torch.device, programs: int, tile_elems: int) -> torch.Tensor:
+    """The partials of `programs` programs of a tile size. Never freed nor regrown: a captured CUDA
+    graph keeps pointing at them (the counters: arrival_counters.py)."""
     key = (device, programs, tile_elems)
     if key not in _WORKSPACES:
-        counters_key = (device, programs, 0)
-        if counters_key not in _WORKSPACES:
-            _WORKSPACES[counters_key] = torch.zeros(programs + 1, dtype=torch.int32, device=device)
-        partials = torch.empty(programs * 2 * tile_elems, dtype=torch.float32, device=device)
-        _WORKSPACES[key] = (partials, _WORKSPACES[counters_key])
+        _WORKSPACES[key] = torch.empty(programs * 2 * tile_elems, dtype=torch.float32, device=device)
     return _WORKSPACES[key]
 
 
@@ -233,7 +230,8 @@ def smooth_gemm_streamk(
     stride_wk, stride_wn = weight.stride() if weight_kn else weight.stride()[::-1]
     dot_fp32, precision = dot_options(x2d)
     programs = num_cores(x2d.device) * cfg.stream_k
-    partials, counters = _workspace(x2d.device, programs, cfg.block_m * cfg.block_n)
+    partials = _workspace(x2d.device, programs, cfg.block_m * cfg.block_n)
+    counters = arrival_counters(x2d.device, programs + 1)
     smooth_gemm_streamk_kernel[(programs,)](
         x2d, weight, bias if bias is not None else out2d, out2d, partials, counters,
         num_tokens if num_tokens is not None else counters,

@@ -13,7 +13,8 @@ can hold:
     out [N] int64                      first index of the max
 
 Semantics are torch.argmax's: the first maximal index, a NaN counting as the maximum (its first
-index wins). Counters are zero between launches: the merging program resets its row's.
+index wins). The arrival counters (arrival_counters.py) are zero between launches: the merging
+program resets its row's.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.profiles import next_power_of_2
 
 BLOCK_V = 4096  # entries a program reduces: 32 programs a row for Llama-3's 128k vocabulary
-BIG_INDEX = 2**31 - 1
+BIG_INDEX = tl.constexpr(2**31 - 1)  # no index: loses every min (module globals in @triton.jit are constexprs)
 
 
 @triton.jit
@@ -35,8 +37,8 @@ def _first_max(x, idx):
     num_nan = tl.sum(nan.to(tl.int32), axis=0)
     key = tl.where(nan, float("-inf"), x)
     best = tl.max(key, axis=0)
-    first_nan = tl.min(tl.where(nan, idx, 2147483647), axis=0)
-    first_best = tl.min(tl.where(key == best, idx, 2147483647), axis=0)
+    first_nan = tl.min(tl.where(nan, idx, BIG_INDEX), axis=0)
+    first_best = tl.min(tl.where(key == best, idx, BIG_INDEX), axis=0)
     value = tl.where(num_nan > 0, float("nan"), best)
     return value, tl.where(num_nan > 0, first_nan, first_best)
 
@@ -46,7 +48,7 @@ def row_argmax_kernel(
     x_ptr,  # [N, V] logits, any float dtype, unit last stride
     val_ptr,  # [N, C] fp32 workspace: each chunk's maximum (NaN when the chunk holds one)
     idx_ptr,  # [N, C] int32 workspace: its first index
-    count_ptr,  # [N] int32 arrival counters, zero between launches
+    count_ptr,  # [>= N] int32 arrival counters, zero between launches
     out_ptr,  # [N] int64 argmax of each row
     V, C, stride_x,
     BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -63,7 +65,7 @@ def row_argmax_kernel(
     if arrived == C - 1:
         cc = tl.arange(0, BLOCK_C)
         v = tl.load(val_ptr + n * C + cc, mask=cc < C, other=float("-inf"), volatile=True)
-        i = tl.load(idx_ptr + n * C + cc, mask=cc < C, other=2147483647, volatile=True)
+        i = tl.load(idx_ptr + n * C + cc, mask=cc < C, other=BIG_INDEX, volatile=True)
         _, best = _first_max(v, i)  # chunks hold increasing indices: the first best chunk is the first index
         tl.store(out_ptr + n, best.to(tl.int64))
         tl.atomic_xchg(count_ptr + n, 0)  # ready for the next launch
@@ -80,7 +82,6 @@ class RowArgmax:
         self.num_chunks = triton.cdiv(vocab, BLOCK_V)
         self.values = torch.empty(max_rows, self.num_chunks, dtype=torch.float32, device=device)
         self.indices = torch.empty(max_rows, self.num_chunks, dtype=torch.int32, device=device)
-        self.counts = torch.zeros(max_rows, dtype=torch.int32, device=device)
 
     def __call__(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """logits [N, V] -> int64 [N], equal to logits.argmax(dim=-1)."""
@@ -89,15 +90,15 @@ class RowArgmax:
                              f"got {tuple(logits.shape)}")
         if logits.stride(1) != 1:
             raise ValueError("xyserve: row_argmax needs logits with a unit last stride")
-        if logits.device != self.counts.device:
-            raise ValueError(f"xyserve: logits on {logits.device}, the workspace on {self.counts.device}")
+        if logits.device != self.values.device:
+            raise ValueError(f"xyserve: logits on {logits.device}, the workspace on {self.values.device}")
         num_rows = logits.shape[0]
         if out is None:
             out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
         if num_rows == 0:
             return out
         row_argmax_kernel[(self.num_chunks, num_rows)](
-            logits, self.values, self.indices, self.counts, out, self.vocab, self.num_chunks, logits.stride(0),
+            logits, self.values, self.indices, arrival_counters(logits.device, num_rows), out, self.vocab, self.num_chunks, logits.stride(0),
             BLOCK_V=BLOCK_V, BLOCK_C=next_power_of_2(self.num_chunks), num_warps=4,
         )
         return out

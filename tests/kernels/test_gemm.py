@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ascend_kernels import arrival_counters
 from ascend_kernels import gemm as smooth
 from ascend_kernels import gemm_streamk
 from ascend_kernels.gemm import smooth_gemm
@@ -112,8 +113,7 @@ def test_default_config_leading_dims_and_strided_x(weight_kn):
 def _counters_zero() -> bool:
     """Every split-K or stream-K launch must leave its arrival counters at zero (the next launch
     relies on it)."""
-    return (all(int(c.count_nonzero()) == 0 for key, c in gemm_streamk._WORKSPACES.items() if key[2] == 0)
-            and all(int(c.count_nonzero()) == 0 for c in smooth._COUNTERS.values()))
+    return arrival_counters.all_zero()
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
