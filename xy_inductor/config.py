@@ -256,3 +256,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def argmax_only(self) -> bool:
+        """The token is the plain argmax of the logits (greedy, no penalty reshaping them)."""
+        return self.greedy and self.repetition_penalty == 1.0

@@ -182,7 +182,7 @@ def test_stop_string_cuts_accepted_drafts_like_plain_decoding():
 def test_greedy_rows_use_the_step_argmax_of_the_runner(monkeypatch):
     """Where the runner computed every logits row's argmax in the step (the GPU's row_argmax), plain
     and verify rows read it, taken to the host once a step, and the tokens stay those of plain greedy."""
-    from xy_inductor.engine import step_sampling
+    from xy_inductor.engine import sampler
     from xy_inductor.engine.sampler import argmax_rows
 
     model = build_model("llama")
@@ -203,7 +203,7 @@ def test_greedy_rows_use_the_step_argmax_of_the_runner(monkeypatch):
         raise AssertionError("the engine recomputed an argmax the step had")
 
     runner.execute = with_argmax
-    monkeypatch.setattr(step_sampling, "argmax_rows", refused)
+    monkeypatch.setattr(sampler, "argmax_rows", refused)
     got = llm.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert llm.stats["spec_draft_tokens"] > 0 and steps

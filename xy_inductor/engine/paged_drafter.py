@@ -25,7 +25,7 @@ from xy_inductor.config import EngineConfig
 from xy_inductor.engine.block_pool import BlockPool
 from xy_inductor.engine.model_runner import ModelRunner
 from xy_inductor.engine.outputs import ScheduledRequest, SchedulerOutput, Stage
-from xy_inductor.engine.sampler import argmax_rows
+from xy_inductor.engine.sampler import step_argmax
 
 
 @dataclass(slots=True)
@@ -116,7 +116,5 @@ class PagedDraftDrafter:
                 else:
                     left[rid] = left[rid][len(take):]
             logits, sample_ids = self.runner.execute(SchedulerOutput(rows=rows))
-            best = self.runner.last_argmax  # computed in the step (its CUDA graph) on a GPU
-            best = argmax_rows(logits) if best is None or best.shape[0] != logits.shape[0] else best
-            done.update(zip(sample_ids, best.tolist()))
+            done.update(zip(sample_ids, step_argmax(logits, self.runner.last_argmax).tolist()))
         return done

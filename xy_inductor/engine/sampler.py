@@ -57,6 +57,12 @@ def argmax_rows(logits: torch.Tensor, chunked: bool | None = None) -> torch.Tens
     return (best * chunk + idx.gather(1, best)).squeeze(1)
 
 
+def step_argmax(logits: torch.Tensor, argmax: torch.Tensor | None) -> torch.Tensor:
+    """Every logits row's argmax: the step's own (`argmax`, computed on the device inside the step)
+    when it covers these rows, else `argmax_rows`."""
+    return argmax if argmax is not None and argmax.shape[0] == logits.shape[0] else argmax_rows(logits)
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
     """HF semantics: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
     ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
@@ -99,7 +105,7 @@ class Sampler:
             raise ValueError(f"xyserve: {logits.shape[0]} logits rows for {len(rows)} requests")
         # every row's argmax (cheap), then the sampled rows overwritten one by one: no index
         # tensor built on the host, whose copy would wait for the device
-        drawn = [i for i, row in enumerate(rows) if not (row.params.greedy and row.params.repetition_penalty == 1.0)]
+        drawn = [i for i, row in enumerate(rows) if not row.params.argmax_only]
         if argmax is not None and not drawn:
             return argmax  # all greedy: the step's own argmax, not overwritten (no copy)
         out = argmax_rows(logits) if argmax is None else argmax.clone()

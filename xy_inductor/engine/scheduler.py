@@ -93,7 +93,7 @@ class Scheduler:
         (row,) = rows.values()
         request = self.requests[row.request_id]
         params = request.sampling_params
-        if row.stage is not Stage.DECODE or not params.greedy or params.repetition_penalty != 1.0:
+        if row.stage is not Stage.DECODE or not params.argmax_only:
             return
         room = min(max_steps, params.max_tokens - request.num_output_tokens)
         if request.max_model_len is not None:

@@ -11,13 +11,8 @@ import torch
 
 from xy_inductor.engine.outputs import SchedulerOutput
 from xy_inductor.engine.request import Request
-from xy_inductor.engine.sampler import Sampler, SamplingRow, argmax_rows
+from xy_inductor.engine.sampler import Sampler, SamplingRow, step_argmax
 from xy_inductor.engine.verifier import verify_greedy, verify_sampled
-
-
-def is_greedy(request: Request) -> bool:
-    """Its tokens are the argmax of the logits as they are (no penalty reshapes them)."""
-    return request.sampling_params.greedy and request.sampling_params.repetition_penalty == 1.0
 
 
 def seen_tokens(request: Request) -> list[int] | None:
@@ -36,8 +31,9 @@ def sample_in_order(out: SchedulerOutput, logits: torch.Tensor, sample_ids: list
     for rid in sample_ids:
         offsets.append(offset)
         offset += len(drafts.get(rid, ())) + 1
-    best = _argmax_list(logits, argmax) if any(is_greedy(requests[rid]) for rid in sample_ids) else None
-    drawn = [i for i, rid in enumerate(sample_ids) if rid not in drafts and not is_greedy(requests[rid])]
+    greedy = {rid for rid in sample_ids if requests[rid].sampling_params.argmax_only}
+    best = step_argmax(logits, argmax).tolist() if greedy else None
+    drawn = [i for i, rid in enumerate(sample_ids) if rid not in drafts and rid not in greedy]
     rows = [SamplingRow(requests[sample_ids[i]].sampling_params, seen_tokens(requests[sample_ids[i]]),
                         requests[sample_ids[i]].generator) for i in drawn]
     tokens = sampler.sample(logits[[offsets[i] for i in drawn]], rows) if rows else []
@@ -53,15 +49,9 @@ def sample_in_order(out: SchedulerOutput, logits: torch.Tensor, sample_ids: list
     return sampled
 
 
-def _argmax_list(logits: torch.Tensor, argmax: torch.Tensor | None) -> list[int]:
-    if argmax is None or argmax.shape[0] != logits.shape[0]:
-        argmax = argmax_rows(logits)
-    return argmax.tolist()
-
-
 def _verify(request: Request, logits: torch.Tensor, drafts: list[int], best: list[int] | None,
             sampler: Sampler) -> list[int]:
-    if is_greedy(request):
+    if request.sampling_params.argmax_only:
         return verify_greedy(logits, drafts, best).token_ids
     generator = request.generator if request.generator is not None else sampler.generator
     return verify_sampled(logits, drafts, None, request.sampling_params, seen_tokens(request), generator).token_ids
