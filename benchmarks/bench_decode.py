@@ -25,6 +25,7 @@ from benchmarks.common import (
     card_rates,
     cli,
     llama_config,
+    median_run,
     timed_runs,
     weight_bytes,
 )
@@ -60,7 +61,7 @@ def _tok_s(fn, batch: int, repeats: int = 2) -> dict:
     """The median run's rate, and every run's seconds (a generate now and then takes 10-30% longer
     on the device machines, so the slower of two runs overstated the spread)."""
     times, _ = timed_runs(fn, repeats)
-    seconds = sorted(times)[len(times) // 2]
+    seconds = median_run(times)
     return {"seconds": seconds, "tok_s": batch * NEW / seconds, "runs_s": [round(t, 5) for t in times]}
 
 

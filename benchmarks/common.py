@@ -86,11 +86,16 @@ def timed_runs(fn, repeats: int = 1) -> tuple[list[float], object]:
     return times, result
 
 
+def median_run(times: list[float]) -> float:
+    """The median of run times (the upper one for an even count)."""
+    return sorted(times)[len(times) // 2]
+
+
 def timed(fn, repeats: int = 1) -> tuple[float, object]:
-    """Median wall seconds of `repeats` runs after one warm-up run (the upper median for an even
-    count); repeats=0 times the single run."""
+    """Median wall seconds of `repeats` runs after one warm-up run (see median_run); repeats=0 times
+    the single run."""
     times, result = timed_runs(fn, repeats)
-    return sorted(times)[len(times) // 2], result
+    return median_run(times), result
 
 
 def allow_many_graphs(limit: int = 64) -> None:
@@ -161,13 +166,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-def cli(run, table) -> None:
-    """`python -m benchmarks.bench_x [--quick]`: the JSON, then the table."""
+def cli(run, table, flags: dict[str, str] | None = None) -> None:
+    """`python -m benchmarks.bench_x [--quick] [--flag ...]`: the JSON, then the table. `flags`: more
+    on/off options (name: help), passed to `run` as keyword arguments."""
     import argparse
     import json
 
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true")
-    res = run(p.parse_args().quick)
+    for name, help_text in (flags or {}).items():
+        p.add_argument(f"--{name}", action="store_true", help=help_text)
+    args = vars(p.parse_args())
+    res = run(args.pop("quick"), **args)
     print(json.dumps(res, indent=1, default=str))
     print(table(res))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import card_name
+from benchmarks.common import card_name, cli
 
 STAMP_HELPERS = '''
 
@@ -182,13 +182,4 @@ def table(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tiles", action="store_true", help="also stamp single q/k/v and o tiles")
-    args = ap.parse_args()
-    result = run(args.quick, args.tiles)
-    print(json.dumps(result, indent=1, default=str))
-    print(table(result))
+    cli(run, table, {"tiles": "also stamp single q/k/v and o tiles"})
