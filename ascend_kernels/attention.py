@@ -54,6 +54,7 @@ class Operands:
     num_requests: int
     dense_q_len: int = 0
     dense_kv_len: int = 0
+    seq_lens: torch.Tensor | None = None  # [B] paged: KV lengths (a decode batch's kernel reads them)
 
 
 def chunk_shape(tiles: AttentionTiles, page: int) -> tuple[int, int, int]:
@@ -130,10 +131,14 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
     sk = (k.stride(0), k.stride(2), k.stride(1)) if dense else (k.stride(0), k.stride(1), k.stride(2))
     sv = (v.stride(0), v.stride(2), v.stride(1)) if dense else (v.stride(0), v.stride(1), v.stride(2))
     sm = ops.mask.stride() if ops.mask.dim() == 4 else (0, 0, 0, 0)
+    if ops.paged and ops.seq_lens is None:
+        raise ValueError("xyserve attention: a paged launch needs seq_lens")
+    seq_lens = ops.seq_lens if ops.paged else table
     meta_attention_kernel[(grid or profile.num_programs,)](
-        table, q, out, k, v, ops.block_table, ops.cu_seqlens_q, ops.tree, ops.mask,
+        table, q, out, k, v, ops.block_table, ops.cu_seqlens_q, seq_lens, ops.tree, ops.mask,
         part, ml, counters,
-        ops.num_requests, q.shape[0] if ops.paged else 0, ops.dense_q_len, ops.dense_kv_len, table.numel(), scale * LOG2E,
+        ops.num_requests, q.shape[0] if ops.paged else 0, ops.dense_q_len, ops.dense_kv_len, table.numel(),
+        ops.block_table.shape[1] if ops.paged else 0, scale * LOG2E,
         *sq, *so, ops.block_table.stride(0) if ops.paged else 0, *sk, *sv,
         ops.tree.stride(0) if ops.tree.dim() == 2 else 0, *sm,
         **constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -213,6 +218,7 @@ def paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_table, sc
         block_table=block_table.to(torch.int32), cu_seqlens_q=cu_seqlens_q.to(torch.int32),
         tree=tree_mask.view(torch.uint8) if tree_mask is not None else q.new_empty(0, dtype=torch.uint8),
         mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=seq_lens.shape[0],
+        seq_lens=seq_lens.to(torch.int32),
     )
     q = _unit_last(q)
     if out is None:  # tests pass a NaN-filled `out` to prove every row is written

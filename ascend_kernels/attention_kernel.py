@@ -16,11 +16,12 @@ import triton.language as tl
 
 from ascend_kernels.attention_epilogue import _merge_pieces, _store_rows, _zero_tail_rows
 from ascend_kernels.attention_kv_span import _kv_spans, _tile_rows
-from ascend_kernels.tiling import HEADER, PATH_SMALL, TASK_FIELDS
+from ascend_kernels.tiling import F_DECODE_REQUESTS, HEADER, PATH_SMALL, TASK_FIELDS
 
 LOG2E = 1.4426950408889634
 # module globals read inside @triton.jit must be constexpr objects
 TABLE_HEADER = tl.constexpr(HEADER)
+DECODE_FIELD = tl.constexpr(F_DECODE_REQUESTS)
 FIELDS = tl.constexpr(TASK_FIELDS)
 SMALL_PATH = tl.constexpr(PATH_SMALL)
 
@@ -116,6 +117,50 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
 
 
 @triton.jit
+def _decode_pair(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, b, kv_head, seq_len, pages, scale_log2,
+                 stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                 stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr,
+                 IEEE: tl.constexpr, KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr):
+    """A decode batch's (request b, kv_head): its one token (packed row b) and its GQA group over the
+    whole KV; `pages`: the first CHUNK_PAGES block-table entries, loaded by the caller up front."""
+    row_lo = b * 0  # a tensor: _kv_span carries it through its loop
+    tok, head, row_ok = _tile_rows(row_lo, GROUP, kv_head, BLOCK_M, GROUP)
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if KV_CHUNK > 0:
+        for c0 in range(0, seq_len, KV_CHUNK):
+            p0 = c0 // PAGE
+            if c0 > 0:
+                pages, p0 = _chunk_pages(bt_ptr, b, c0, seq_len, stride_bt, PAGE, CHUNK_PAGES)
+            c_hi = tl.minimum(c0 + KV_CHUNK, seq_len)
+            acc, m_i, l_i, row_lo = _kv_spans(
+                acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c0, c0, c_hi, kv_head, d, dv, row_lo, GROUP, b,
+                1, seq_len, seq_len, seq_len - 1, GROUP, scale_log2, stride_bt, stride_kb, stride_ks, stride_kh,
+                stride_vb, stride_vs, stride_vh, tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms,
+                stride_ml, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGE, True, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE,
+                True)
+    else:
+        acc, m_i, l_i, row_lo = _kv_spans(
+            acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, 0, 0, seq_len, kv_head, d, dv, row_lo, GROUP, b, 1,
+            seq_len, seq_len, seq_len - 1, GROUP, scale_log2, stride_bt, stride_kb, stride_ks, stride_kh, stride_vb,
+            stride_vs, stride_vh, tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml, BLOCK_N,
+            HEAD_DIM, HEAD_DIM_V, True, PAGE, True, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, False)
+    tok, head, row_ok = _tile_rows(row_lo, GROUP, kv_head, BLOCK_M, GROUP)
+    _store_rows(o_ptr, b.to(tl.int64) * stride_ot, acc, l_i, tok, head, dv, row_ok, stride_ot, stride_oh, HEAD_DIM_V)
+
+
+@triton.jit
 def meta_attention_kernel(
     table_ptr,  # [HEADER + P + 1 + num_tasks * TASK_FIELDS] int32 Task-Table (tiling.py)
     q_ptr,  # paged: [T, Hq, D] packed ; dense: [B, Hq, S, D]
@@ -124,12 +169,13 @@ def meta_attention_kernel(
     v_ptr,  # paged: [num_blocks, PAGE, Hkv, Dv] ; dense: [B, Hkv, L, Dv]
     bt_ptr,  # [B, max_blocks] int32 block_table (paged only)
     cu_ptr,  # [B + 1] int32 cu_seqlens_q (paged only)
+    seq_ptr,  # [B] int32 seq_lens (paged only; read by decode batches)
     tree_ptr,  # [T, max_q] uint8 tree mask (HAS_TREE only)
     mask_ptr,  # [B, Hq, S, L] bool-as-uint8 or float, broadcast by strides (MASK_KIND only)
     part_ptr,  # [max_partials, SMALL_M, BLOCK_DV] fp32 split-KV partial outputs
     ml_ptr,  # [max_partials, 2, SMALL_M] fp32 split-KV running max and sum
     count_ptr,  # [max_partials] int32 arrival counters, zero between launches
-    num_requests, num_rows, dense_q_len, dense_kv_len, table_len, scale_log2,
+    num_requests, num_rows, dense_q_len, dense_kv_len, table_len, bt_width, scale_log2,
     stride_qb, stride_qt, stride_qh, stride_ob, stride_ot, stride_oh, stride_bt,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
@@ -161,16 +207,37 @@ def meta_attention_kernel(
     # A decode's time is a chain of dependent loads (table -> task -> block table -> K/V), so
     # everything that does not depend on an earlier load is issued at once: the program count,
     # the first slot's task range (speculatively: the usual table has one slot per program) and
-    # the first padded row.
+    # the first padded row. A decode batch (table header) skips the task walk: its first pair's
+    # KV length and block-table entries are loaded here with the header, so its K/V loads are
+    # the second round trip instead of the fourth.
     pid = tl.program_id(0)
     num_slots = tl.load(table_ptr)  # programs the plan was dealt to; any grid size walks them all
     guess_ok = TABLE_HEADER + pid + 1 < table_len
     t_lo_next = tl.load(table_ptr + TABLE_HEADER + pid, mask=guess_ok, other=0)
     t_hi_next = tl.load(table_ptr + TABLE_HEADER + pid + 1, mask=guess_ok, other=0)
+    walk_end = num_slots
     if PAGED:
         tail_row = tl.load(cu_ptr + num_requests)
+        decode_pairs = tl.load(table_ptr + DECODE_FIELD) * num_kv_heads
+        pg = tl.arange(0, CHUNK_PAGES)
+        first_ok = pid // num_kv_heads < num_requests
+        seq_len = tl.load(seq_ptr + pid // num_kv_heads, mask=first_ok, other=0)
+        first_width = tl.where(first_ok, bt_width, 0)
+        pages = tl.load(bt_ptr + (pid // num_kv_heads) * stride_bt + pg, mask=pg < first_width, other=0)
+        for pair in range(pid, decode_pairs, tl.num_programs(0)):
+            b = pair // num_kv_heads
+            if pair != pid:
+                seq_len = tl.load(seq_ptr + b)
+                pages = tl.load(bt_ptr + b * stride_bt + pg, mask=pg < bt_width, other=0)
+            _decode_pair(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, b, pair % num_kv_heads, seq_len,
+                         pages, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                         stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
+                         SMALL_M, SMALL_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP, PAGE, CAUSAL, HAS_TREE,
+                         MASK_KIND, DOT_FP32, IEEE, SMALL_KV_CHUNK, CHUNK_PAGES)
+        walk_end = tl.where(decode_pairs > 0, 0, num_slots)
     task_base = TABLE_HEADER + num_slots + 1
-    for slot in range(pid, num_slots, tl.num_programs(0)):
+    for slot in range(pid, walk_end, tl.num_programs(0)):
         t_lo = t_lo_next
         t_hi = t_hi_next
         nxt = slot + tl.num_programs(0)

@@ -10,9 +10,13 @@ of a program's work, it is split along the KV axis; the kernel merges the pieces
 
 The table is one int32 tensor the kernel walks (all offsets in int32 elements):
 
-    [0:HEADER]              num_programs, num_tasks, num_partials, TASK_FIELDS
+    [0:HEADER]              num_programs, num_tasks, num_partials, TASK_FIELDS, decode_requests
     [HEADER:HEADER+P+1]     first task of each program (prefix sums)
     [HEADER+P+1:]           tasks, TASK_FIELDS each (see the F_* names)
+
+decode_requests > 0 marks a batch of that many one-token decodes whose tasks are exactly one per
+(request, kv head) over the whole KV: the kernel then maps programs to (request, kv head) pairs
+itself and skips the task walk (two dependent loads fewer before the K/V, see the kernel).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import torch
 
 from ascend_kernels.profiles import AttentionTiles, TargetProfile, profile_for
 
-HEADER = 4
+HEADER = 5
+F_DECODE_REQUESTS = 4  # header field: see the module docstring
 (F_REQUEST, F_ROW_LO, F_ROW_HI, F_KV_HEAD, F_KV_LO, F_KV_HI, F_PATH, F_PART_BASE, F_SPLIT, F_NUM_SPLITS,
  F_Q_ROW0, F_Q_LEN, F_SEQ_LEN) = range(13)
 # The last three repeat the request's packed first row, query length and KV length, so the kernel
@@ -70,6 +75,7 @@ class TaskPlan:
     starts: np.ndarray
     num_partials: int
     tiles: AttentionTiles
+    decode_requests: int = 0
 
     @property
     def loads(self) -> list[int]:
@@ -86,7 +92,7 @@ class TaskPlan:
 
     def tensor(self) -> torch.Tensor:
         """The compact int32 Task-Table (on the host; move it to the device once per step)."""
-        header = np.array([self.num_programs, len(self.rows), self.num_partials, TASK_FIELDS])
+        header = np.array([self.num_programs, len(self.rows), self.num_partials, TASK_FIELDS, self.decode_requests])
         flat = np.concatenate([header, self.starts, self.rows.reshape(-1)]).astype(np.int32)
         return torch.from_numpy(flat)
 
@@ -213,7 +219,19 @@ def plan(q_lens: Sequence[int], kv_lens: Sequence[int], stages: Sequence[str] | 
     if split_kv and len(rows):
         rows, costs, num_partials = split_long_tasks(rows, costs, profile.num_programs, tiles, profile)
     order, starts = symmetric_round_robin(costs, profile.num_programs)
-    return TaskPlan(profile.num_programs, rows[order], costs[order], starts, num_partials, tiles)
+    decode = _decode_batch(q_arr, causal, group, tiles, num_partials, len(q_arr) * num_kv_heads <= profile.num_programs)
+    return TaskPlan(profile.num_programs, rows[order], costs[order], starts, num_partials, tiles,
+                    len(q_arr) if decode else 0)
+
+
+def _decode_batch(q_arr: np.ndarray, causal: str, group: int, tiles: AttentionTiles, num_partials: int,
+                  fits: bool) -> bool:
+    """Whether the kernel may map programs to (request, kv head) pairs directly: every request
+    decodes one token over its whole KV (not SDPA's top-left causal, which shows a lone token
+    only position 0), one small tile holds a GQA group, nothing was split along KV, and every
+    pair has a program of its own (`fits`; a program walking several pairs would not be balanced)."""
+    return (len(q_arr) > 0 and bool((q_arr == 1).all()) and causal != "top_left" and group <= tiles.small_rows
+            and num_partials == 0 and fits)
 
 
 def build_task_table(q_lens: Sequence[int], kv_lens: Sequence[int], stages: Sequence[str] | None = None, *,

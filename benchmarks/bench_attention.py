@@ -146,7 +146,8 @@ def ours(specs, sets, prof, schedule="symmetric") -> tuple[float, float]:
     runs = []
     for q, kc, vc, cu, lens, bt in sets:
         ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, tree=q.new_empty(0, dtype=torch.uint8),
-                                 mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs))
+                                 mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs),
+                                 seq_lens=lens)
         o = torch.empty_like(q)
         runs.append(lambda q=q, kc=kc, vc=vc, ops=ops, o=o: attention.launch(
             q, kc, vc, o, table, ops, SCALE, tiles=tiles, profile=prof, grid=p.num_programs))

@@ -32,7 +32,7 @@ from triton.compiler import ASTSource
 from ascend_kernels import attention, profiles
 from ascend_kernels.attention_kernel import meta_attention_kernel
 
-_INT_POINTERS = {"table_ptr", "bt_ptr", "cu_ptr", "count_ptr"}
+_INT_POINTERS = {"table_ptr", "bt_ptr", "cu_ptr", "seq_ptr", "count_ptr"}
 _FP32_POINTERS = {"part_ptr", "ml_ptr"}
 
 

@@ -337,7 +337,8 @@ def test_a_non_positive_scale_falls_back_and_the_launcher_refuses_it():
         assert any("scale" in str(w.message) for w in seen)
         assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, scale), torch.float32, f"scale {scale}")
     ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, tree=q.new_empty(0, dtype=torch.uint8),
-                             mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs))
+                             mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs),
+                             seq_lens=lens)
     p = plan([s[0] for s in specs], [s[1] for s in specs], num_q_heads=4, num_kv_heads=2, head_dim=32,
              profile=CPU_INTERPRETER)
     with pytest.raises(ValueError, match="positive softmax scale"):
@@ -376,7 +377,8 @@ def test_table_of_the_other_variant_gives_the_same_numbers(plan_variant, run_var
              profile=dataclasses.replace(pinned, memory_overrides=()))
     run = variants[run_variant]
     ops = attention.Operands(block_table=bt, cu_seqlens_q=cu, tree=q.new_empty(0, dtype=torch.uint8),
-                             mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs))
+                             mask=q.new_empty(0), mask_kind=0, paged=True, causal=True, num_requests=len(specs),
+                             seq_lens=lens)
     out = attention.launch(q, kc, vc, torch.full_like(q, float("nan")), p.tensor(), ops, 0.125,
                            tiles=run.attention_tiles(64), profile=run)
     assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.125), torch.float32, f"{plan_variant} table on {run_variant}")

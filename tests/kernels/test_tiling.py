@@ -103,7 +103,7 @@ def test_table_layout_for_the_engine():
     table = build_task_table([3, 1], [10, 40], num_q_heads=4, num_kv_heads=2, head_dim=64, device="cpu")
     p = plan([3, 1], [10, 40], num_q_heads=4, num_kv_heads=2, head_dim=64, profile=profiles.CPU_INTERPRETER)
     assert table.dtype == torch.int32 and torch.equal(table, p.tensor())
-    num_programs, num_tasks, _, fields = table[:HEADER].tolist()
+    num_programs, num_tasks, _, fields, _ = table[:HEADER].tolist()
     assert fields == TASK_FIELDS and num_programs == p.num_programs
     starts = table[HEADER:HEADER + num_programs + 1].tolist()
     assert starts[0] == 0 and starts[-1] == num_tasks == len(p.tasks)
