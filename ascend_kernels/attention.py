@@ -57,38 +57,48 @@ class Operands:
     seq_lens: torch.Tensor | None = None  # [B] paged: KV lengths (a decode batch's kernel reads them)
 
 
-def chunk_shape(tiles: AttentionTiles, page: int) -> tuple[int, int, int]:
-    """(KV positions per chunk of the large path, of the small path, block-table entries a chunk
-    reads), paged K/V.
+def chunk_shape(tiles: AttentionTiles, page: int) -> tuple[int, int, int, int]:
+    """(KV positions per chunk of the large path, of the small path, of a decode batch, block-table
+    entries a chunk reads), paged K/V.
 
     A chunk starting anywhere inside a page spans one page more than its length covers, and the
     entry count must be a power of two: a chunk is (entries - 1) pages, cut to whole KV tiles of
-    its path. A profile with kv_chunk_tiles == 0 gets (0, 0, 1): the block table is read per KV tile.
+    its path. A profile with kv_chunk_tiles == 0 gets (0, 0, 0, 1): the block table is read per KV tile.
     """
     if tiles.kv_chunk_tiles == 0:
-        return 0, 0, 1
-    widest = max(tiles.kv_tile, tiles.small_kv_tile)
+        return 0, 0, 0, 1
+    widest = max(tiles.kv_tile, tiles.small_kv_tile, tiles.decode_kv_tile)
     pages = max(2, next_power_of_2(-(-tiles.kv_tile * tiles.kv_chunk_tiles // page)))
     while (pages - 1) * page < widest:
         pages *= 2
     span = (pages - 1) * page
-    return span // tiles.kv_tile * tiles.kv_tile, span // tiles.small_kv_tile * tiles.small_kv_tile, pages
+    return (span // tiles.kv_tile * tiles.kv_tile, span // tiles.small_kv_tile * tiles.small_kv_tile,
+            span // tiles.decode_kv_tile * tiles.decode_kv_tile, pages)
 
 
 # Shared memory one pipeline stage of the small path may take (a K and a V tile): a 128-wide
 # tile of 128-dim bf16 rows. The small path keeps two or three stages in flight, and wider
 # elements or heads get a narrower KV tile (fp32, 128-dim heads: 64 positions) so they still fit.
+# A decode batch's tile gets half that: the memory variant runs two programs an SM, and a 128-wide
+# decode tile of 128-dim rows took the kernel from 113 to 136 KB (one program an SM).
 SMALL_STAGE_BYTES = 64 * 1024
+DECODE_STAGE_BYTES = 32 * 1024
 
 
 def fit_small_tile(tiles: AttentionTiles, head_dim: int, elem_bytes: int) -> AttentionTiles:
-    """The tiles with the small path's KV tile narrowed to SMALL_STAGE_BYTES per stage. Task rows
-    do not change, and split-KV pieces (whole wider tiles) stay whole narrower ones."""
+    """The tiles with the small path's and a decode batch's KV tiles narrowed to their stage bytes.
+    Task rows do not change, and split-KV pieces (whole wider tiles) stay whole narrower ones."""
     row_bytes = 2 * next_power_of_2(head_dim) * elem_bytes
-    width = tiles.small_kv_tile
-    while width > 16 and width * row_bytes > SMALL_STAGE_BYTES:
-        width //= 2
-    return tiles if width == tiles.small_kv_tile else dataclasses.replace(tiles, small_kv_tile=width)
+
+    def fit(width: int, budget: int) -> int:
+        while width > 16 and width * row_bytes > budget:
+            width //= 2
+        return width
+
+    small, decode = fit(tiles.small_kv_tile, SMALL_STAGE_BYTES), fit(tiles.decode_kv_tile, DECODE_STAGE_BYTES)
+    if (small, decode) == (tiles.small_kv_tile, tiles.decode_kv_tile):
+        return tiles
+    return dataclasses.replace(tiles, small_kv_tile=small, decode_kv_tile=decode)
 
 
 def kernel_constexprs(q, k, v, ops: Operands, tiles: AttentionTiles) -> dict:
@@ -97,7 +107,7 @@ def kernel_constexprs(q, k, v, ops: Operands, tiles: AttentionTiles) -> dict:
     num_kv_heads = k.shape[2] if ops.paged else k.shape[1]
     interp = interpreting()
     page = k.shape[1] if ops.paged else 1
-    kv_chunk, small_kv_chunk, chunk_pages = chunk_shape(tiles, page) if ops.paged else (0, 0, 1)
+    kv_chunk, small_kv_chunk, decode_kv_chunk, chunk_pages = chunk_shape(tiles, page) if ops.paged else (0, 0, 0, 1)
     return dict(
         SMALL_M=tiles.small_rows, LARGE_M=tiles.large_rows, SMALL_N=tiles.small_kv_tile, LARGE_N=tiles.kv_tile,
         BLOCK_D=max(16, next_power_of_2(head_dim)), BLOCK_DV=max(16, next_power_of_2(dim_v)), HEAD_DIM=head_dim,
@@ -106,6 +116,7 @@ def kernel_constexprs(q, k, v, ops: Operands, tiles: AttentionTiles) -> dict:
         HAS_TREE=ops.tree.dim() == 2, MASK_KIND=ops.mask_kind,
         DOT_FP32=interp, IEEE=interp or q.dtype == torch.float32,
         KV_CHUNK=kv_chunk, SMALL_KV_CHUNK=small_kv_chunk, CHUNK_PAGES=chunk_pages,
+        DECODE_N=tiles.decode_kv_tile, DECODE_KV_CHUNK=decode_kv_chunk,
         KV_LAYOUT=kv_layout(k, v, ops.paged),
     )
 

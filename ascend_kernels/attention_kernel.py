@@ -184,6 +184,7 @@ def meta_attention_kernel(
     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     KV_CHUNK: tl.constexpr, SMALL_KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr,  # 0, 0, 1 unless paged
+    DECODE_N: tl.constexpr, DECODE_KV_CHUNK: tl.constexpr,  # a decode batch's KV tile and chunk (paged)
     KV_LAYOUT: tl.constexpr,  # which K/V strides are compiled in (attention.kv_layout): 0 none
 ):
     # Compile-time strides: the per-tile row addresses become shifts and adds instead of 64-bit
@@ -233,8 +234,8 @@ def meta_attention_kernel(
                          pages, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                          stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
-                         SMALL_M, SMALL_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP, PAGE, CAUSAL, HAS_TREE,
-                         MASK_KIND, DOT_FP32, IEEE, SMALL_KV_CHUNK, CHUNK_PAGES)
+                         SMALL_M, DECODE_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP, PAGE, CAUSAL, HAS_TREE,
+                         MASK_KIND, DOT_FP32, IEEE, DECODE_KV_CHUNK, CHUNK_PAGES)
         walk_end = tl.where(decode_pairs > 0, 0, num_slots)
     task_base = TABLE_HEADER + num_slots + 1
     for slot in range(pid, walk_end, tl.num_programs(0)):

@@ -32,11 +32,14 @@ class AttentionTiles:
     num_stages: int
     small_kv_tile: int = 0  # BLOCK_N of the small path (memory bound: wider tiles, more bytes in flight); 0 = kv_tile
     kv_chunk_tiles: int = 64  # paged: large-path KV tiles per block-table read (0: one read per tile)
+    decode_kv_tile: int = 0  # BLOCK_N of a decode batch (tiling.py's decode_requests); 0 = small_kv_tile
 
     def __post_init__(self) -> None:
         if self.small_kv_tile == 0:
             object.__setattr__(self, "small_kv_tile", self.kv_tile)
-        for name in ("small_rows", "large_rows", "kv_tile", "small_kv_tile"):
+        if self.decode_kv_tile == 0:
+            object.__setattr__(self, "decode_kv_tile", self.small_kv_tile)
+        for name in ("small_rows", "large_rows", "kv_tile", "small_kv_tile", "decode_kv_tile"):
             value = getattr(self, name)
             # tl.dot needs every dimension to be a power of two of at least 16.
             if value < 16 or value & (value - 1):
@@ -68,6 +71,8 @@ class TargetProfile:
                         drains its load pipeline once per chunk; H200, 4 x 2048 prefill:
                         16 tiles 530 us, 32 tiles 506 us, 64 tiles 494 us). 0 reads the block
                         table per KV tile and needs no `tl.gather` (a portable fallback).
+    decode_kv_tile:     KV tile of a decode batch (one program per request and kv head over its
+                        whole KV, tiling.py); 0 takes the small path's.
     buffer_limits:      on-chip buffer sizes in bytes a tile set must fit (Ascend), else empty.
     tested:             False where the numbers were never run on the hardware.
     """
@@ -88,6 +93,7 @@ class TargetProfile:
     num_warps: int = 8
     num_stages: int = 3
     kv_chunk_tiles: int = 64
+    decode_kv_tile: int = 0
     buffer_limits: tuple[tuple[str, int], ...] = ()
     tested: bool = True
 
@@ -130,7 +136,8 @@ class TargetProfile:
         large = max(16, self.large_rows // shrink)
         kv = max(16, self.kv_tile // shrink)
         small_kv = max(16, (self.small_kv_tile or self.kv_tile) // shrink)
-        return AttentionTiles(16, large, kv, self.num_warps, self.num_stages, small_kv, self.kv_chunk_tiles)
+        decode_kv = max(16, self.decode_kv_tile // shrink) if self.decode_kv_tile else 0
+        return AttentionTiles(16, large, kv, self.num_warps, self.num_stages, small_kv, self.kv_chunk_tiles, decode_kv)
 
     def check_fits(self, tiles: AttentionTiles, head_dim: int, elem_bytes: int) -> None:
         """Raise if a tile set overflows a named on-chip buffer (only profiles that list them)."""
@@ -160,8 +167,11 @@ KB = 1024
 # prefill and mixed batches; 4 warps with 64-row tiles (two programs per SM) move decode-only
 # batches 1.4x faster. Their small path takes 64-wide KV tiles since it reads block ids per chunk
 # (64 decodes of 0.5-4k: 170 us, 197 with 128-wide tiles); the compute variant keeps 128-wide
-# ones for the decodes of a mixed batch (357 vs 382 us with 64).
-_GH100_MEMORY = (("num_warps", 4), ("large_rows", 64), ("programs_per_core", 2), ("small_kv_tile", 64))
+# ones for the decodes of a mixed batch (357 vs 382 us with 64). A decode batch (whole KV per
+# program, no task walk) streams faster with 128-wide tiles: 16 decodes of 1,000 positions 19.2 ->
+# 16.1 us a layer, 32 of 2,000 37.8 -> 35.7, 16 of 129-256 7.59 -> 7.73 (H200, 16 layers a graph).
+_GH100_MEMORY = (("num_warps", 4), ("large_rows", 64), ("programs_per_core", 2), ("small_kv_tile", 64),
+                 ("decode_kv_tile", 128))
 H100 = TargetProfile(name="h100", num_cores=132, small_kv_tile=128, memory_overrides=_GH100_MEMORY)
 H200 = TargetProfile(name="h200", num_cores=132, small_kv_tile=128, memory_overrides=_GH100_MEMORY)
 # The CPU interpreter runs programs one after the other: few programs and tiny tiles keep

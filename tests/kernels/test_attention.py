@@ -154,23 +154,26 @@ def test_chunks_of_the_paged_paths_fit_their_block_table_slice(kv_tile, small_kv
     whole KV tiles of each path per chunk, a power-of-two entry count, and every page the chunk
     touches from any offset inside its first page among them."""
     tiles = dataclasses.replace(CPU_INTERPRETER.attention_tiles(64), kv_tile=kv_tile, small_kv_tile=small_kv_tile,
-                                kv_chunk_tiles=chunk_tiles)
-    large, small, pages = attention.chunk_shape(tiles, page)
+                                kv_chunk_tiles=chunk_tiles, decode_kv_tile=128)
+    large, small, decode, pages = attention.chunk_shape(tiles, page)
     assert pages & (pages - 1) == 0
-    for chunk, tile in ((large, kv_tile), (small, small_kv_tile)):
+    for chunk, tile in ((large, kv_tile), (small, small_kv_tile), (decode, 128)):
         assert chunk >= tile and chunk % tile == 0
         assert all((offset + chunk - 1) // page < pages for offset in range(page))
 
 
-@pytest.mark.parametrize("head_dim,elem_bytes,want", [(128, 2, 128), (64, 4, 128), (128, 4, 64), (80, 4, 64),
-                                                     (256, 2, 64), (256, 4, 32)])
-def test_small_kv_tile_narrows_for_wide_elements(head_dim, elem_bytes, want):
+@pytest.mark.parametrize("head_dim,elem_bytes,want,want_decode", [
+    (64, 2, 128, 128), (128, 2, 128, 64), (64, 4, 128, 64), (128, 4, 64, 32), (80, 4, 64, 32), (256, 2, 64, 32),
+    (256, 4, 32, 16)])
+def test_small_kv_tile_narrows_for_wide_elements(head_dim, elem_bytes, want, want_decode):
     """A pipelined small-path stage (K and V tile) keeps to SMALL_STAGE_BYTES: fp32 rows of
     128 dims get half the bf16 tile width (GH100 profiles: 128-wide for bf16)."""
     from ascend_kernels.profiles import H200
     tiles = H200.attention_tiles(head_dim)
     fitted = attention.fit_small_tile(tiles, head_dim, elem_bytes)
     assert fitted.small_kv_tile == want
+    memory = H200.for_batch(1, 1).attention_tiles(head_dim)  # decode batches: 128-wide tiles before fitting
+    assert attention.fit_small_tile(memory, head_dim, elem_bytes).decode_kv_tile == want_decode
     assert (fitted.large_rows, fitted.small_rows, fitted.kv_tile) == (tiles.large_rows, tiles.small_rows, tiles.kv_tile)
 
 

@@ -1,5 +1,6 @@
 """Decode batches: the Task-Table's header marks them and the kernel maps programs to (request, kv
 head) pairs itself instead of walking tasks (tiling.plan, attention_kernel._decode_pair)."""
+import dataclasses
 import math
 
 import pytest
@@ -28,11 +29,14 @@ def test_the_planner_marks_only_whole_kv_decodes_that_fit_the_grid():
     assert decode_flag([1, 1], [5, 9], causal="none") == 2
     assert decode_flag([1] * 5, [20] * 5) == 0, "10 pairs on 8 programs"
     assert decode_flag([1], [20], heads=64, kv_heads=2) == 0, "a group of 32 rows spans two 16-row tiles"
-    assert decode_flag([1, 1], [300, 200], kv_heads=1, heads=8) == 0, "long decodes split along KV"
-    assert decode_flag([1, 1], [300, 200], kv_heads=1, heads=8, split_kv=False) == 2
+    assert decode_flag([1], [300], kv_heads=1, heads=8) == 0, "one long decode (1 pair for 4 cores) splits along KV"
+    assert decode_flag([1], [300], kv_heads=1, heads=8, split_kv=False) == 1
+    assert decode_flag([1, 1], [300, 200], kv_heads=1, heads=8) == 2, "pairs for half the cores stay whole"
+    assert decode_flag([1] * 4, [300, 10, 10, 10], kv_heads=1, heads=8) == 0, "one long KV among short ones splits"
 
 
-def run_decode(specs, *, grid=None, table_width=None, group=2, num_kv_heads=2, pad_rows=3, dtype=torch.float32):
+def run_decode(specs, *, grid=None, table_width=None, group=2, num_kv_heads=2, pad_rows=3, dtype=torch.float32,
+               profile=MEMORY):
     gen = torch.Generator().manual_seed(sum(kv for _, kv in specs))
     heads, head_dim = group * num_kv_heads, 64
     q, kc, vc, cu, lens, bt = paged_batch(gen, specs, num_heads=heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -49,7 +53,7 @@ def run_decode(specs, *, grid=None, table_width=None, group=2, num_kv_heads=2, p
                              seq_lens=lens)
     scale = 1 / math.sqrt(head_dim)
     out = attention.launch(q, kc, vc, torch.full_like(q, float("nan")), p.tensor(), ops, scale,
-                           tiles=MEMORY.attention_tiles(head_dim), profile=MEMORY, grid=grid)
+                           tiles=profile.attention_tiles(head_dim), profile=profile, grid=grid)
     real = int(cu[-1])
     assert (out[real:] == 0).all(), "padding rows past the last request must be zero"
     want = fp64_paged(q, kc, vc, cu, lens, bt, scale)
@@ -69,6 +73,14 @@ def test_block_tables_narrower_or_wider_than_a_chunk(width):
     """The first entries are loaded before the KV length is known: only the table's own columns
     are read, and entries past a request's pages never reach a K/V address."""
     run_decode([(1, 120), (1, 17)], table_width=width)
+
+
+def test_a_decode_tile_wider_than_the_small_paths():
+    """GH100 profiles give decode batches their own (wider) KV tile and chunk: 64 here against 16."""
+    profile = dataclasses.replace(MEMORY, decode_kv_tile=64)
+    assert profile.attention_tiles(64).decode_kv_tile == 64 and profile.attention_tiles(64).small_kv_tile == 16
+    run_decode([(1, 1), (1, 63), (1, 130), (1, 65)], profile=profile)
+    run_decode([(1, 129), (1, 200)], profile=profile, grid=1)
 
 
 def test_group_of_sixteen_rows_and_bf16():
