@@ -100,3 +100,29 @@ def test_custom_op_runs_decode_batches():
     assert table.decode_requests == 3
     out = torch.ops.xyserve.paged_attention(q, kc, vc, cu, lens, bt, 0.125, None, table.tensor(), "triton")
     assert_close(out, fp64_paged(q, kc, vc, cu, lens, bt, 0.125), torch.float32, "xyserve::paged_attention")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 64), (torch.bfloat16, 128), (torch.float16, 256),
+                                            (torch.bfloat16, 80)])
+def test_decode_batches_on_the_gpu(dtype, head_dim):
+    """Enough decodes to fill half the SMs run as a decode batch on a GPU (its own KV tile,
+    narrowed for wide rows), long ones kept whole; padding rows zero."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from ascend_kernels.profiles import profile_for
+
+    gen = torch.Generator().manual_seed(head_dim)
+    specs = [(1, 1 + (37 * i) % 900) for i in range(40)]
+    batch = paged_batch(gen, specs, num_heads=8, num_kv_heads=2, head_dim=head_dim, block_size=16, dtype=dtype,
+                        pad_rows=5)
+    scale = head_dim ** -0.5
+    want = fp64_paged(*batch, scale)
+    q, kc, vc, cu, lens, bt = (t.cuda() for t in batch)
+    p = plan([1] * 40, [kv for _, kv in specs], num_q_heads=8, num_kv_heads=2, head_dim=head_dim,
+             profile=profile_for(q.device))
+    assert p.decode_requests == 40
+    out = attention.paged_attention(q, kc, vc, cu, lens, bt, scale, None, p.tensor().cuda(),
+                                    out=torch.full_like(q, float("nan")))
+    assert (out[40:] == 0).all()
+    assert_close(out[:40].cpu(), want[:40], dtype, f"decode batch {dtype} {head_dim}")
