@@ -35,6 +35,15 @@ def _chunk_pages(bt_ptr, b, c0, kv_hi, stride_bt, PAGE: tl.constexpr, CHUNK_PAGE
 
 
 @triton.jit
+def _pair_kv(seq_ptr, bt_ptr, b, ok, bt_width, stride_bt, CHUNK_PAGES: tl.constexpr):
+    """(KV length, first CHUNK_PAGES block ids) of request b of a decode batch; nothing is read
+    unless `ok`, and no block id past the table's width."""
+    seq_len = tl.load(seq_ptr + b, mask=ok, other=0)
+    pg = tl.arange(0, CHUNK_PAGES)
+    return seq_len, tl.load(bt_ptr + b * stride_bt + pg, mask=pg < tl.where(ok, bt_width, 0), other=0)
+
+
+@triton.jit
 def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_ptr, ml_ptr, count_ptr,
                  b, row_lo, row_hi, kv_head, kv_lo, kv_hi, part_base, split, num_splits,
                  q_base, o_base, q_row0, q_len, seq_len, pos_offset, scale_log2,
@@ -45,9 +54,11 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP: tl.constexpr,
                  PAGED: tl.constexpr, PAGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr,
                  MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SMALL: tl.constexpr,
-                 KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr):
+                 KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr, first_pages, FIRST_PAGES: tl.constexpr):
     # SMALL: the decode / short-verify path. Its tasks may be split-KV pieces, and it masks every
     # KV tile in one loop. KV_CHUNK > 0 (paged): block-table reads per chunk of KV_CHUNK positions.
+    # FIRST_PAGES: the caller loaded the first chunk's CHUNK_PAGES block ids (`first_pages`, from
+    # page kv_lo // PAGE) ahead of time; without it `first_pages` is not read.
     tok, head, row_ok = _tile_rows(row_lo, row_hi, kv_head, BLOCK_M, GROUP)  # token in the request, query head
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
@@ -88,8 +99,15 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
         # are long (1k-token chunks: 530 us). Decodes gain too: 48 decodes and 4 verifies inside
         # the mixed batch 220 -> 175 us (the mixed batch 413 -> 357 us), 64 decodes of 0.5-4k
         # 194 -> 170 us with 64-wide tiles in the memory variant (per-tile reads liked 128-wide).
+        if FIRST_PAGES:
+            pages = first_pages
         for c0 in range(kv_lo, kv_hi, KV_CHUNK):
-            pages, p0 = _chunk_pages(bt_ptr, b, c0, kv_hi, stride_bt, PAGE, CHUNK_PAGES)
+            p0 = c0 // PAGE
+            if FIRST_PAGES:
+                if c0 != kv_lo:
+                    pages, p0 = _chunk_pages(bt_ptr, b, c0, kv_hi, stride_bt, PAGE, CHUNK_PAGES)
+            else:
+                pages, p0 = _chunk_pages(bt_ptr, b, c0, kv_hi, stride_bt, PAGE, CHUNK_PAGES)
             c_hi = tl.minimum(c0 + KV_CHUNK, kv_hi)
             acc, m_i, l_i, row_lo = _kv_spans(
                 acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c0, tl.minimum(tl.maximum(full_end, c0), c_hi),
@@ -114,50 +132,6 @@ def _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_pt
             _store_rows(o_ptr, o_base, acc, l_i, tok, head, dv, row_ok, stride_ot, stride_oh, HEAD_DIM_V)
     else:
         _store_rows(o_ptr, o_base, acc, l_i, tok, head, dv, row_ok, stride_ot, stride_oh, HEAD_DIM_V)
-
-
-@triton.jit
-def _decode_pair(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, b, kv_head, seq_len, pages, scale_log2,
-                 stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                 stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
-                 CAUSAL: tl.constexpr, HAS_TREE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_FP32: tl.constexpr,
-                 IEEE: tl.constexpr, KV_CHUNK: tl.constexpr, CHUNK_PAGES: tl.constexpr):
-    """A decode batch's (request b, kv_head): its one token (packed row b) and its GQA group over the
-    whole KV; `pages`: the first CHUNK_PAGES block-table entries, loaded by the caller up front."""
-    row_lo = b * 0  # a tensor: _kv_span carries it through its loop
-    tok, head, row_ok = _tile_rows(row_lo, GROUP, kv_head, BLOCK_M, GROUP)
-    d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    if KV_CHUNK > 0:
-        for c0 in range(0, seq_len, KV_CHUNK):
-            p0 = c0 // PAGE
-            if c0 > 0:
-                pages, p0 = _chunk_pages(bt_ptr, b, c0, seq_len, stride_bt, PAGE, CHUNK_PAGES)
-            c_hi = tl.minimum(c0 + KV_CHUNK, seq_len)
-            acc, m_i, l_i, row_lo = _kv_spans(
-                acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, pages, p0, b, c0, c0, c_hi, kv_head, d, dv, row_lo, GROUP, b,
-                1, seq_len, seq_len, seq_len - 1, GROUP, scale_log2, stride_bt, stride_kb, stride_ks, stride_kh,
-                stride_vb, stride_vs, stride_vh, tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms,
-                stride_ml, BLOCK_N, HEAD_DIM, HEAD_DIM_V, True, PAGE, True, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE,
-                True)
-    else:
-        acc, m_i, l_i, row_lo = _kv_spans(
-            acc, m_i, l_i, q, k_ptr, v_ptr, bt_ptr, b, b, b, 0, 0, seq_len, kv_head, d, dv, row_lo, GROUP, b, 1,
-            seq_len, seq_len, seq_len - 1, GROUP, scale_log2, stride_bt, stride_kb, stride_ks, stride_kh, stride_vb,
-            stride_vs, stride_vh, tree_ptr, stride_tree, mask_ptr, stride_mb, stride_mh, stride_ms, stride_ml, BLOCK_N,
-            HEAD_DIM, HEAD_DIM_V, True, PAGE, True, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, False)
-    tok, head, row_ok = _tile_rows(row_lo, GROUP, kv_head, BLOCK_M, GROUP)
-    _store_rows(o_ptr, b.to(tl.int64) * stride_ot, acc, l_i, tok, head, dv, row_ok, stride_ot, stride_oh, HEAD_DIM_V)
 
 
 @triton.jit
@@ -220,22 +194,22 @@ def meta_attention_kernel(
     if PAGED:
         tail_row = tl.load(cu_ptr + num_requests)
         decode_pairs = tl.load(table_ptr + DECODE_FIELD) * num_kv_heads
-        pg = tl.arange(0, CHUNK_PAGES)
-        first_ok = pid // num_kv_heads < num_requests
-        seq_len = tl.load(seq_ptr + pid // num_kv_heads, mask=first_ok, other=0)
-        first_width = tl.where(first_ok, bt_width, 0)
-        pages = tl.load(bt_ptr + (pid // num_kv_heads) * stride_bt + pg, mask=pg < first_width, other=0)
+        seq_len, pages = _pair_kv(seq_ptr, bt_ptr, pid // num_kv_heads, pid // num_kv_heads < num_requests, bt_width,
+                                  stride_bt, CHUNK_PAGES)
         for pair in range(pid, decode_pairs, tl.num_programs(0)):
             b = pair // num_kv_heads
             if pair != pid:
-                seq_len = tl.load(seq_ptr + b)
-                pages = tl.load(bt_ptr + b * stride_bt + pg, mask=pg < bt_width, other=0)
-            _decode_pair(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, b, pair % num_kv_heads, seq_len,
-                         pages, scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                seq_len, pages = _pair_kv(seq_ptr, bt_ptr, b, pair < decode_pairs, bt_width, stride_bt, CHUNK_PAGES)
+            # the request's one token (packed row b) and its GQA group over the whole KV
+            _attend_tile(q_ptr, o_ptr, k_ptr, v_ptr, bt_ptr, tree_ptr, mask_ptr, part_ptr, ml_ptr, count_ptr,
+                         b, b * 0, GROUP, pair % num_kv_heads, 0, seq_len, -1, 0, 1,
+                         b.to(tl.int64) * stride_qt, b.to(tl.int64) * stride_ot, b, 1, seq_len, seq_len - 1, scale_log2,
+                         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                          stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
-                         SMALL_M, DECODE_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP, PAGE, CAUSAL, HAS_TREE,
-                         MASK_KIND, DOT_FP32, IEEE, DECODE_KV_CHUNK, CHUNK_PAGES)
+                         SMALL_M, DECODE_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP,
+                         PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, True, DECODE_KV_CHUNK, CHUNK_PAGES,
+                         pages, True)
         walk_end = tl.where(decode_pairs > 0, 0, num_slots)
     task_base = TABLE_HEADER + num_slots + 1
     for slot in range(pid, walk_end, tl.num_programs(0)):
@@ -278,7 +252,8 @@ def meta_attention_kernel(
                              stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                              stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
                              SMALL_M, SMALL_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP,
-                             PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, True, SMALL_KV_CHUNK, CHUNK_PAGES)
+                             PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, True, SMALL_KV_CHUNK, CHUNK_PAGES,
+                             b, False)
             else:
                 # a table planned for another variant may hold taller tiles: walk them in LARGE_M
                 # row slices (never split, so no partials are involved)
@@ -291,7 +266,7 @@ def meta_attention_kernel(
                                  stride_tree, stride_mb, stride_mh, stride_ms, stride_ml,
                                  LARGE_M, LARGE_N, BLOCK_D, BLOCK_DV, HEAD_DIM, HEAD_DIM_V, GROUP,
                                  PAGED, PAGE, CAUSAL, HAS_TREE, MASK_KIND, DOT_FP32, IEEE, False,
-                                 KV_CHUNK, CHUNK_PAGES)
+                                 KV_CHUNK, CHUNK_PAGES, b, False)
     if PAGED:
         _zero_tail_rows(o_ptr, tail_row, num_rows, stride_ot, stride_oh,
                         NUM_HEADS, BLOCK_H, BLOCK_DV, HEAD_DIM_V)

@@ -216,8 +216,9 @@ def plan(q_lens: Sequence[int], kv_lens: Sequence[int], stages: Sequence[str] | 
         return TaskPlan(max(1, len(rows)), rows, costs, np.arange(len(rows) + 1) if len(rows) else np.zeros(2, np.int64),
                         0, tiles)
     num_partials = 0
-    decode = _decode_batch(q_arr, causal, group, tiles, len(q_arr) * num_kv_heads <= profile.num_programs)
-    if split_kv and len(rows) and not (decode and _keep_whole(kv_arr, len(q_arr) * num_kv_heads, profile)):
+    num_pairs = len(q_arr) * num_kv_heads
+    decode = _decode_batch(q_arr, causal, group, tiles, num_pairs <= profile.num_programs)
+    if split_kv and len(rows) and not (decode and _keep_whole(kv_arr, num_pairs, profile)):
         rows, costs, num_partials = split_long_tasks(rows, costs, profile.num_programs, tiles, profile)
     order, starts = symmetric_round_robin(costs, profile.num_programs)
     decode = decode and num_partials == 0
