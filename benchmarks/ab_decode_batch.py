@@ -14,12 +14,11 @@ kernel walking the same tasks (the header field zeroed: what every batch did bef
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 
 import torch
 
 from benchmarks.common import card_name, cli, llama_config
+from benchmarks.engine_ab import engine_ab
 
 HEADS, KV_HEADS, DIM, PAGE, LAYERS = 32, 8, 64, 16, 16
 
@@ -116,39 +115,12 @@ def run(quick: bool = False, kernels_only: bool = False) -> dict:
         return {"card": card_name(), **_kernel_us()}
     from transformers import LlamaForCausalLM
 
-    from xy_inductor import LLM, SamplingParams
-
     res = {"card": card_name(), **_kernel_us()}
     torch.manual_seed(0)
-    cfg = llama_config("llama-3.2-1b")
-    model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-    engines = {}
-    for name in ("walk", "decode"):
-        engines[name] = LLM(model, max_model_len=320, enable_prefix_caching=False, num_kv_blocks=1200)
-        model.set_attn_implementation("sdpa")
-    g = torch.Generator().manual_seed(0)
-    loads = {b: torch.randint(0, cfg.vocab_size, (b, 128), generator=g).tolist() for b in (16, 1)}
-    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
-    times: dict[str, list[float]] = {f"{n}/bs{b}": [] for n in engines for b in loads}
-    tokens = {}
-    for _ in range(1 if quick else 4):
-        for name, llm in engines.items():
-            with _walk_only(name == "walk"):
-                llm.engine.runner.tables._last = None  # re-plan: no table of the other engine's kind is reused
-                for b, prompts in loads.items():
-                    tokens[f"{name}/bs{b}"] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-                    for _ in range(3):
-                        torch.cuda.synchronize()
-                        start = time.perf_counter()
-                        llm.generate(prompts, params, use_tqdm=False)
-                        torch.cuda.synchronize()
-                        times[f"{name}/bs{b}"].append(time.perf_counter() - start)
-    for key, runs in times.items():
-        b = int(key.split("bs")[1])
-        res[key] = {"median_ms": 1e3 * statistics.median(runs), "tok_s": b * 128 / statistics.median(runs),
-                    "runs_ms": [round(1e3 * r, 2) for r in runs]}
-    for b in loads:
-        res[f"tokens_equal_bs{b}"] = tokens[f"walk/bs{b}"] == tokens[f"decode/bs{b}"]
+    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
+    variants = {"walk": lambda: _walk_only(True), "decode": lambda: _walk_only(False)}
+    res.update(engine_ab(model, variants, rounds=1 if quick else 4, max_model_len=320, enable_prefix_caching=False,
+                         num_kv_blocks=1200))
     return res
 
 

@@ -13,12 +13,11 @@ inside the step's CUDA graph (ascend_kernels/row_argmax.py, the engine's default
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 
 import torch
 
 from benchmarks.common import card_name, cli, llama_config
+from benchmarks.engine_ab import engine_ab
 
 
 @contextlib.contextmanager
@@ -65,38 +64,12 @@ def run(quick: bool = False) -> dict:
         return {"skipped": "needs a GPU"}
     from transformers import LlamaForCausalLM
 
-    from xy_inductor import LLM, SamplingParams
-
     res = {"card": card_name(), **_kernel_us()}
     torch.manual_seed(0)
-    cfg = llama_config("llama-3.2-1b")
-    model = LlamaForCausalLM(cfg).to(device="cuda", dtype=torch.bfloat16).eval()
-    engines = {}
-    for name in ("before", "after"):
-        with _sampler_argmax(name == "before"):
-            engines[name] = LLM(model, max_model_len=320, enable_prefix_caching=False, num_kv_blocks=1200)
-        model.set_attn_implementation("sdpa")
-    g = torch.Generator().manual_seed(0)
-    loads = {b: torch.randint(0, cfg.vocab_size, (b, 128), generator=g).tolist() for b in (16, 1)}
-    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
-    times: dict[str, list[float]] = {f"{n}/bs{b}": [] for n in engines for b in loads}
-    tokens = {}
-    for rnd in range(1 if quick else 4):
-        for name, llm in engines.items():
-            with _sampler_argmax(name == "before"):
-                for b, prompts in loads.items():
-                    tokens[f"{name}/bs{b}"] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-                    for _ in range(3):
-                        torch.cuda.synchronize()
-                        start = time.perf_counter()
-                        llm.generate(prompts, params, use_tqdm=False)
-                        torch.cuda.synchronize()
-                        times[f"{name}/bs{b}"].append(time.perf_counter() - start)
-    for key, runs in times.items():
-        b = int(key.split("bs")[1])
-        res[key] = {"median_ms": 1e3 * statistics.median(runs), "tok_s": b * 128 / statistics.median(runs)}
-    for b in loads:
-        res[f"tokens_equal_bs{b}"] = tokens[f"before/bs{b}"] == tokens[f"after/bs{b}"]
+    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
+    variants = {"before": lambda: _sampler_argmax(True), "after": lambda: _sampler_argmax(False)}
+    res.update(engine_ab(model, variants, rounds=1 if quick else 4, max_model_len=320, enable_prefix_caching=False,
+                         num_kv_blocks=1200))
     return res
 
 
