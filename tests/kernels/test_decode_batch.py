@@ -1,5 +1,5 @@
 """Decode batches: the Task-Table's header marks them and the kernel maps programs to (request, kv
-head) pairs itself instead of walking tasks (tiling.plan, attention_kernel._decode_pair)."""
+head) pairs itself instead of walking tasks (tiling.plan, attention_kernel._pair_kv and _attend_tile)."""
 import dataclasses
 import math
 
