@@ -151,6 +151,36 @@ def _megakernel_mma(w: dict, x: torch.Tensor, grid: int | None = None):
     return run
 
 
+def _megakernel_wgmma(w: dict, x: torch.Tensor, grid: int | None = None, sync: bool = True, num_buf: int = 4,
+                      defer: bool = False, balance: bool = False, scratch=torch.float32):
+    """A callable that runs the batch-16 swap-AB wgmma probe (decode_megakernel_wgmma.py) on rows x (at
+    most 16; fp32 result in its `h`)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from benchmarks.decode_megakernel_wgmma import decode_megakernel_wgmma_kernel
+
+    mb, m = 16, x.shape[0]
+    if not 1 <= m <= mb:
+        raise ValueError(f"the probe takes 1 to {mb} rows, got {m}")
+    layout = gl.NVMMASharedLayout(128, 16, rank=2)
+    descs = [TensorDescriptor.from_tensor(w[k], [64, 64], layout) for k in ("wq", "wo", "wg", "wd")]
+    grid = grid or torch.cuda.get_device_properties(0).multi_processor_count
+    h = torch.zeros(mb, H, device="cuda")
+    scratch_q = torch.zeros(mb, NQ, device="cuda", dtype=scratch)
+    scratch_g = torch.zeros(mb, I, device="cuda", dtype=scratch)
+    counters = torch.zeros(L * 4, device="cuda", dtype=torch.int32)
+
+    def run():
+        h[:m].copy_(x)
+        counters.zero_()
+        decode_megakernel_wgmma_kernel[(grid,)](*descs, h, scratch_q, scratch_g, w["n1"], w["n2"], counters, EPS,
+                                                grid, m, NL=L, H=H, I=I, NQ=NQ, MB=mb, NBUF=num_buf, SYNC=int(sync),
+                                                DEFER=int(defer), BALANCE=int(balance), num_warps=4)
+    run.h = h[:m]
+    return run
+
+
 def run(quick: bool = False) -> dict:
     if not is_sm90():
         return {"skipped": "needs an sm_90 GPU"}
@@ -191,6 +221,24 @@ def run(quick: bool = False) -> dict:
         fn()
         torch.cuda.synchronize()
         row[f"megakernel_mma_grid{grid}"] = {"us": us, "err": rel_err(fn.h, ref)}
+    for grid in (64, 128, torch.cuda.get_device_properties(0).multi_processor_count):
+        fn = _megakernel_wgmma(w, x, grid)
+        us = _graph_us(fn)
+        fn()
+        torch.cuda.synchronize()
+        row[f"megakernel_wgmma_grid{grid}"] = {"us": us, "err": rel_err(fn.h, ref)}
+    for name, kw in (("megakernel_wgmma_grid128_balanced", {"balance": True}),
+                     ("megakernel_wgmma_grid128_balanced_bf16", {"balance": True, "scratch": torch.bfloat16}),
+                     ("megakernel_wgmma_grid132_balanced_bf16", {"balance": True, "scratch": torch.bfloat16,
+                                                                 "grid": 132}),
+                     ("megakernel_wgmma_grid128_ring5", {"num_buf": 5}),
+                     ("megakernel_wgmma_grid128_no_sync", {"sync": False}),  # wrong results (diagnostic)
+                     ("megakernel_wgmma_grid128_balanced_no_sync", {"sync": False, "balance": True})):
+        fn = _megakernel_wgmma(w, x, **{"grid": 128, **kw})
+        us = _graph_us(fn)
+        fn()
+        torch.cuda.synchronize()
+        row[name] = {"us": us, "err": rel_err(fn.h, ref)}
     for v in row.values():
         v["floor_pct"] = 100 * res["floor_us"] / v["us"]
     res["rows"]["M=16"] = row

@@ -23,6 +23,7 @@ from ascend_kernels.decode_step_kernel import decode_step_kernel
 from benchmarks.bench_megakernel import MegakernelConfig
 from benchmarks.decode_megakernel import decode_megakernel_kernel
 from benchmarks.decode_megakernel_mma import decode_megakernel_mma_kernel
+from benchmarks.decode_megakernel_wgmma import decode_megakernel_wgmma_kernel
 
 _TYPES = {"n1_ptr": "*bf16", "n2_ptr": "*bf16", "nf_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
           "embed_ptr": "*bf16", "cnt_ptr": "*i32", "bt_ptr": "*i32", "pos_ptr": "*i32", "best_idx_ptr": "*i32",
@@ -64,6 +65,9 @@ def main(arg: str) -> dict:
                  "TILE": 64, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
         return _compile(decode_rows_kernel, const, (8, 64), 8, swizzle=128,
                         types={"attn_ptr": "*bf16", "g_ptr": "*bf16", "pos_ptr": "*i64"})
+    if arg == "wgmma":  # the second batch-16 probe: swap-AB wgmma, 128-byte swizzled boxes of [64, 64]
+        const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "NBUF": 4, "SYNC": 1, "DEFER": 0, "BALANCE": 1}
+        return _compile(decode_megakernel_wgmma_kernel, const, (64, 64), 4, swizzle=128)
     if arg == "mma":  # the batch-16 probe: tensor cores, 128-byte swizzled boxes of [8, 64]
         const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
         return _compile(decode_megakernel_mma_kernel, const, (8, 64), 8, swizzle=128)

@@ -22,7 +22,7 @@ def test_config_checks():
         MegakernelConfig(m=2, num_buf=8)
 
 
-@pytest.mark.parametrize("probe", ["1", "mma"])  # CUDA cores at M = 1; tensor cores at M = 16
+@pytest.mark.parametrize("probe", ["1", "mma", "wgmma"])  # CUDA cores at M = 1; tensor cores at M = 16
 def test_compiles_for_sm90(probe):
     assert_compiles(probe, bench_megakernel.SMEM_BYTES)
 
@@ -43,15 +43,16 @@ def test_matches_float32_reference(m):
 
 @pytest.mark.gpu
 @requires_sm90
+@pytest.mark.parametrize("probe", ["mma", "wgmma"])
 @pytest.mark.parametrize(("m", "grid"), [(16, None), (5, 64)])
-def test_mma_probe_matches_float32_reference(m, grid):
+def test_mma_probe_matches_float32_reference(probe, m, grid):
     """The batch-16 tensor-core probe rounds only the GEMVs' inputs to bf16 (as the model's linears take
     them), so it must land at least as close to float32 as the layers run in bf16 do."""
     w = bench_megakernel._weights("cuda")
     x = torch.randn(m, bench_megakernel.H, device="cuda")
     ref = bench_megakernel._layers(w, x, torch.float32)
     bound = rel_err(bench_megakernel._layers(w, x, torch.bfloat16), ref)
-    fn = bench_megakernel._megakernel_mma(w, x, grid)
+    fn = getattr(bench_megakernel, f"_megakernel_{probe}")(w, x, grid)
     for _ in range(2):  # a second launch must not see the first one's counters
         fn()
         torch.cuda.synchronize()

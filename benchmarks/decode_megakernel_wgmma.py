@@ -1,0 +1,227 @@
+"""A batch-16 probe of a persistent decode kernel for issue 6 (H100 batch 16), the second try: the 16
+Llama-3.2-1B layers WITHOUT attention at up to MB = 16 rows in ONE launch, the GEMVs as Hopper
+`wgmma` with the operands swapped (swap-AB): the weight tile is the 64-row A operand, read by the
+tensor cores straight from the TMA ring, and the 16 activation rows are the N = 16 B operand.
+
+The first try (decode_megakernel_mma.py, `mma_v2`) split every chunk's K over its 8 warps, so each
+32 KB chunk ended in a cross-warp reduction through shared memory; it streamed at 38% of the floor
+(benchmarks/RESULTS.md, fourteenth session). Here one warpgroup owns a whole 64-row tile and its
+accumulator [64, 16] stays in registers across the tile's chunks: nothing is reduced across warps.
+
+    chunk (32 KB):  W[row .. row + 63, k0 .. k0 + 255]  as 4 TMA boxes [64, 64] (128-byte swizzle)
+    xs (64 KB):     the staged activations [16, 2048] bf16 as 32 boxes [16, 64]
+    per chunk:      acc[64, 16] += box_b @ xs[kb + b]^T      (4 wgmma m64n16k16 x 4 k-steps)
+
+An item is one tile over a 2,048-wide K slice (8 chunks). Per layer, each stage's items are dealt
+round-robin to the G programs and every stage ends with a grid counter:
+    A  q/k/v   48 items (K = H)        input RMSNorm1(h)      q = acc^T * rs
+    B  o       32 items                input q[:, :H]         h[:, tile] += acc^T (each tile one program)
+    C  gate/up 128 items (gate tile, then the same rows of up: 16 chunks)   g = SiLU(gate) x up
+    D  down    128 items: 32 tiles x 4 K slices of the MLP width            h[:, tile] += acc^T (fp32 atomics)
+A program without items in a stage only signs in; its loader streams ahead into its later stages.
+"""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from ascend_kernels.gluon_compat import cta_barrier as _barrier
+from ascend_kernels.gluon_compat import tma_load as _tma_load
+from ascend_kernels.grid_sync import signal_stage, wait_stage
+
+BN = gl.constexpr(64)  # tile rows: the wgmma M
+BOXK = gl.constexpr(64)  # columns per TMA box (128 bytes of bf16)
+CB = gl.constexpr(4)  # boxes per chunk: 256 columns, 32 KB
+KS = gl.constexpr(2048)  # K of an item (the staged activations' width)
+
+
+@gluon.jit
+def _items(n: gl.constexpr, G, p):
+    """Items of a stage with n items that the program at place p of the stage gets (items p, p + G, ...)."""
+    return (n - p + G - 1) // G
+
+
+@gluon.jit
+def _places(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BALANCE: gl.constexpr):
+    """This program's place in each stage's round-robin deal. BALANCE starts each stage's deal where
+    the previous stage's ended, so the few q/k/v and o items land on different programs (and those
+    programs' loaders are free to fill their rings with the next stage meanwhile)."""
+    pid = gl.program_id(0)
+    if BALANCE:
+        na: gl.constexpr = NQ // BN
+        nb: gl.constexpr = H // BN
+        nc: gl.constexpr = I // BN
+        return (pid, (pid - na % G + G) % G, (pid - (na + nb) % G + G) % G, (pid - (na + nb + nc) % G + G) % G)
+    else:
+        return (pid, pid, pid, pid)
+
+
+@gluon.jit
+def _issue_item(desc, row, k0, i, ring, ready, empty, NBUF: gl.constexpr):
+    """The loader: the 8 chunks of rows [row, row + 64) x columns [k0, k0 + 2048) from ring position i."""
+    for c in range(KS // (CB * BOXK)):
+        slot = i % NBUF
+        mbarrier.wait(empty.index(slot), ((i // NBUF) & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, CB * BN * BOXK * 2)
+        for b in gl.static_range(CB):
+            _tma_load(desc, [row, k0 + (c * CB + b) * BOXK], bar, ring.index(slot * CB + b))
+        i += 1
+    return i
+
+
+@gluon.jit
+def _loader(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring, xs,
+            ready, empty, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr,
+            NBUF: gl.constexpr, SYNC: gl.constexpr, DEFER: gl.constexpr, BALANCE: gl.constexpr):
+    pa, pb, pc, pd = _places(G, NQ, H, I, BALANCE)
+    i = 0
+    for layer in range(NL):
+        for j in range(_items(NQ // BN, G, pa)):
+            i = _issue_item(wq_desc, layer * NQ + (pa + j * G) * BN, 0, i, ring, ready, empty, NBUF)
+        for j in range(_items(H // BN, G, pb)):
+            i = _issue_item(wo_desc, layer * H + (pb + j * G) * BN, 0, i, ring, ready, empty, NBUF)
+        for j in range(_items(I // BN, G, pc)):
+            row = layer * 2 * I + (pc + j * G) * BN
+            i = _issue_item(wg_desc, row, 0, i, ring, ready, empty, NBUF)
+            i = _issue_item(wg_desc, row + I, 0, i, ring, ready, empty, NBUF)
+        for j in range(_items((H // BN) * (I // KS), G, pd)):
+            t = pd + j * G
+            i = _issue_item(wd_desc, layer * H + (t // (I // KS)) * BN, (t % (I // KS)) * KS, i, ring, ready, empty,
+                            NBUF)
+
+
+@gluon.jit
+def _stage(xs, src_ptr, stride_m, col0, nw_ptr, eps, M, NORM: gl.constexpr, MB: gl.constexpr, ROWS: gl.constexpr):
+    """Rows 0..M-1 of src[:, col0 .. col0 + 2047] into xs as bf16 (x * nw with NORM); returns each row's
+    1 / rms over those columns (ones without NORM) in the accumulator's column layout ROWS."""
+    XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    _barrier()  # every warp's wgmmas have read the last staged rows
+    mm = gl.expand_dims(gl.arange(0, MB, layout=gl.SliceLayout(1, XL)), 1)
+    kk = gl.expand_dims(gl.arange(0, BOXK, layout=gl.SliceLayout(0, XL)), 0)
+    ss = gl.zeros([MB], gl.float32, gl.SliceLayout(1, XL))
+    for b in gl.static_range(KS // BOXK):
+        x = gl.load(src_ptr + mm * stride_m + col0 + b * BOXK + kk, mask=(mm < M) & (kk >= 0), other=0.0,
+                    cache_modifier=".cg").to(gl.float32)
+        if NORM:
+            ss += gl.sum(x * x, axis=1)
+            x = x * gl.load(nw_ptr + b * BOXK + kk).to(gl.float32)
+        xs.index(b).store(x.to(gl.bfloat16))
+    fence_async_shared()  # the stores above are read by wgmma (the async proxy)
+    _barrier()
+    rs = gl.rsqrt(ss / KS + eps) if NORM else ss + 1.0
+    return gl.convert_layout(rs, ROWS)
+
+
+@gluon.jit
+def _item(acc, ring, xs, ready, empty, i, NBUF: gl.constexpr, DEFER: gl.constexpr):
+    """acc [64, 16] += this item's 8 chunks (ring positions i ..) times xs^T; returns (acc, next i).
+    DEFER: a chunk's slot is handed back once the next chunk's wgmmas are issued (one chunk in flight)."""
+    for c in range(KS // (CB * BOXK)):
+        slot = i % NBUF
+        mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
+        for b in gl.static_range(CB):
+            acc = warpgroup_mma(ring.index(slot * CB + b), xs.index(c * CB + b).permute((1, 0)), acc, is_async=True)
+        if DEFER:
+            acc = warpgroup_mma_wait(CB, deps=(acc, ))
+            if c > 0:
+                mbarrier.arrive(empty.index((i + NBUF - 1) % NBUF), count=1)
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
+            mbarrier.arrive(empty.index(slot), count=1)
+        i += 1
+    if DEFER:
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        mbarrier.arrive(empty.index((i + NBUF - 1) % NBUF), count=1)
+    return acc, i
+
+
+@gluon.jit
+def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring, xs,
+             ready, empty, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr,
+             NBUF: gl.constexpr, SYNC: gl.constexpr, DEFER: gl.constexpr, BALANCE: gl.constexpr):
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
+    ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
+    pa, pb, pc, pd = _places(G, NQ, H, I, BALANCE)
+    r2 = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, ACC)), 1)  # [64, 1] tile row
+    m2 = gl.expand_dims(gl.arange(0, MB, layout=ROWS), 0)  # [1, MB] batch row
+    ok = (m2 < M) & (r2 >= 0)
+    zero = gl.zeros([BN, MB], gl.float32, ACC)
+    i = 0
+    for layer in range(NL):
+        c0 = layer * 4
+        if _items(NQ // BN, G, pa) > 0:  # A: q/k/v
+            if layer > 0 and SYNC:
+                wait_stage(cnt_ptr, c0 - 1, G)
+            rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, MB, ROWS), 0)
+            for j in range(_items(NQ // BN, G, pa)):
+                acc, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+                gl.store(q_ptr + m2 * NQ + (pa + j * G) * BN + r2, acc * rs, mask=ok)
+        signal_stage(cnt_ptr, c0)
+        if _items(H // BN, G, pb) > 0:  # B: o, into the residual
+            if SYNC:
+                wait_stage(cnt_ptr, c0, G)
+            _stage(xs, q_ptr, NQ, 0, n1_ptr, eps, M, False, MB, ROWS)
+            for j in range(_items(H // BN, G, pb)):
+                acc, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+                dst = h_ptr + m2 * H + (pb + j * G) * BN + r2
+                gl.store(dst, gl.load(dst, mask=ok, other=0.0, cache_modifier=".cg") + acc, mask=ok)
+        signal_stage(cnt_ptr, c0 + 1)
+        if _items(I // BN, G, pc) > 0:  # C: gate/up
+            if SYNC:
+                wait_stage(cnt_ptr, c0 + 1, G)
+            rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, MB, ROWS), 0)
+            for j in range(_items(I // BN, G, pc)):
+                gate, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+                up, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+                gate = gate * rs
+                gl.store(g_ptr + m2 * I + (pc + j * G) * BN + r2, gate / (1.0 + gl.exp(-gate)) * (up * rs), mask=ok)
+        signal_stage(cnt_ptr, c0 + 2)
+        if _items((H // BN) * (I // KS), G, pd) > 0:  # D: down, K split in I / KS slices, atomics into h
+            if SYNC:
+                wait_stage(cnt_ptr, c0 + 2, G)
+            for j in range(_items((H // BN) * (I // KS), G, pd)):
+                t = pd + j * G
+                _stage(xs, g_ptr, I, (t % (I // KS)) * KS, n1_ptr, eps, M, False, MB, ROWS)
+                acc, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+                gl.atomic_add(h_ptr + m2 * H + (t // (I // KS)) * BN + r2, acc, mask=ok, sem="relaxed")
+        signal_stage(cnt_ptr, c0 + 3)
+
+
+@gluon.jit
+def decode_megakernel_wgmma_kernel(
+    wq_desc, wo_desc, wg_desc, wd_desc,  # TMA over [NL * N, K] bf16 (q;k;v, o, gate;up, down), box [64, 64], 128B swizzle
+    h_ptr,  # [MB, H] fp32 residual stream (rows < M: in / out)
+    q_ptr,  # [MB, NQ] fp32 scratch: q/k/v
+    g_ptr,  # [MB, I] fp32 scratch: SiLU(gate) x up
+    n1_ptr, n2_ptr,  # [NL, H] bf16 norm weights
+    cnt_ptr,  # [NL * 4] int32 grid counters, zero at launch
+    eps, G, M,
+    NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
+    SYNC: gl.constexpr = 1,  # 0: no grid waits (wrong results; what streaming with this compute costs)
+    DEFER: gl.constexpr = 0,  # 1: one chunk's wgmmas stay in flight while the next chunk's wait
+    BALANCE: gl.constexpr = 0,  # 1: each stage's deal starts where the previous one ended (_places)
+):
+    gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
+    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * CB, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
+    xs = gl.allocate_shared_memory(gl.bfloat16, [KS // BOXK, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
+    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NBUF):
+        mbarrier.init(ready.index(b), count=1)
+        mbarrier.init(empty.index(b), count=1)
+    gl.warp_specialize([
+        (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring,
+                    xs, ready, empty, NL, H, I, NQ, MB, NBUF, SYNC, DEFER, BALANCE)),
+        (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring,
+                   xs, ready, empty, NL, H, I, NQ, MB, NBUF, SYNC, DEFER, BALANCE)),
+    ], [1], [48])
+    for b in gl.static_range(NBUF):
+        mbarrier.invalidate(ready.index(b))
+        mbarrier.invalidate(empty.index(b))
