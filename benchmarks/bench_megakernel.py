@@ -181,6 +181,41 @@ def _megakernel_wgmma(w: dict, x: torch.Tensor, grid: int | None = None, sync: b
     return run
 
 
+def _megakernel_wgmma_tma(w: dict, x: torch.Tensor, grid: int | None = None):
+    """A callable that runs the TMA-staged swap-AB probe (decode_megakernel_wgmma_tma.py) on rows x (at
+    most 16; fp32 result in its `h`). Its q/k/v and gate/up weights carry the norm weights."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from benchmarks.decode_megakernel_wgmma_tma import decode_megakernel_wgmma_tma_kernel
+
+    mb, m = 16, x.shape[0]
+    if not 1 <= m <= mb:
+        raise ValueError(f"the probe takes 1 to {mb} rows, got {m}")
+    folded = {"wq": (w["wq"].view(L, NQ, H).float() * w["n1"].view(L, 1, H).float()).to(torch.bfloat16).view(-1, H),
+              "wg": (w["wg"].view(L, 2 * I, H).float() * w["n2"].view(L, 1, H).float()).to(torch.bfloat16).view(-1, H)}
+    layout = gl.NVMMASharedLayout(128, 16, rank=2)
+    descs = [TensorDescriptor.from_tensor(folded.get(k, w[k]), [64, 64], layout) for k in ("wq", "wo", "wg", "wd")]
+    grid = grid or torch.cuda.get_device_properties(0).multi_processor_count
+    h = torch.zeros(mb, H, device="cuda")
+    hb = torch.zeros(mb, H, device="cuda", dtype=torch.bfloat16)
+    scratch_q = torch.zeros(mb, NQ, device="cuda", dtype=torch.bfloat16)
+    scratch_g = torch.zeros(mb, I, device="cuda", dtype=torch.bfloat16)
+    acts = [TensorDescriptor.from_tensor(t, [mb, 64], layout) for t in (scratch_q, hb, scratch_g)]
+    part = torch.empty(H // 64 * (I // 2048), 64, mb, device="cuda")
+    counters = torch.zeros(L * 4 + H // 64, device="cuda", dtype=torch.int32)
+
+    def run():
+        h[:m].copy_(x)
+        hb[:m].copy_(x)
+        counters.zero_()
+        decode_megakernel_wgmma_tma_kernel[(grid,)](*descs, *acts, h, hb, scratch_q, scratch_g, part, counters, EPS,
+                                                    grid, m, NL=L, H=H, I=I, NQ=NQ, MB=mb, NBUF=4, num_warps=4)
+    run.h = h[:m]
+    run.keep = folded  # the descriptors point into these
+    return run
+
+
 def run(quick: bool = False) -> dict:
     if not is_sm90():
         return {"skipped": "needs an sm_90 GPU"}
@@ -231,10 +266,13 @@ def run(quick: bool = False) -> dict:
                      ("megakernel_wgmma_grid128_balanced_bf16", {"balance": True, "scratch": torch.bfloat16}),
                      ("megakernel_wgmma_grid132_balanced_bf16", {"balance": True, "scratch": torch.bfloat16,
                                                                  "grid": 132}),
+                     ("megakernel_wgmma_tma_grid128", {"tma": True}),
+                     ("megakernel_wgmma_tma_grid132", {"tma": True, "grid": 132}),
                      ("megakernel_wgmma_grid128_ring5", {"num_buf": 5}),
                      ("megakernel_wgmma_grid128_no_sync", {"sync": False}),  # wrong results (diagnostic)
                      ("megakernel_wgmma_grid128_balanced_no_sync", {"sync": False, "balance": True})):
-        fn = _megakernel_wgmma(w, x, **{"grid": 128, **kw})
+        kw = {"grid": 128, **kw}
+        fn = _megakernel_wgmma_tma(w, x, kw["grid"]) if kw.pop("tma", False) else _megakernel_wgmma(w, x, **kw)
         us = _graph_us(fn)
         fn()
         torch.cuda.synchronize()

@@ -42,13 +42,13 @@ KS = gl.constexpr(2048)  # K of an item (the staged activations' width)
 
 
 @gluon.jit
-def _items(n: gl.constexpr, G, p):
+def items(n: gl.constexpr, G, p):
     """Items of a stage with n items that the program at place p of the stage gets (items p, p + G, ...)."""
     return (n - p + G - 1) // G
 
 
 @gluon.jit
-def _places(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BALANCE: gl.constexpr):
+def places(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BALANCE: gl.constexpr):
     """This program's place in each stage's round-robin deal. BALANCE starts each stage's deal where
     the previous stage's ended, so the few q/k/v and o items land on different programs (and those
     programs' loaders are free to fill their rings with the next stage meanwhile)."""
@@ -77,24 +77,31 @@ def _issue_item(desc, row, k0, i, ring, ready, empty, NBUF: gl.constexpr):
 
 
 @gluon.jit
-def _loader(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring, xs,
-            ready, empty, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr,
-            NBUF: gl.constexpr, SYNC: gl.constexpr, DEFER: gl.constexpr, BALANCE: gl.constexpr):
-    pa, pb, pc, pd = _places(G, NQ, H, I, BALANCE)
+def stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL: gl.constexpr, H: gl.constexpr,
+                   I: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, BALANCE: gl.constexpr):
+    """The loader warp: every chunk of this program's items, stage by stage, layer by layer."""
+    pa, pb, pc, pd = places(G, NQ, H, I, BALANCE)
     i = 0
     for layer in range(NL):
-        for j in range(_items(NQ // BN, G, pa)):
+        for j in range(items(NQ // BN, G, pa)):
             i = _issue_item(wq_desc, layer * NQ + (pa + j * G) * BN, 0, i, ring, ready, empty, NBUF)
-        for j in range(_items(H // BN, G, pb)):
+        for j in range(items(H // BN, G, pb)):
             i = _issue_item(wo_desc, layer * H + (pb + j * G) * BN, 0, i, ring, ready, empty, NBUF)
-        for j in range(_items(I // BN, G, pc)):
+        for j in range(items(I // BN, G, pc)):
             row = layer * 2 * I + (pc + j * G) * BN
             i = _issue_item(wg_desc, row, 0, i, ring, ready, empty, NBUF)
             i = _issue_item(wg_desc, row + I, 0, i, ring, ready, empty, NBUF)
-        for j in range(_items((H // BN) * (I // KS), G, pd)):
+        for j in range(items((H // BN) * (I // KS), G, pd)):
             t = pd + j * G
             i = _issue_item(wd_desc, layer * H + (t // (I // KS)) * BN, (t % (I // KS)) * KS, i, ring, ready, empty,
                             NBUF)
+
+
+@gluon.jit
+def _loader(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring, xs,
+            ready, empty, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr,
+            NBUF: gl.constexpr, SYNC: gl.constexpr, DEFER: gl.constexpr, BALANCE: gl.constexpr):
+    stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, BALANCE)
 
 
 @gluon.jit
@@ -120,7 +127,7 @@ def _stage(xs, src_ptr, stride_m, col0, nw_ptr, eps, M, NORM: gl.constexpr, MB: 
 
 
 @gluon.jit
-def _item(acc, ring, xs, ready, empty, i, NBUF: gl.constexpr, DEFER: gl.constexpr):
+def item_chunks(acc, ring, xs, ready, empty, i, NBUF: gl.constexpr, DEFER: gl.constexpr):
     """acc [64, 16] += this item's 8 chunks (ring positions i ..) times xs^T; returns (acc, next i).
     DEFER: a chunk's slot is handed back once the next chunk's wgmmas are issued (one chunk in flight)."""
     for c in range(KS // (CB * BOXK)):
@@ -148,7 +155,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
              NBUF: gl.constexpr, SYNC: gl.constexpr, DEFER: gl.constexpr, BALANCE: gl.constexpr):
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
     ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
-    pa, pb, pc, pd = _places(G, NQ, H, I, BALANCE)
+    pa, pb, pc, pd = places(G, NQ, H, I, BALANCE)
     r2 = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, ACC)), 1)  # [64, 1] tile row
     m2 = gl.expand_dims(gl.arange(0, MB, layout=ROWS), 0)  # [1, MB] batch row
     ok = (m2 < M) & (r2 >= 0)
@@ -156,40 +163,40 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
     i = 0
     for layer in range(NL):
         c0 = layer * 4
-        if _items(NQ // BN, G, pa) > 0:  # A: q/k/v
+        if items(NQ // BN, G, pa) > 0:  # A: q/k/v
             if layer > 0 and SYNC:
                 wait_stage(cnt_ptr, c0 - 1, G)
             rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, MB, ROWS), 0)
-            for j in range(_items(NQ // BN, G, pa)):
-                acc, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+            for j in range(items(NQ // BN, G, pa)):
+                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
                 gl.store(q_ptr + m2 * NQ + (pa + j * G) * BN + r2, acc * rs, mask=ok)
         signal_stage(cnt_ptr, c0)
-        if _items(H // BN, G, pb) > 0:  # B: o, into the residual
+        if items(H // BN, G, pb) > 0:  # B: o, into the residual
             if SYNC:
                 wait_stage(cnt_ptr, c0, G)
             _stage(xs, q_ptr, NQ, 0, n1_ptr, eps, M, False, MB, ROWS)
-            for j in range(_items(H // BN, G, pb)):
-                acc, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+            for j in range(items(H // BN, G, pb)):
+                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
                 dst = h_ptr + m2 * H + (pb + j * G) * BN + r2
                 gl.store(dst, gl.load(dst, mask=ok, other=0.0, cache_modifier=".cg") + acc, mask=ok)
         signal_stage(cnt_ptr, c0 + 1)
-        if _items(I // BN, G, pc) > 0:  # C: gate/up
+        if items(I // BN, G, pc) > 0:  # C: gate/up
             if SYNC:
                 wait_stage(cnt_ptr, c0 + 1, G)
             rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, MB, ROWS), 0)
-            for j in range(_items(I // BN, G, pc)):
-                gate, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
-                up, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+            for j in range(items(I // BN, G, pc)):
+                gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+                up, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
                 gate = gate * rs
                 gl.store(g_ptr + m2 * I + (pc + j * G) * BN + r2, gate / (1.0 + gl.exp(-gate)) * (up * rs), mask=ok)
         signal_stage(cnt_ptr, c0 + 2)
-        if _items((H // BN) * (I // KS), G, pd) > 0:  # D: down, K split in I / KS slices, atomics into h
+        if items((H // BN) * (I // KS), G, pd) > 0:  # D: down, K split in I / KS slices, atomics into h
             if SYNC:
                 wait_stage(cnt_ptr, c0 + 2, G)
-            for j in range(_items((H // BN) * (I // KS), G, pd)):
+            for j in range(items((H // BN) * (I // KS), G, pd)):
                 t = pd + j * G
                 _stage(xs, g_ptr, I, (t % (I // KS)) * KS, n1_ptr, eps, M, False, MB, ROWS)
-                acc, i = _item(zero, ring, xs, ready, empty, i, NBUF, DEFER)
+                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
                 gl.atomic_add(h_ptr + m2 * H + (t // (I // KS)) * BN + r2, acc, mask=ok, sem="relaxed")
         signal_stage(cnt_ptr, c0 + 3)
 

@@ -24,6 +24,7 @@ from benchmarks.bench_megakernel import MegakernelConfig
 from benchmarks.decode_megakernel import decode_megakernel_kernel
 from benchmarks.decode_megakernel_mma import decode_megakernel_mma_kernel
 from benchmarks.decode_megakernel_wgmma import decode_megakernel_wgmma_kernel
+from benchmarks.decode_megakernel_wgmma_tma import decode_megakernel_wgmma_tma_kernel
 
 _TYPES = {"n1_ptr": "*bf16", "n2_ptr": "*bf16", "nf_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",
           "embed_ptr": "*bf16", "cnt_ptr": "*i32", "bt_ptr": "*i32", "pos_ptr": "*i32", "best_idx_ptr": "*i32",
@@ -32,7 +33,7 @@ _TYPES = {"n1_ptr": "*bf16", "n2_ptr": "*bf16", "nf_ptr": "*bf16", "k_cache_ptr"
 
 
 def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int, swizzle: int = 0,
-             types: dict | None = None) -> dict:
+             types: dict | None = None, boxes: dict | None = None) -> dict:
     layout = gl.NVMMASharedLayout(swizzle, 16, rank=2)
     params = list(inspect.signature(kernel.fn).parameters)
     sig = {}
@@ -40,7 +41,8 @@ def _compile(kernel, const: dict, box: tuple[int, int], num_warps: int, swizzle:
         if name in const:
             sig[name] = "constexpr"
         elif name.endswith("_desc"):
-            sig[name] = f"tensordesc<bf16[{box[0]},{box[1]}],{layout!r}>"
+            b = (boxes or {}).get(name, box)
+            sig[name] = f"tensordesc<bf16[{b[0]},{b[1]}],{layout!r}>"
         else:
             sig[name] = {**_TYPES, **(types or {})}.get(name, "*fp32" if name.endswith("_ptr") else "i32")
     src = GluonASTSource(kernel, sig, constexprs={(params.index(k),): v for k, v in const.items()},
@@ -68,6 +70,11 @@ def main(arg: str) -> dict:
     if arg == "wgmma":  # the second batch-16 probe: swap-AB wgmma, 128-byte swizzled boxes of [64, 64]
         const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "NBUF": 4, "SYNC": 1, "DEFER": 0, "BALANCE": 1}
         return _compile(decode_megakernel_wgmma_kernel, const, (64, 64), 4, swizzle=128)
+    if arg == "wgmma_tma":  # the same with its activations staged by TMA
+        const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "NBUF": 4, "BALANCE": 1}
+        return _compile(decode_megakernel_wgmma_tma_kernel, const, (64, 64), 4, swizzle=128,
+                        types={"hb_ptr": "*bf16", "q_ptr": "*bf16", "g_ptr": "*bf16"},
+                        boxes={name: (16, 64) for name in ("xq_desc", "xh_desc", "xg_desc")})
     if arg == "mma":  # the batch-16 probe: tensor cores, 128-byte swizzled boxes of [8, 64]
         const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}
         return _compile(decode_megakernel_mma_kernel, const, (8, 64), 8, swizzle=128)

@@ -22,7 +22,7 @@ def test_config_checks():
         MegakernelConfig(m=2, num_buf=8)
 
 
-@pytest.mark.parametrize("probe", ["1", "mma", "wgmma"])  # CUDA cores at M = 1; tensor cores at M = 16
+@pytest.mark.parametrize("probe", ["1", "mma", "wgmma", "wgmma_tma"])  # CUDA cores at M = 1; tensor cores at M = 16
 def test_compiles_for_sm90(probe):
     assert_compiles(probe, bench_megakernel.SMEM_BYTES)
 
@@ -43,7 +43,7 @@ def test_matches_float32_reference(m):
 
 @pytest.mark.gpu
 @requires_sm90
-@pytest.mark.parametrize("probe", ["mma", "wgmma"])
+@pytest.mark.parametrize("probe", ["mma", "wgmma", "wgmma_tma"])
 @pytest.mark.parametrize(("m", "grid"), [(16, None), (5, 64)])
 def test_mma_probe_matches_float32_reference(probe, m, grid):
     """The batch-16 tensor-core probe rounds only the GEMVs' inputs to bf16 (as the model's linears take
