@@ -72,6 +72,20 @@ def _layers(w: dict, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return h
 
 
+def _lm_weights(dev: str, vocab: int = 128256) -> dict:
+    """Llama-3's lm_head [V, H] and final norm weights (random), for the probes that end in greedy tokens."""
+    g = torch.Generator(device=dev).manual_seed(3)
+    return {"wl": (torch.randn(vocab, H, device=dev, generator=g) * H**-0.5).to(torch.bfloat16),
+            "nf": (torch.rand(H, device=dev, generator=g) + 0.5).to(torch.bfloat16)}
+
+
+def _logits(lm: dict, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The final norm and lm_head of the reference, in dtype (float32 logits)."""
+    hf = h.float()
+    x = lm["nf"].to(dtype) * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + EPS)).to(dtype)
+    return F.linear(x, lm["wl"].to(dtype)).float()
+
+
 def _graph_us(fn, reps: int = 50) -> float:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -181,9 +195,10 @@ def _megakernel_wgmma(w: dict, x: torch.Tensor, grid: int | None = None, sync: b
     return run
 
 
-def _megakernel_wgmma_tma(w: dict, x: torch.Tensor, grid: int | None = None):
+def _megakernel_wgmma_tma(w: dict, x: torch.Tensor, grid: int | None = None, lm: dict | None = None):
     """A callable that runs the TMA-staged swap-AB probe (decode_megakernel_wgmma_tma.py) on rows x (at
-    most 16; fp32 result in its `h`). Its q/k/v and gate/up weights carry the norm weights."""
+    most 16; fp32 result in its `h`). Its q/k/v and gate/up weights carry the norm weights. With `lm`
+    ({"wl": [V, H], "nf": [H]}) it also runs the lm_head: `logits` [m, V] and greedy `tokens` [m]."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -203,15 +218,23 @@ def _megakernel_wgmma_tma(w: dict, x: torch.Tensor, grid: int | None = None):
     scratch_g = torch.zeros(mb, I, device="cuda", dtype=torch.bfloat16)
     acts = [TensorDescriptor.from_tensor(t, [mb, 64], layout) for t in (scratch_q, hb, scratch_g)]
     part = torch.empty(H // 64 * (I // 2048), 64, mb, device="cuda")
-    counters = torch.zeros(L * 4 + H // 64, device="cuda", dtype=torch.int32)
+    counters = torch.zeros(L * 4 + H // 64 + 1, device="cuda", dtype=torch.int32)
+    vocab = lm["wl"].shape[0] if lm else 0
+    if lm:
+        folded["wl"] = (lm["wl"].float() * lm["nf"].float()).to(torch.bfloat16)
+    wl_desc = TensorDescriptor.from_tensor(folded["wl"], [64, 64], layout) if lm else descs[0]
+    logits = torch.empty(mb, max(vocab, 1), device="cuda")
+    best_v, best_i = torch.empty(grid, mb, device="cuda"), torch.empty(grid, mb, device="cuda", dtype=torch.int32)
+    tokens = torch.zeros(mb, device="cuda", dtype=torch.int64)
 
     def run():
         h[:m].copy_(x)
         hb[:m].copy_(x)
         counters.zero_()
-        decode_megakernel_wgmma_tma_kernel[(grid,)](*descs, *acts, h, hb, scratch_q, scratch_g, part, counters, EPS,
-                                                    grid, m, NL=L, H=H, I=I, NQ=NQ, MB=mb, NBUF=4, num_warps=4)
-    run.h = h[:m]
+        decode_megakernel_wgmma_tma_kernel[(grid,)](*descs, wl_desc, *acts, h, hb, scratch_q, scratch_g, part, logits,
+                                                    best_v, best_i, tokens, counters, EPS, grid, m, NL=L, H=H, I=I,
+                                                    NQ=NQ, MB=mb, NBUF=4, V=vocab, num_warps=4)
+    run.h, run.logits, run.tokens = h[:m], logits[:m], tokens[:m]
     run.keep = folded  # the descriptors point into these
     return run
 

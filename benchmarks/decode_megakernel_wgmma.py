@@ -63,7 +63,7 @@ def places(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BALANCE: gl.co
 
 
 @gluon.jit
-def _issue_item(desc, row, k0, i, ring, ready, empty, NBUF: gl.constexpr):
+def issue_item(desc, row, k0, i, ring, ready, empty, NBUF: gl.constexpr):
     """The loader: the 8 chunks of rows [row, row + 64) x columns [k0, k0 + 2048) from ring position i."""
     for c in range(KS // (CB * BOXK)):
         slot = i % NBUF
@@ -79,22 +79,24 @@ def _issue_item(desc, row, k0, i, ring, ready, empty, NBUF: gl.constexpr):
 @gluon.jit
 def stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL: gl.constexpr, H: gl.constexpr,
                    I: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, BALANCE: gl.constexpr):
-    """The loader warp: every chunk of this program's items, stage by stage, layer by layer."""
+    """The loader warp: every chunk of this program's items, stage by stage, layer by layer; returns the
+    ring position after the last."""
     pa, pb, pc, pd = places(G, NQ, H, I, BALANCE)
     i = 0
     for layer in range(NL):
         for j in range(items(NQ // BN, G, pa)):
-            i = _issue_item(wq_desc, layer * NQ + (pa + j * G) * BN, 0, i, ring, ready, empty, NBUF)
+            i = issue_item(wq_desc, layer * NQ + (pa + j * G) * BN, 0, i, ring, ready, empty, NBUF)
         for j in range(items(H // BN, G, pb)):
-            i = _issue_item(wo_desc, layer * H + (pb + j * G) * BN, 0, i, ring, ready, empty, NBUF)
+            i = issue_item(wo_desc, layer * H + (pb + j * G) * BN, 0, i, ring, ready, empty, NBUF)
         for j in range(items(I // BN, G, pc)):
             row = layer * 2 * I + (pc + j * G) * BN
-            i = _issue_item(wg_desc, row, 0, i, ring, ready, empty, NBUF)
-            i = _issue_item(wg_desc, row + I, 0, i, ring, ready, empty, NBUF)
+            i = issue_item(wg_desc, row, 0, i, ring, ready, empty, NBUF)
+            i = issue_item(wg_desc, row + I, 0, i, ring, ready, empty, NBUF)
         for j in range(items((H // BN) * (I // KS), G, pd)):
             t = pd + j * G
-            i = _issue_item(wd_desc, layer * H + (t // (I // KS)) * BN, (t % (I // KS)) * KS, i, ring, ready, empty,
-                            NBUF)
+            i = issue_item(wd_desc, layer * H + (t // (I // KS)) * BN, (t % (I // KS)) * KS, i, ring, ready, empty,
+                           NBUF)
+    return i
 
 
 @gluon.jit
@@ -203,7 +205,8 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
 
 @gluon.jit
 def decode_megakernel_wgmma_kernel(
-    wq_desc, wo_desc, wg_desc, wd_desc,  # TMA over [NL * N, K] bf16 (q;k;v, o, gate;up, down), box [64, 64], 128B swizzle
+    wq_desc, wo_desc, wg_desc, wd_desc,  # TMA over [NL * N, K] bf16 (q;k;v, o, gate;up, down), box [64, 64],
+                                         # 128B swizzle
     h_ptr,  # [MB, H] fp32 residual stream (rows < M: in / out)
     q_ptr,  # [MB, NQ] fp32 scratch: q/k/v
     g_ptr,  # [MB, I] fp32 scratch: SiLU(gate) x up

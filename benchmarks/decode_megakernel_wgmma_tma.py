@@ -24,7 +24,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from ascend_kernels.gluon_compat import cta_barrier as _barrier
 from ascend_kernels.gluon_compat import tma_load as _tma_load
 from ascend_kernels.grid_sync import signal_stage, wait_stage
-from benchmarks.decode_megakernel_wgmma import BN, BOXK, KS, item_chunks, items, places, stream_weights
+from benchmarks.decode_megakernel_wgmma import BN, BOXK, KS, issue_item, item_chunks, items, places, stream_weights
 
 
 @gluon.jit
@@ -75,18 +75,75 @@ def _down_tile(acc, t, h_ptr, hb_ptr, part_ptr, cnt_ptr, r2, m2, ok, NL: gl.cons
         gl.atomic_xchg(cnt_ptr + 4 * NL + tile, 0)  # zero for the next launch
 
 
+@gluon.jit
+def _lm_place(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BALANCE: gl.constexpr):
+    """This program's place in the lm_head's deal (after the last layer's down items with BALANCE)."""
+    off = (NQ // BN + H // BN + I // BN + (H // BN) * (I // KS)) % G if BALANCE else 0
+    return (gl.program_id(0) - off + G) % G
+
+
+@gluon.jit
+def _lm_head(i, nx, pe, G, eps, xs, xbar, ring, ready, empty, xh_desc, logits_ptr, cnt_ptr, zero, r2, m2, ok,
+             V: gl.constexpr, NBUF: gl.constexpr, MB: gl.constexpr, ROWS: gl.constexpr):
+    """Logits of this program's lm_head tiles (final norm folded into the weights) and, per batch row, the
+    best logit and its first index over them."""
+    rs, nx = _stage(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
+    rs2 = gl.expand_dims(rs, 0)
+    best_v = gl.full([MB], float("-inf"), gl.float32, ROWS)
+    best_i = gl.zeros([MB], gl.int32, ROWS)
+    for j in range(items(V // BN, G, pe)):
+        row0 = (pe + j * G) * BN
+        acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
+        val = acc * rs2
+        gl.store(logits_ptr + m2 * V + row0 + r2, val, mask=ok)
+        top = gl.max(val, axis=0)
+        first = gl.min(gl.where(val == gl.expand_dims(top, 0), r2 + row0, V), axis=0)
+        best_i = gl.where(top > best_v, first, best_i)  # tiles come in row order: > keeps the first maximum
+        best_v = gl.maximum(best_v, top)
+    return best_v, best_i, i
+
+
+@gluon.jit
+def _pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, G, M, V: gl.constexpr,
+                 MB: gl.constexpr, ROWS: gl.constexpr):
+    """Publish this program's best per row; the last program to arrive picks each row's token (the first
+    index of the maximum over all programs, like torch.argmax) and zeroes the counter."""
+    mm = gl.arange(0, MB, layout=ROWS)
+    gl.store(best_val_ptr + gl.program_id(0) * MB + mm, best_v)
+    gl.store(best_idx_ptr + gl.program_id(0) * MB + mm, best_i)
+    _barrier()
+    if gl.atomic_add(cnt_ptr, 1, sem="acq_rel") == G - 1:
+        LR: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
+        pp = gl.expand_dims(gl.arange(0, 256, layout=gl.SliceLayout(1, LR)), 1)
+        mr = gl.expand_dims(gl.arange(0, MB, layout=gl.SliceLayout(0, LR)), 0)
+        live = (pp < G) & (mr >= 0)
+        vals = gl.load(best_val_ptr + pp * MB + mr, mask=live, other=float("-inf"), cache_modifier=".cg")
+        idxs = gl.load(best_idx_ptr + pp * MB + mr, mask=live, other=V, cache_modifier=".cg")
+        top = gl.max(vals, axis=0)
+        token = gl.min(gl.where(vals == gl.expand_dims(top, 0), idxs, V), axis=0)
+        mo = gl.arange(0, MB, layout=gl.SliceLayout(0, LR))
+        gl.store(tokens_ptr + mo, token.to(gl.int64), mask=mo < M)
+        gl.atomic_xchg(cnt_ptr, 0)
+
+
 # _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
 @gluon.jit
-def _loader(wq_desc, wo_desc, wg_desc, wd_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr, part_ptr,
-            cnt_ptr, eps, G, M, ring, xs, ready, empty, xbar, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr,
-            NQ: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr, BALANCE: gl.constexpr):
-    stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, BALANCE)
+def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr,
+            part_ptr, logits_ptr, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, eps, G, M, ring, xs, ready, empty,
+            xbar, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr,
+            NBUF: gl.constexpr, BALANCE: gl.constexpr, V: gl.constexpr):
+    i = stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, BALANCE)
+    if V > 0:
+        pe = _lm_place(G, NQ, H, I, BALANCE)
+        for j in range(items(V // BN, G, pe)):
+            i = issue_item(wl_desc, (pe + j * G) * BN, 0, i, ring, ready, empty, NBUF)
 
 
 @gluon.jit
-def _compute(wq_desc, wo_desc, wg_desc, wd_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr, part_ptr,
-             cnt_ptr, eps, G, M, ring, xs, ready, empty, xbar, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr,
-             NQ: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr, BALANCE: gl.constexpr):
+def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr,
+             part_ptr, logits_ptr, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, eps, G, M, ring, xs, ready, empty,
+             xbar, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr,
+             NBUF: gl.constexpr, BALANCE: gl.constexpr, V: gl.constexpr):
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
     ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
     NS: gl.constexpr = I // KS  # down's K slices
@@ -135,22 +192,33 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, xq_desc, xh_desc, xg_desc, h_pt
                 acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
                 _down_tile(acc, t, h_ptr, hb_ptr, part_ptr, cnt_ptr, r2, m2, ok, NL, H, NS, MB)
         signal_stage(cnt_ptr, c0 + 3)
+    if V > 0:  # E: lm_head (final norm folded into the weights) and each row's greedy token
+        wait_stage(cnt_ptr, 4 * NL - 1, G)
+        best_v, best_i, i = _lm_head(i, nx, _lm_place(G, NQ, H, I, BALANCE), G, eps, xs, xbar, ring, ready, empty,
+                                     xh_desc, logits_ptr, cnt_ptr, zero, r2, m2, ok, V, NBUF, MB, ROWS)
+        _pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr + 4 * NL + H // BN, G, M, V,
+                     MB, ROWS)
 
 
 @gluon.jit
 def decode_megakernel_wgmma_tma_kernel(
     wq_desc, wo_desc, wg_desc, wd_desc,  # TMA over [NL * N, K] bf16, box [64, 64], 128B swizzle (q/k/v and
                                          # gate/up with the norm weights folded in)
+    wl_desc,  # TMA over the lm_head [V, H] bf16 with the final norm folded in (read only when V > 0)
     xq_desc, xh_desc, xg_desc,  # TMA over q_ptr, hb_ptr, g_ptr: box [MB, 64], 128B swizzle
     h_ptr,  # [MB, H] fp32 residual stream (rows < M: in / out)
     hb_ptr,  # [MB, H] bf16 its shadow (rows < M: the input's, on entry; rows >= M zero)
     q_ptr,  # [MB, NQ] bf16 scratch: q/k/v (rows >= M zero)
     g_ptr,  # [MB, I] bf16 scratch: SiLU(gate) x up (rows >= M zero)
     part_ptr,  # [H / 64 * I / 2048, 64, MB] fp32 down partials
-    cnt_ptr,  # [NL * 4 + H / 64] int32 grid counters, then down-tile arrivals; zero at launch (tiles' left zero)
+    logits_ptr,  # [MB, V] fp32 (V > 0)
+    best_val_ptr, best_idx_ptr,  # [G, MB] fp32 / int32 each program's best logit per row (V > 0)
+    tokens_ptr,  # [MB] int64 greedy tokens (V > 0)
+    cnt_ptr,  # [NL * 4 + H / 64 + 1] int32 grid counters, down-tile arrivals, lm_head arrivals; zero at launch
     eps, G, M,
     NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
     BALANCE: gl.constexpr = 1,  # each stage's deal starts where the previous one ended
+    V: gl.constexpr = 0,  # vocabulary: > 0 adds the lm_head and the greedy tokens
 ):
     gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * 4, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
@@ -163,10 +231,12 @@ def decode_megakernel_wgmma_tma_kernel(
         mbarrier.init(empty.index(b), count=1)
     mbarrier.init(xbar.index(0), count=1)
     gl.warp_specialize([
-        (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr, part_ptr,
-                    cnt_ptr, eps, G, M, ring, xs, ready, empty, xbar, NL, H, I, NQ, MB, NBUF, BALANCE)),
-        (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr, part_ptr,
-                   cnt_ptr, eps, G, M, ring, xs, ready, empty, xbar, NL, H, I, NQ, MB, NBUF, BALANCE)),
+        (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr,
+                    part_ptr, logits_ptr, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, eps, G, M, ring, xs, ready,
+                    empty, xbar, NL, H, I, NQ, MB, NBUF, BALANCE, V)),
+        (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr,
+                   part_ptr, logits_ptr, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, eps, G, M, ring, xs, ready,
+                   empty, xbar, NL, H, I, NQ, MB, NBUF, BALANCE, V)),
     ], [1], [48])
     for b in gl.static_range(NBUF):
         mbarrier.invalidate(ready.index(b))

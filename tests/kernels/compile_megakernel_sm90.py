@@ -70,10 +70,10 @@ def main(arg: str) -> dict:
     if arg == "wgmma":  # the second batch-16 probe: swap-AB wgmma, 128-byte swizzled boxes of [64, 64]
         const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "NBUF": 4, "SYNC": 1, "DEFER": 0, "BALANCE": 1}
         return _compile(decode_megakernel_wgmma_kernel, const, (64, 64), 4, swizzle=128)
-    if arg == "wgmma_tma":  # the same with its activations staged by TMA
-        const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "NBUF": 4, "BALANCE": 1}
+    if arg == "wgmma_tma":  # the same with its activations staged by TMA, and the lm_head
+        const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "NBUF": 4, "BALANCE": 1, "V": 128256}
         return _compile(decode_megakernel_wgmma_tma_kernel, const, (64, 64), 4, swizzle=128,
-                        types={"hb_ptr": "*bf16", "q_ptr": "*bf16", "g_ptr": "*bf16"},
+                        types={"hb_ptr": "*bf16", "q_ptr": "*bf16", "g_ptr": "*bf16", "tokens_ptr": "*i64"},
                         boxes={name: (16, 64) for name in ("xq_desc", "xh_desc", "xg_desc")})
     if arg == "mma":  # the batch-16 probe: tensor cores, 128-byte swizzled boxes of [8, 64]
         const = {"NL": 16, "H": 2048, "I": 8192, "NQ": 3072, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}

@@ -57,3 +57,21 @@ def test_mma_probe_matches_float32_reference(probe, m, grid):
         fn()
         torch.cuda.synchronize()
         assert rel_err(fn.h, ref) <= bound, (rel_err(fn.h, ref), bound)
+
+
+@pytest.mark.gpu
+@requires_sm90
+@pytest.mark.parametrize(("m", "grid"), [(16, None), (5, 64)])
+def test_wgmma_tma_lm_head_logits_and_tokens(m, grid):
+    """The TMA-staged probe with the lm_head: logits as close to float32 as the bf16 model's, and each row's
+    token the first index of its own logits' maximum."""
+    w, lm = bench_megakernel._weights("cuda"), bench_megakernel._lm_weights("cuda")
+    x = torch.randn(m, bench_megakernel.H, device="cuda")
+    ref = bench_megakernel._logits(lm, bench_megakernel._layers(w, x, torch.float32), torch.float32)
+    bound = rel_err(bench_megakernel._logits(lm, bench_megakernel._layers(w, x, torch.bfloat16), torch.bfloat16), ref)
+    fn = bench_megakernel._megakernel_wgmma_tma(w, x, grid, lm)
+    for _ in range(2):  # a second launch must not see the first one's counters
+        fn()
+        torch.cuda.synchronize()
+        assert rel_err(fn.logits, ref) <= bound, (rel_err(fn.logits, ref), bound)
+        assert torch.equal(fn.tokens, fn.logits.argmax(-1))
