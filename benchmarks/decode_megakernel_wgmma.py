@@ -24,131 +24,18 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    mbarrier,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ascend_kernels.gluon_compat import cta_barrier as _barrier
-from ascend_kernels.gluon_compat import tma_load as _tma_load
 from ascend_kernels.grid_sync import signal_stage, wait_stage
-
-BN = gl.constexpr(64)  # tile rows: the wgmma M
-BOXK = gl.constexpr(64)  # columns per TMA box (128 bytes of bf16)
-CB = gl.constexpr(4)  # boxes per chunk: 256 columns, 32 KB
-KS = gl.constexpr(2048)  # K of an item (the staged activations' width)
+from ascend_kernels.rows_wgmma_stream import BN, BOXK, CB, KS, item_chunks, items, places, stage_regs, stream_weights
 
 
-@gluon.jit
-def items(n: gl.constexpr, G, p):
-    """Items of a stage with n items that the program at place p of the stage gets (items p, p + G, ...)."""
-    return (n - p + G - 1) // G
-
-
-@gluon.jit
-def places(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BALANCE: gl.constexpr):
-    """This program's place in each stage's round-robin deal. BALANCE starts each stage's deal where
-    the previous stage's ended, so the few q/k/v and o items land on different programs (and those
-    programs' loaders are free to fill their rings with the next stage meanwhile)."""
-    pid = gl.program_id(0)
-    if BALANCE:
-        na: gl.constexpr = NQ // BN
-        nb: gl.constexpr = H // BN
-        nc: gl.constexpr = I // BN
-        return (pid, (pid - na % G + G) % G, (pid - (na + nb) % G + G) % G, (pid - (na + nb + nc) % G + G) % G)
-    else:
-        return (pid, pid, pid, pid)
-
-
-@gluon.jit
-def issue_item(desc, row, k0, i, ring, ready, empty, NBUF: gl.constexpr):
-    """The loader: the 8 chunks of rows [row, row + 64) x columns [k0, k0 + 2048) from ring position i."""
-    for c in range(KS // (CB * BOXK)):
-        slot = i % NBUF
-        mbarrier.wait(empty.index(slot), ((i // NBUF) & 1) ^ 1)
-        bar = ready.index(slot)
-        mbarrier.expect(bar, CB * BN * BOXK * 2)
-        for b in gl.static_range(CB):
-            _tma_load(desc, [row, k0 + (c * CB + b) * BOXK], bar, ring.index(slot * CB + b))
-        i += 1
-    return i
-
-
-@gluon.jit
-def stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL: gl.constexpr, H: gl.constexpr,
-                   I: gl.constexpr, NQ: gl.constexpr, NBUF: gl.constexpr, BALANCE: gl.constexpr):
-    """The loader warp: every chunk of this program's items, stage by stage, layer by layer; returns the
-    ring position after the last."""
-    pa, pb, pc, pd = places(G, NQ, H, I, BALANCE)
-    i = 0
-    for layer in range(NL):
-        for j in range(items(NQ // BN, G, pa)):
-            i = issue_item(wq_desc, layer * NQ + (pa + j * G) * BN, 0, i, ring, ready, empty, NBUF)
-        for j in range(items(H // BN, G, pb)):
-            i = issue_item(wo_desc, layer * H + (pb + j * G) * BN, 0, i, ring, ready, empty, NBUF)
-        for j in range(items(I // BN, G, pc)):
-            row = layer * 2 * I + (pc + j * G) * BN
-            i = issue_item(wg_desc, row, 0, i, ring, ready, empty, NBUF)
-            i = issue_item(wg_desc, row + I, 0, i, ring, ready, empty, NBUF)
-        for j in range(items((H // BN) * (I // KS), G, pd)):
-            t = pd + j * G
-            i = issue_item(wd_desc, layer * H + (t // (I // KS)) * BN, (t % (I // KS)) * KS, i, ring, ready, empty,
-                           NBUF)
-    return i
-
-
+# _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
 @gluon.jit
 def _loader(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring, xs,
             ready, empty, NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, NQ: gl.constexpr, MB: gl.constexpr,
             NBUF: gl.constexpr, SYNC: gl.constexpr, DEFER: gl.constexpr, BALANCE: gl.constexpr):
     stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, BALANCE)
-
-
-@gluon.jit
-def _stage(xs, src_ptr, stride_m, col0, nw_ptr, eps, M, NORM: gl.constexpr, MB: gl.constexpr, ROWS: gl.constexpr):
-    """Rows 0..M-1 of src[:, col0 .. col0 + 2047] into xs as bf16 (x * nw with NORM); returns each row's
-    1 / rms over those columns (ones without NORM) in the accumulator's column layout ROWS."""
-    XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    _barrier()  # every warp's wgmmas have read the last staged rows
-    mm = gl.expand_dims(gl.arange(0, MB, layout=gl.SliceLayout(1, XL)), 1)
-    kk = gl.expand_dims(gl.arange(0, BOXK, layout=gl.SliceLayout(0, XL)), 0)
-    ss = gl.zeros([MB], gl.float32, gl.SliceLayout(1, XL))
-    for b in gl.static_range(KS // BOXK):
-        x = gl.load(src_ptr + mm * stride_m + col0 + b * BOXK + kk, mask=(mm < M) & (kk >= 0), other=0.0,
-                    cache_modifier=".cg").to(gl.float32)
-        if NORM:
-            ss += gl.sum(x * x, axis=1)
-            x = x * gl.load(nw_ptr + b * BOXK + kk).to(gl.float32)
-        xs.index(b).store(x.to(gl.bfloat16))
-    fence_async_shared()  # the stores above are read by wgmma (the async proxy)
-    _barrier()
-    rs = gl.rsqrt(ss / KS + eps) if NORM else ss + 1.0
-    return gl.convert_layout(rs, ROWS)
-
-
-@gluon.jit
-def item_chunks(acc, ring, xs, ready, empty, i, NBUF: gl.constexpr, DEFER: gl.constexpr):
-    """acc [64, 16] += this item's 8 chunks (ring positions i ..) times xs^T; returns (acc, next i).
-    DEFER: a chunk's slot is handed back once the next chunk's wgmmas are issued (one chunk in flight)."""
-    for c in range(KS // (CB * BOXK)):
-        slot = i % NBUF
-        mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
-        for b in gl.static_range(CB):
-            acc = warpgroup_mma(ring.index(slot * CB + b), xs.index(c * CB + b).permute((1, 0)), acc, is_async=True)
-        if DEFER:
-            acc = warpgroup_mma_wait(CB, deps=(acc, ))
-            if c > 0:
-                mbarrier.arrive(empty.index((i + NBUF - 1) % NBUF), count=1)
-        else:
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-            mbarrier.arrive(empty.index(slot), count=1)
-        i += 1
-    if DEFER:
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
-        mbarrier.arrive(empty.index((i + NBUF - 1) % NBUF), count=1)
-    return acc, i
 
 
 @gluon.jit
@@ -168,7 +55,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
         if items(NQ // BN, G, pa) > 0:  # A: q/k/v
             if layer > 0 and SYNC:
                 wait_stage(cnt_ptr, c0 - 1, G)
-            rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, MB, ROWS), 0)
+            rs = gl.expand_dims(stage_regs(xs, h_ptr, H, 0, n1_ptr + layer * H, eps, M, True, MB, ROWS), 0)
             for j in range(items(NQ // BN, G, pa)):
                 acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
                 gl.store(q_ptr + m2 * NQ + (pa + j * G) * BN + r2, acc * rs, mask=ok)
@@ -176,7 +63,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
         if items(H // BN, G, pb) > 0:  # B: o, into the residual
             if SYNC:
                 wait_stage(cnt_ptr, c0, G)
-            _stage(xs, q_ptr, NQ, 0, n1_ptr, eps, M, False, MB, ROWS)
+            stage_regs(xs, q_ptr, NQ, 0, n1_ptr, eps, M, False, MB, ROWS)
             for j in range(items(H // BN, G, pb)):
                 acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
                 dst = h_ptr + m2 * H + (pb + j * G) * BN + r2
@@ -185,7 +72,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
         if items(I // BN, G, pc) > 0:  # C: gate/up
             if SYNC:
                 wait_stage(cnt_ptr, c0 + 1, G)
-            rs = gl.expand_dims(_stage(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, MB, ROWS), 0)
+            rs = gl.expand_dims(stage_regs(xs, h_ptr, H, 0, n2_ptr + layer * H, eps, M, True, MB, ROWS), 0)
             for j in range(items(I // BN, G, pc)):
                 gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
                 up, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
@@ -197,7 +84,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2
                 wait_stage(cnt_ptr, c0 + 2, G)
             for j in range(items((H // BN) * (I // KS), G, pd)):
                 t = pd + j * G
-                _stage(xs, g_ptr, I, (t % (I // KS)) * KS, n1_ptr, eps, M, False, MB, ROWS)
+                stage_regs(xs, g_ptr, I, (t % (I // KS)) * KS, n1_ptr, eps, M, False, MB, ROWS)
                 acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, DEFER)
                 gl.atomic_add(h_ptr + m2 * H + (t // (I // KS)) * BN + r2, acc, mask=ok, sem="relaxed")
         signal_stage(cnt_ptr, c0 + 3)

@@ -21,109 +21,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
-from ascend_kernels.gluon_compat import cta_barrier as _barrier
-from ascend_kernels.gluon_compat import tma_load as _tma_load
 from ascend_kernels.grid_sync import signal_stage, wait_stage
-from benchmarks.decode_megakernel_wgmma import BN, BOXK, KS, issue_item, item_chunks, items, places, stream_weights
-
-
-@gluon.jit
-def _fence_proxy_global(ptr):
-    """Order the generic-proxy stores this program has acquired (other programs' outputs) before the
-    async-proxy (TMA) reads that follow."""
-    gl.inline_asm_elementwise("fence.proxy.async.global; mov.u32 $0, 0;", "=r,l", [ptr], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
-def _stage(xs, xbar, nx, desc, col0, eps, cnt_ptr, NORM: gl.constexpr, MB: gl.constexpr, ROWS: gl.constexpr):
-    """Columns col0 .. col0 + 2047 of desc's [MB, N] bf16 rows into xs (staging number nx); returns each
-    row's 1 / rms over them (ones without NORM) in the accumulator's column layout, and nx + 1."""
-    _barrier()  # every warp's wgmmas have read the last staged rows
-    _fence_proxy_global(cnt_ptr)
-    mbarrier.expect(xbar.index(0), MB * KS * 2)
-    for b in gl.static_range(KS // BOXK):
-        _tma_load(desc, [0, col0 + b * BOXK], xbar.index(0), xs.index(b))
-    mbarrier.wait(xbar.index(0), nx & 1)
-    XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    ss = gl.zeros([MB], gl.float32, gl.SliceLayout(1, XL))
-    if NORM:
-        for b in gl.static_range(KS // BOXK):
-            x = xs.index(b).load(XL).to(gl.float32)
-            ss += gl.sum(x * x, axis=1)
-    rs = gl.rsqrt(ss / KS + eps) if NORM else ss + 1.0
-    return gl.convert_layout(rs, ROWS), nx + 1
-
-
-@gluon.jit
-def _down_tile(acc, t, h_ptr, hb_ptr, part_ptr, cnt_ptr, r2, m2, ok, NL: gl.constexpr, H: gl.constexpr,
-               NS: gl.constexpr, MB: gl.constexpr):
-    """Slice t % NS of down tile t // NS: publish the partial; the tile's last slice to arrive adds all
-    of them (in slice order) into h and writes h's bf16 shadow."""
-    tile = t // NS
-    offs = r2 * MB + m2  # [64, MB] within a partial
-    gl.store(part_ptr + t * (BN * MB) + offs, acc)
-    _barrier()  # every thread's partial precedes the release below
-    if gl.atomic_add(cnt_ptr + 4 * NL + tile, 1, sem="acq_rel") == NS - 1:
-        tot = gl.load(part_ptr + tile * NS * (BN * MB) + offs, cache_modifier=".cg")
-        for s in gl.static_range(1, NS):
-            tot += gl.load(part_ptr + (tile * NS + s) * (BN * MB) + offs, cache_modifier=".cg")
-        dst = m2 * H + tile * BN + r2
-        hn = gl.load(h_ptr + dst, mask=ok, other=0.0, cache_modifier=".cg") + tot
-        gl.store(h_ptr + dst, hn, mask=ok)
-        gl.store(hb_ptr + dst, hn.to(gl.bfloat16), mask=ok)
-        gl.atomic_xchg(cnt_ptr + 4 * NL + tile, 0)  # zero for the next launch
-
-
-@gluon.jit
-def _lm_place(G, NQ: gl.constexpr, H: gl.constexpr, I: gl.constexpr, BALANCE: gl.constexpr):
-    """This program's place in the lm_head's deal (after the last layer's down items with BALANCE)."""
-    off = (NQ // BN + H // BN + I // BN + (H // BN) * (I // KS)) % G if BALANCE else 0
-    return (gl.program_id(0) - off + G) % G
-
-
-@gluon.jit
-def _lm_head(i, nx, pe, G, eps, xs, xbar, ring, ready, empty, xh_desc, logits_ptr, cnt_ptr, zero, r2, m2, ok,
-             V: gl.constexpr, NBUF: gl.constexpr, MB: gl.constexpr, ROWS: gl.constexpr):
-    """Logits of this program's lm_head tiles (final norm folded into the weights) and, per batch row, the
-    best logit and its first index over them."""
-    rs, nx = _stage(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
-    rs2 = gl.expand_dims(rs, 0)
-    best_v = gl.full([MB], float("-inf"), gl.float32, ROWS)
-    best_i = gl.zeros([MB], gl.int32, ROWS)
-    for j in range(items(V // BN, G, pe)):
-        row0 = (pe + j * G) * BN
-        acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-        val = acc * rs2
-        gl.store(logits_ptr + m2 * V + row0 + r2, val, mask=ok)
-        top = gl.max(val, axis=0)
-        first = gl.min(gl.where(val == gl.expand_dims(top, 0), r2 + row0, V), axis=0)
-        best_i = gl.where(top > best_v, first, best_i)  # tiles come in row order: > keeps the first maximum
-        best_v = gl.maximum(best_v, top)
-    return best_v, best_i, i
-
-
-@gluon.jit
-def _pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, G, M, V: gl.constexpr,
-                 MB: gl.constexpr, ROWS: gl.constexpr):
-    """Publish this program's best per row; the last program to arrive picks each row's token (the first
-    index of the maximum over all programs, like torch.argmax) and zeroes the counter."""
-    mm = gl.arange(0, MB, layout=ROWS)
-    gl.store(best_val_ptr + gl.program_id(0) * MB + mm, best_v)
-    gl.store(best_idx_ptr + gl.program_id(0) * MB + mm, best_i)
-    _barrier()
-    if gl.atomic_add(cnt_ptr, 1, sem="acq_rel") == G - 1:
-        LR: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [4, 1], [1, 0])
-        pp = gl.expand_dims(gl.arange(0, 256, layout=gl.SliceLayout(1, LR)), 1)
-        mr = gl.expand_dims(gl.arange(0, MB, layout=gl.SliceLayout(0, LR)), 0)
-        live = (pp < G) & (mr >= 0)
-        vals = gl.load(best_val_ptr + pp * MB + mr, mask=live, other=float("-inf"), cache_modifier=".cg")
-        idxs = gl.load(best_idx_ptr + pp * MB + mr, mask=live, other=V, cache_modifier=".cg")
-        top = gl.max(vals, axis=0)
-        token = gl.min(gl.where(vals == gl.expand_dims(top, 0), idxs, V), axis=0)
-        mo = gl.arange(0, MB, layout=gl.SliceLayout(0, LR))
-        gl.store(tokens_ptr + mo, token.to(gl.int64), mask=mo < M)
-        gl.atomic_xchg(cnt_ptr, 0)
+from ascend_kernels.rows_wgmma_stream import (
+    BN, BOXK, KS, down_tile, issue_item, item_chunks, items, lm_place, lm_tiles, pick_tokens, places, stage_tma,
+    stream_weights,
+)  # fmt: skip
 
 
 # _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
@@ -134,7 +36,7 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_de
             NBUF: gl.constexpr, BALANCE: gl.constexpr, V: gl.constexpr):
     i = stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, BALANCE)
     if V > 0:
-        pe = _lm_place(G, NQ, H, I, BALANCE)
+        pe = lm_place(G, NQ, H, I, BALANCE)
         for j in range(items(V // BN, G, pe)):
             i = issue_item(wl_desc, (pe + j * G) * BN, 0, i, ring, ready, empty, NBUF)
 
@@ -159,14 +61,14 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_d
         if items(NQ // BN, G, pa) > 0:  # A: q/k/v (norm 1 folded into the weights)
             if layer > 0:
                 wait_stage(cnt_ptr, c0 - 1, G)
-            rs, nx = _stage(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
+            rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
             for j in range(items(NQ // BN, G, pa)):
                 acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
                 gl.store(q_ptr + m2 * NQ + (pa + j * G) * BN + r2, acc * gl.expand_dims(rs, 0), mask=ok)
         signal_stage(cnt_ptr, c0)
         if items(H // BN, G, pb) > 0:  # B: o, into the residual and its shadow
             wait_stage(cnt_ptr, c0, G)
-            rs, nx = _stage(xs, xbar, nx, xq_desc, 0, eps, cnt_ptr, False, MB, ROWS)
+            rs, nx = stage_tma(xs, xbar, nx, xq_desc, 0, eps, cnt_ptr, False, MB, ROWS)
             for j in range(items(H // BN, G, pb)):
                 acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
                 dst = m2 * H + (pb + j * G) * BN + r2
@@ -176,7 +78,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_d
         signal_stage(cnt_ptr, c0 + 1)
         if items(I // BN, G, pc) > 0:  # C: gate/up (norm 2 folded into the weights)
             wait_stage(cnt_ptr, c0 + 1, G)
-            rs, nx = _stage(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
+            rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
             rs2 = gl.expand_dims(rs, 0)
             for j in range(items(I // BN, G, pc)):
                 gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
@@ -188,15 +90,16 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_d
             wait_stage(cnt_ptr, c0 + 2, G)
             for j in range(items((H // BN) * NS, G, pd)):
                 t = pd + j * G
-                rs, nx = _stage(xs, xbar, nx, xg_desc, (t % NS) * KS, eps, cnt_ptr, False, MB, ROWS)
+                rs, nx = stage_tma(xs, xbar, nx, xg_desc, (t % NS) * KS, eps, cnt_ptr, False, MB, ROWS)
                 acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                _down_tile(acc, t, h_ptr, hb_ptr, part_ptr, cnt_ptr, r2, m2, ok, NL, H, NS, MB)
+                down_tile(acc, t, h_ptr, hb_ptr, part_ptr, cnt_ptr + 4 * NL, r2, m2, ok, H, NS, MB)
         signal_stage(cnt_ptr, c0 + 3)
     if V > 0:  # E: lm_head (final norm folded into the weights) and each row's greedy token
         wait_stage(cnt_ptr, 4 * NL - 1, G)
-        best_v, best_i, i = _lm_head(i, nx, _lm_place(G, NQ, H, I, BALANCE), G, eps, xs, xbar, ring, ready, empty,
-                                     xh_desc, logits_ptr, cnt_ptr, zero, r2, m2, ok, V, NBUF, MB, ROWS)
-        _pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr + 4 * NL + H // BN, G, M, V,
+        rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
+        best_v, best_i, i = lm_tiles(i, lm_place(G, NQ, H, I, BALANCE), G, rs, ring, xs, ready, empty, logits_ptr,
+                                     zero, r2, m2, ok, V, NBUF, MB, ROWS)
+        pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr + 4 * NL + H // BN, G, M, V,
                      MB, ROWS)
 
 
