@@ -214,9 +214,10 @@ def lm_tiles(i, pe, G, rs, ring, xs, ready, empty, logits_ptr, zero, r2, m2, ok,
 
 @gluon.jit
 def pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, G, M, V: gl.constexpr,
-                 MB: gl.constexpr, ROWS: gl.constexpr):
+                MB: gl.constexpr, ROWS: gl.constexpr, reset_ptr, NRESET: gl.constexpr):
     """Publish this program's best per row; the last program to arrive picks each row's token (the first
-    index of the maximum over all programs, like torch.argmax) and zeroes the counter."""
+    index of the maximum over all programs, like torch.argmax), zeroes its counter and the NRESET
+    counters at reset_ptr (every program has passed them)."""
     mm = gl.arange(0, MB, layout=ROWS)
     gl.store(best_val_ptr + gl.program_id(0) * MB + mm, best_v)
     gl.store(best_idx_ptr + gl.program_id(0) * MB + mm, best_i)
@@ -232,4 +233,7 @@ def pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr,
         token = gl.min(gl.where(vals == gl.expand_dims(top, 0), idxs, V), axis=0)
         mo = gl.arange(0, MB, layout=gl.SliceLayout(0, LR))
         gl.store(tokens_ptr + mo, token.to(gl.int64), mask=mo < M)
+        for c0 in gl.static_range(0, NRESET, 256):
+            c = c0 + gl.arange(0, 256, layout=gl.SliceLayout(1, LR))
+            gl.store(reset_ptr + c, gl.zeros_like(c), mask=c < NRESET)
         gl.atomic_xchg(cnt_ptr, 0)

@@ -19,6 +19,7 @@ from triton.experimental.gluon._runtime import GluonASTSource
 
 from ascend_kernels import decode_step
 from ascend_kernels.decode_rows_kernel import decode_rows_kernel
+from ascend_kernels.decode_rows_wgmma_kernel import decode_rows_wgmma_kernel
 from ascend_kernels.decode_step_kernel import decode_step_kernel
 from benchmarks.bench_megakernel import MegakernelConfig
 from benchmarks.decode_megakernel import decode_megakernel_kernel
@@ -62,6 +63,13 @@ def main(arg: str) -> dict:
             return _compile(decode_step_kernel, const, (b.BN, b.BOX), b.NB)
         from benchmarks.decode_step_timeline import stamped_module
         return _compile(stamped_module(arg == "step_timeline_tiles").decode_step_kernel, const, (b.BN, b.BOX), b.NB, types={"ts_ptr": "*i64"})
+    if arg == "rows_wgmma":  # the swap-AB wgmma multi-row decode kernel (ascend_kernels/decode_rows_wgmma_kernel.py)
+        const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
+                 "TILE": 64, "MB": 16, "NBUF": 4}
+        return _compile(decode_rows_wgmma_kernel, const, (64, 64), 4, swizzle=128,
+                        types={"hb_ptr": "*bf16", "qkv_ptr": "*bf16", "attn_ptr": "*bf16", "g_ptr": "*bf16",
+                               "pos_ptr": "*i64", "slot_ptr": "*i64"},
+                        boxes={name: (16, 64) for name in ("xa_desc", "xh_desc", "xg_desc")})
     if arg == "rows":  # the multi-row decode kernel (ascend_kernels/decode_rows_kernel.py)
         const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
                  "TILE": 64, "MB": 16, "BN": 8, "NB": 8, "NBUF": 4, "MAXT": 4}

@@ -1,0 +1,185 @@
+"""A decode step of up to MB = 16 requests of a Llama-style decoder in ONE persistent launch (sm_90,
+Gluon), on the swap-AB wgmma stream (rows_wgmma_stream.py): the multi-row kernel's plan
+(decode_rows_kernel.py) with the GEMVs of the TMA-staged probe that ran 16 layers at 1.18x Inductor +
+cuBLAS on an H100 (benchmarks/RESULTS.md, nineteenth session). Launched by decode_rows_wgmma.py.
+
+The rows are the step's first M tokens whose slot is not negative (a CUDA-graph bucket pads with
+negative slots). Grid counters in order (each stage's producer writes the next stage's input in bf16,
+which the consumers copy into shared memory by TMA):
+
+    init: h[rows] (fp32) and its bf16 shadow hb = embedding of each row's token
+    per layer: A q/k/v (norm 1 folded into W)  ->  attention ((row, q head) tasks, RoPE, the new K/V
+               into the cache; out attn bf16)  ->  B o (h, hb += ...)  ->  C gate/up (norm 2 folded
+               into W; g = SiLU(gate) x up bf16)  ->  D down (4 K slices a tile; the last adds into h, hb)
+    lm_head (final norm staged through registers) -> logits [MB, V] fp32 and each row's greedy token
+"""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+
+from ascend_kernels.decode_step_attention import attention_rows
+from ascend_kernels.grid_sync import signal_stage, wait_stage
+from ascend_kernels.rows_wgmma_stream import (
+    BN, BOXK, KS, down_tile, issue_item, item_chunks, items, lm_place, lm_tiles, pick_tokens, places, stage_regs,
+    stage_tma, stream_weights,
+)  # fmt: skip
+
+STAGES = gl.constexpr(5)  # grid counters per layer
+
+
+@gluon.jit
+def _num_rows(slot_ptr, T, MB: gl.constexpr):
+    """The step's rows: the leading tokens whose slot is not negative (at most MB)."""
+    r = gl.arange(0, MB, layout=gl.BlockedLayout([1], [32], [4], [0]))
+    return gl.sum((gl.load(slot_ptr + r, mask=r < T, other=-1) >= 0).to(gl.int32), axis=0)
+
+
+@gluon.jit
+def _embed_rows(ids_ptr, embed_ptr, h_ptr, hb_ptr, G, M, r2, m2, ok, H: gl.constexpr):
+    """h and hb at this program's column tiles of every row: the row's token embedding."""
+    tok = gl.load(ids_ptr + m2, mask=m2 < M, other=0).to(gl.int64)
+    for j in range(items(H // BN, G, gl.program_id(0))):
+        cols = (gl.program_id(0) + j * G) * BN + r2
+        e = gl.load(embed_ptr + tok * H + cols, mask=ok, other=0.0)
+        gl.store(h_ptr + m2 * H + cols, e.to(gl.float32), mask=ok)
+        gl.store(hb_ptr + m2 * H + cols, e, mask=ok)
+
+
+# _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
+@gluon.jit
+def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr, slot_ptr,
+            bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr, nf_ptr,
+            k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr, best_idx_ptr,
+            eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
+            H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
+            D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
+    NQ: gl.constexpr = (NQH + 2 * NKV) * D
+    i = stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, 1)
+    pe = lm_place(G, NQ, H, I, 1)
+    for j in range(items(V // BN, G, pe)):
+        i = issue_item(wl_desc, (pe + j * G) * BN, 0, i, ring, ready, empty, NBUF)
+
+
+@gluon.jit
+def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr, slot_ptr,
+             bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr, nf_ptr,
+             k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr, best_idx_ptr,
+             eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
+             H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
+             D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
+    NQ: gl.constexpr = (NQH + 2 * NKV) * D
+    NS: gl.constexpr = I // KS  # down's K slices
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
+    ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
+    M = _num_rows(slot_ptr, T, MB)
+    pa, pb, pc, pd = places(G, NQ, H, I, 1)
+    r2 = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, ACC)), 1)  # [64, 1] tile row
+    m2 = gl.expand_dims(gl.arange(0, MB, layout=ROWS), 0)  # [1, MB] batch row
+    ok = (m2 < M) & (r2 >= 0)
+    zero = gl.zeros([BN, MB], gl.float32, ACC)
+    _embed_rows(ids_ptr, embed_ptr, h_ptr, hb_ptr, G, M, r2, m2, ok, H)
+    signal_stage(cnt_ptr, 0)
+    i = 0
+    nx = 0
+    for layer in range(NL):
+        c = 1 + STAGES * layer
+        if items(NQ // BN, G, pa) > 0:  # A: q/k/v
+            wait_stage(cnt_ptr, c - 1, G)
+            rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
+            for j in range(items(NQ // BN, G, pa)):
+                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
+                gl.store(qkv_ptr + m2 * NQ + (pa + j * G) * BN + r2, acc * gl.expand_dims(rs, 0), mask=ok)
+        signal_stage(cnt_ptr, c)
+        attention_rows(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
+                       inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, c, G, M, NQH, NKV, D, BS, TILE, 4)
+        signal_stage(cnt_ptr, c + 1)
+        if items(H // BN, G, pb) > 0:  # B: o, into the residual and its shadow
+            wait_stage(cnt_ptr, c + 1, G)
+            rs, nx = stage_tma(xs, xbar, nx, xa_desc, 0, eps, cnt_ptr, False, MB, ROWS)
+            for j in range(items(H // BN, G, pb)):
+                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
+                dst = m2 * H + (pb + j * G) * BN + r2
+                hn = gl.load(h_ptr + dst, mask=ok, other=0.0, cache_modifier=".cg") + acc
+                gl.store(h_ptr + dst, hn, mask=ok)
+                gl.store(hb_ptr + dst, hn.to(gl.bfloat16), mask=ok)
+        signal_stage(cnt_ptr, c + 2)
+        if items(I // BN, G, pc) > 0:  # C: gate/up
+            wait_stage(cnt_ptr, c + 2, G)
+            rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
+            rs2 = gl.expand_dims(rs, 0)
+            for j in range(items(I // BN, G, pc)):
+                gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
+                up, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
+                gate = gate * rs2
+                gl.store(g_ptr + m2 * I + (pc + j * G) * BN + r2, gate / (1.0 + gl.exp(-gate)) * (up * rs2), mask=ok)
+        signal_stage(cnt_ptr, c + 3)
+        if items((H // BN) * NS, G, pd) > 0:  # D: down, NS K slices a tile, the last one finishes it
+            wait_stage(cnt_ptr, c + 3, G)
+            for j in range(items((H // BN) * NS, G, pd)):
+                t = pd + j * G
+                rs, nx = stage_tma(xs, xbar, nx, xg_desc, (t % NS) * KS, eps, cnt_ptr, False, MB, ROWS)
+                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
+                down_tile(acc, t, h_ptr, hb_ptr, part_ptr, cnt_ptr + 1 + STAGES * NL, r2, m2, ok, H, NS, MB)
+        signal_stage(cnt_ptr, c + 4)
+    wait_stage(cnt_ptr, STAGES * NL, G)  # lm_head: the final norm through registers (its weight is not folded)
+    rs = stage_regs(xs, h_ptr, H, 0, nf_ptr, eps, M, True, MB, ROWS)
+    best_v, best_i, i = lm_tiles(i, lm_place(G, NQ, H, I, 1), G, rs, ring, xs, ready, empty, logits_ptr, zero, r2,
+                                 m2, ok, V, NBUF, MB, ROWS)
+    pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_out_ptr, cnt_ptr + 1 + STAGES * NL + H // BN, G,
+                M, V, MB, ROWS, cnt_ptr, 1 + STAGES * NL)
+
+
+@gluon.jit
+def decode_rows_wgmma_kernel(
+    wq_desc, wo_desc, wg_desc, wd_desc, wl_desc,  # TMA, box [64, 64], 128B swizzle: q;k;v and gate;up with the
+                                                  # norm weights folded in, o, down as stored ([H, I] a layer), lm
+    xa_desc, xh_desc, xg_desc,  # TMA over attn_ptr, hb_ptr, g_ptr: box [MB, 64], 128B swizzle
+    ids_ptr, pos_ptr, slot_ptr,  # [T] int64: the step's token ids, positions, KV slots (negative: padding)
+    bt_ptr,  # [>= M, bt_stride] int32 block tables
+    bt_stride, T,
+    h_ptr,  # [MB, H] fp32 scratch: the residual stream
+    hb_ptr,  # [MB, H] bf16 scratch: its shadow (rows >= M stay zero)
+    qkv_ptr,  # [MB, NQ] bf16 scratch
+    attn_ptr,  # [MB, NQH * D] bf16 scratch: attention output (rows >= M stay zero)
+    g_ptr,  # [MB, I] bf16 scratch: SiLU(gate) x up (rows >= M stay zero)
+    part_ptr,  # [H / 64 * I / 2048, 64, MB] fp32 down partials
+    logits_ptr,  # [MB, V] fp32
+    nf_ptr,  # [H] bf16 final norm
+    k_cache_ptr, v_cache_ptr,  # [NL, num_blocks, BS, NKV, D] bf16
+    inv_freq_ptr,  # [D / 2] fp32
+    embed_ptr,  # [V, H] bf16
+    cnt_ptr,  # [1 + 5 NL + H / 64 + 1] int32 grid counters, down-tile and lm_head arrivals; zero (and left zero)
+    tokens_out_ptr,  # [MB] int64: each row's greedy token
+    best_val_ptr, best_idx_ptr,  # [G, MB] fp32 / int32 per-program bests
+    eps, rope_scale, qk_scale, layer_stride, G,
+    NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
+    D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
+):
+    gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
+    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * 4, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
+    xs = gl.allocate_shared_memory(gl.bfloat16, [KS // BOXK, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
+    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
+    xbar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NBUF):
+        mbarrier.init(ready.index(b), count=1)
+        mbarrier.init(empty.index(b), count=1)
+    mbarrier.init(xbar.index(0), count=1)
+    gl.warp_specialize([
+        (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr,
+                    slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
+                    nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
+                    best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
+                    NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF)),
+        (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr,
+                   slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
+                   nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
+                   best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
+                   NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF)),
+    ], [1], [48])
+    for b in gl.static_range(NBUF):
+        mbarrier.invalidate(ready.index(b))
+        mbarrier.invalidate(empty.index(b))
+    mbarrier.invalidate(xbar.index(0))
