@@ -19,6 +19,7 @@ from ascend_kernels.decode_rows import MAX_ROWS, rows_problem
 from ascend_kernels.decode_step import DecodeStepKernel, DecodeWeights
 
 NBUF, TILE, KS, GRID = 4, 64, 2048, 128  # ring slots, attention positions a tile, item K, programs (at most)
+ATTENTION = ("rows", "groups")  # (row, q head) tasks (decode_step_attention.py) or (row, KV head) ones
 
 
 def wgmma_rows_problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | None:
@@ -46,10 +47,14 @@ class DecodeRowsWgmmaKernel:
 
     max_rows = MAX_ROWS
 
-    def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
+    def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
+                 attention: str = "rows"):
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+        if attention not in ATTENTION:  # "groups" (rows_attention.py) has not run on a GPU yet
+            raise ValueError(f"wgmma multi-row decode kernel: attention {attention!r}, expected one of {ATTENTION}")
+        self.groups = attention == "groups"
         reason = wgmma_rows_problem(w, block_size, w.embed.device)
         if reason is not None:
             raise ValueError(f"wgmma multi-row decode kernel: {reason}")
@@ -59,7 +64,8 @@ class DecodeRowsWgmmaKernel:
         self.wq, self.wg = _folded(w.wq, w.n1), _folded(w.wg, w.n2)
         self.wd = torch.cat([w.wd[layer * i:(layer + 1) * i].t() for layer in range(nl)]).contiguous()  # as stored
         layout = gl.NVMMASharedLayout(128, 16, rank=2)
-        self.descs = [TensorDescriptor.from_tensor(t, [64, 64], layout) for t in (self.wq, w.wo, self.wg, self.wd, w.wl)]
+        weights = (self.wq, w.wo, self.wg, self.wd, w.wl)
+        self.descs = [TensorDescriptor.from_tensor(t, [64, 64], layout) for t in weights]
         self.grid = min(GRID, self.single.num_sms)
         bf16 = {"device": dev, "dtype": torch.bfloat16}
         f32 = {"device": dev, "dtype": torch.float32}
@@ -98,5 +104,5 @@ class DecodeRowsWgmmaKernel:
             s.k_cache, s.v_cache, w.inv_freq, w.embed, self.counters, tokens_out, self.best_val, self.best_idx,
             w.eps, w.rope_scale, LOG2E / math.sqrt(w.head_dim), s.k_cache[0].numel(), self.grid,
             NL=w.dims["NL"], H=w.dims["H"], I=w.dims["I"], V=w.dims["V"], NQH=w.dims["NQH"], NKV=w.dims["NKV"],
-            D=w.dims["D"], BS=s.block_size, TILE=TILE, MB=MAX_ROWS, NBUF=NBUF, num_warps=4)
+            D=w.dims["D"], BS=s.block_size, TILE=TILE, MB=MAX_ROWS, NBUF=NBUF, GROUPS=int(self.groups), num_warps=4)
         return self.rows_logits

@@ -21,6 +21,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.decode_step_attention import attention_rows
 from ascend_kernels.grid_sync import signal_stage, wait_stage
+from ascend_kernels.rows_attention import attention_groups
 from ascend_kernels.rows_wgmma_stream import (
     BN, BOXK, KS, down_tile, issue_item, item_chunks, items, lm_place, lm_tiles, pick_tokens, places, stage_regs,
     stage_tma, stream_weights,
@@ -54,7 +55,8 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_de
             k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr, best_idx_ptr,
             eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
             H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
-            D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
+            D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
+            GROUPS: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     i = stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, 1)
     pe = lm_place(G, NQ, H, I, 1)
@@ -68,7 +70,8 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
              k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr, best_idx_ptr,
              eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
              H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
-             D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
+             D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
+             GROUPS: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     NS: gl.constexpr = I // KS  # down's K slices
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
@@ -92,8 +95,13 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
                 acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
                 gl.store(qkv_ptr + m2 * NQ + (pa + j * G) * BN + r2, acc * gl.expand_dims(rs, 0), mask=ok)
         signal_stage(cnt_ptr, c)
-        attention_rows(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
-                       inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, c, G, M, NQH, NKV, D, BS, TILE, 4)
+        if GROUPS:  # (row, KV head) tasks on tensor cores: not yet run on a GPU
+            attention_groups(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr,
+                             slot_ptr, inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, c, G, M, NQH, NKV,
+                             D, BS, TILE)
+        else:  # (row, q head) tasks
+            attention_rows(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
+                           inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, c, G, M, NQH, NKV, D, BS, TILE, 4)
         signal_stage(cnt_ptr, c + 1)
         if items(H // BN, G, pb) > 0:  # B: o, into the residual and its shadow
             wait_stage(cnt_ptr, c + 1, G)
@@ -156,6 +164,7 @@ def decode_rows_wgmma_kernel(
     eps, rope_scale, qk_scale, layer_stride, G,
     NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
     D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
+    GROUPS: gl.constexpr = 0,  # 1: attention_groups (rows_attention.py) instead of attention_rows
 ):
     gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * 4, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
@@ -172,12 +181,12 @@ def decode_rows_wgmma_kernel(
                     slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
                     nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
                     best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
-                    NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF)),
+                    NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF, GROUPS)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr,
                    slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
                    nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
                    best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
-                   NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF)),
+                   NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF, GROUPS)),
     ], [1], [48])
     for b in gl.static_range(NBUF):
         mbarrier.invalidate(ready.index(b))

@@ -12,7 +12,7 @@ from tests.kernels.compile_megakernel_sm90 import assert_compiles
 from tests.sm90 import requires_sm90
 
 
-@pytest.mark.parametrize("kernel", ["rows", "rows_wgmma"])
+@pytest.mark.parametrize("kernel", ["rows", "rows_wgmma", "rows_wgmma_groups"])
 def test_compiles_for_sm90(kernel):
     assert_compiles(kernel, decode_step.SMEM_BYTES)
 
@@ -23,6 +23,8 @@ def test_wgmma_rows_problem_and_folded_norms(monkeypatch):
     assert "hidden size 4096" in decode_rows_wgmma.wgmma_rows_problem(w, 16, torch.device("cpu"))
     w.dims["H"] = 2048
     assert decode_rows_wgmma.wgmma_rows_problem(w, 16, torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="attention 'heads'"):
+        decode_rows_wgmma.DecodeRowsWgmmaKernel(w, None, None, 16, attention="heads")
     wq, norm = torch.randn(2 * 3, 4), torch.rand(2, 4) + 0.5  # 2 layers of 3 rows
     folded = decode_rows_wgmma._folded(wq, norm)
     assert torch.allclose(folded[3:], wq[3:] * norm[1]) and torch.allclose(folded[:3], wq[:3] * norm[0])
@@ -38,7 +40,7 @@ def test_rows_problem_needs_mlp_slices_of_2048(monkeypatch):
 
 @pytest.mark.gpu
 @requires_sm90
-@pytest.mark.parametrize("kernel_class", ["DecodeRowsKernel", "DecodeRowsWgmmaKernel"])
+@pytest.mark.parametrize("kernel_class", ["DecodeRowsKernel", "DecodeRowsWgmmaKernel", "DecodeRowsWgmmaKernel-groups"])
 @pytest.mark.parametrize("num_rows", [3, 16])
 def test_rows_match_float32_oracle(num_rows, kernel_class):
     from transformers import LlamaForCausalLM
@@ -52,8 +54,10 @@ def test_rows_match_float32_oracle(num_rows, kernel_class):
     nl, nkv, hd, bs, per_row = w.dims["NL"], w.num_kv_heads, w.head_dim, 16, 20
     k = torch.randn(nl, num_rows * per_row, bs, nkv, hd, device="cuda", dtype=torch.bfloat16) * 0.5
     v = torch.randn_like(k)
-    module = decode_rows_wgmma if kernel_class == "DecodeRowsWgmmaKernel" else decode_rows
-    kernel = getattr(module, kernel_class)(w, k, v, bs)
+    if kernel_class == "DecodeRowsKernel":
+        kernel = decode_rows.DecodeRowsKernel(w, k, v, bs)
+    else:  # the wgmma kernel with (row, q head) or (row, KV head) attention tasks
+        kernel = decode_rows_wgmma.DecodeRowsWgmmaKernel(w, k, v, bs, kernel_class.partition("-")[2] or "rows")
     bucket = max(num_rows, 16)  # padding rows after the real ones, as a graph bucket packs them
     block_table = torch.zeros(bucket, per_row, device="cuda", dtype=torch.int32)
     block_table[:num_rows] = torch.randperm(num_rows * per_row, device="cuda").view(num_rows, per_row).int()
