@@ -87,8 +87,13 @@ class DecodeRowsWgmmaKernel:
         """The batch-1 kernel's logits [V] (its last launch)."""
         return self.single.logits
 
-    def launch(self, token, pos, block_table, tokens_out=None, loop=False) -> torch.Tensor:
-        return self.single.launch(token, pos, block_table, tokens_out, loop)
+    def grid_for(self, pos: int) -> int:
+        """The batch-1 kernel's grid for a step at position `pos`."""
+        return self.single.grid_for(pos)
+
+    def launch(self, token, pos, block_table, tokens_out=None, loop=False, grid=None) -> torch.Tensor:
+        """The batch-1 kernel (DecodeStepKernel.launch) on the same weights and cache."""
+        return self.single.launch(token, pos, block_table, tokens_out, loop, grid)
 
     def launch_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_table: torch.Tensor,
                     slot_mapping: torch.Tensor, tokens_out: torch.Tensor) -> torch.Tensor:

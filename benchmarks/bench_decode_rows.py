@@ -1,7 +1,8 @@
-"""The multi-row decode kernel (ascend_kernels/decode_rows_kernel.py) against the engine's batch-16 decode,
-in one process on one card. Llama-3.2-1B shapes, bf16, random weights (issue 6's batch-16 target).
+"""The multi-row decode kernels (ascend_kernels/decode_rows.py, decode_rows_wgmma.py) against the engine's
+batch-16 decode, in one process on one card. Llama-3.2-1B shapes, bf16, random weights (issue 6's
+batch-16 target).
 
-- `kernel_m<M>`: one decode step of M requests at positions around PROMPT + NEW / 2, a CUDA graph of
+- `<kernel>_m<M>`: one decode step of M requests at positions around PROMPT + NEW / 2, a CUDA graph of
   it replayed (bench_megakernel's timing; the same step: its K/V writes repeat); tok/s = M / the time per step.
 - `engine`: `LLM.generate` of 16 prompts of PROMPT tokens, NEW new tokens each (compiled model, CUDA
   graphs, async scheduling): tok/s of the whole generate and the decode rate past the prefill.
@@ -9,7 +10,7 @@ in one process on one card. Llama-3.2-1B shapes, bf16, random weights (issue 6's
 Correctness: every row's logits of a 16-row step against the float32 oracle (ascend_kernels.reference)
 run row by row, and its greedy token against its own logits' argmax.
 
-    python -m benchmarks.bench_decode_rows [--quick]        (sm_90 only; never run yet)
+    python -m benchmarks.bench_decode_rows [--quick]        (sm_90 only)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers import LlamaForCausalLM
 
 from benchmarks.bench_megakernel import _graph_us
 from benchmarks.common import (
+    attempt,
     card_name,
     card_rates,
     cli,
@@ -71,10 +73,36 @@ def _engine(model, quick: bool) -> dict:
     return {"tok_s": ROWS * NEW / seconds, "decode_tok_s": ROWS * (NEW - 1) / (seconds - prefill)}
 
 
+def _kernels() -> dict:
+    """The multi-row kernels side by side: the mma_v2 one, and the swap-AB wgmma one with (row, q head)
+    or (row, KV head) attention tasks."""
+    from ascend_kernels.decode_rows import DecodeRowsKernel
+    from ascend_kernels.decode_rows_wgmma import DecodeRowsWgmmaKernel
+
+    return {"mma_v2": DecodeRowsKernel,
+            "wgmma": DecodeRowsWgmmaKernel,
+            "wgmma_groups": lambda w, k, v, bs: DecodeRowsWgmmaKernel(w, k, v, bs, attention="groups")}
+
+
+def _kernel_rows(w, name: str, make, res: dict) -> dict:
+    """One kernel's step times at 2, 8 and 16 rows, and its 16-row step checked (into res); printed as they
+    come (a kernel that hangs still leaves the others' numbers)."""
+    for m in (2, 8, 16):
+        k, v, args = _step(w, m)
+        kernel = make(w, k, v, BS)
+        if m == ROWS:
+            res["check"][name] = _check(w, kernel, k, v, args)
+        us = _graph_us(lambda kernel=kernel, args=args: kernel.launch_rows(*args))
+        res["rows"][f"{name}_m{m}"] = {"us_per_step": us, "tok_s": m / us * 1e6, "grid": kernel.grid}
+        print(name, m, res["rows"][f"{name}_m{m}"], res["check"].get(name, ""), flush=True)
+        del kernel, k, v
+        torch.cuda.empty_cache()
+    return {}
+
+
 def run(quick: bool = False) -> dict:
     if not is_sm90():
         return {"skipped": "needs an sm_90 GPU"}
-    from ascend_kernels.decode_rows import DecodeRowsKernel
     from xy_inductor.engine.decode_kernel import stack_weights
 
     torch.manual_seed(0)
@@ -83,16 +111,9 @@ def run(quick: bool = False) -> dict:
     rates = card_rates()
     kv_bytes = ROWS * (PROMPT + NEW // 2) * w.dims["NL"] * w.num_kv_heads * w.head_dim * 2 * 2
     floor_step_s = (weight_bytes(model) + kv_bytes) / rates["copy_bytes_per_s"]
-    res = {"card": card_name(), "floor_tok_s": ROWS / floor_step_s, "rows": {}}
-    for m in (2, 8, 16):
-        k, v, args = _step(w, m)
-        kernel = DecodeRowsKernel(w, k, v, BS)
-        if m == ROWS:
-            res["check"] = _check(w, kernel, k, v, args)
-        us = _graph_us(lambda kernel=kernel, args=args: kernel.launch_rows(*args))
-        res["rows"][f"kernel_m{m}"] = {"us_per_step": us, "tok_s": m / us * 1e6, "grid": kernel.grid}
-        del kernel, k, v
-        torch.cuda.empty_cache()
+    res = {"card": card_name(), "floor_tok_s": ROWS / floor_step_s, "rows": {}, "check": {}}
+    for name, make in _kernels().items():  # a kernel that fails is reported and the others still run
+        attempt(res, f"error_{name}", lambda name=name, make=make: _kernel_rows(w, name, make, res))
     del w
     torch.cuda.empty_cache()
     res["rows"]["engine"] = _engine(model, quick)
@@ -110,7 +131,9 @@ def table(res: dict) -> str:
     for name, row in res["rows"].items():
         dec = f" (decode past the prefill {row['decode_tok_s']:,.0f})" if "decode_tok_s" in row else ""
         lines.append(f"| {name} | {row['tok_s']:,.0f}{dec} | {row['floor_pct']:.1f}% |")
-    lines.append(f"check: {res['check']}")
+    for name, check in res["check"].items():
+        lines.append(f"check {name}: {check}")
+    lines += [f"{key}: {val['error']}" for key, val in res.items() if key.startswith("error_") and "error" in val]
     return "\n".join(lines)
 
 

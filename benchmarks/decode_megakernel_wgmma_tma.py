@@ -100,7 +100,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_d
         best_v, best_i, i = lm_tiles(i, lm_place(G, NQ, H, I, BALANCE), G, rs, ring, xs, ready, empty, logits_ptr,
                                      zero, r2, m2, ok, V, NBUF, MB, ROWS)
         pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr + 4 * NL + H // BN, G, M, V,
-                     MB, ROWS)
+                    MB, ROWS, cnt_ptr, 0)  # the host zeroes the grid counters before each launch
 
 
 @gluon.jit

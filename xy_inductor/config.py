@@ -131,6 +131,11 @@ class EngineConfig:
                             persistent launch of the whole model (engine/decode_kernel.py): Llama-style
                             bf16 models on a Hopper GPU; copies the weights once more. Elsewhere it logs
                             why and the compiled model runs those steps.
+    decode_megakernel_rows: with decode_megakernel, steps of up to 16 requests that each decode one token
+                            also run as one persistent launch (ascend_kernels/decode_rows_wgmma.py). For
+                            measuring it: on an H100 it is still slower than the compiled path at 16 rows
+                            (benchmarks/RESULTS.md), and it holds its own copies of the q/k/v and gate/up
+                            weights (the norm weights folded in).
     decode_burst:           with decode_megakernel, a lone greedy request (nothing waiting) decodes up to
                             this many tokens per engine step: the kernel feeds each token to its next
                             launch on the device and the host reads them together (vLLM's multi-step
@@ -157,6 +162,7 @@ class EngineConfig:
     cuda_graph_sizes: list[int] | None = None
     async_scheduling: bool | None = None
     decode_megakernel: bool = False
+    decode_megakernel_rows: bool = False
     decode_burst: int = 8
 
     def __post_init__(self) -> None:
@@ -192,6 +198,10 @@ class EngineConfig:
             raise ValueError(f"xyserve: cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
         if not isinstance(self.decode_megakernel, bool):
             raise ValueError(f"xyserve: decode_megakernel must be a bool, got {self.decode_megakernel!r}")
+        if not isinstance(self.decode_megakernel_rows, bool):
+            raise ValueError(f"xyserve: decode_megakernel_rows must be a bool, got {self.decode_megakernel_rows!r}")
+        if self.decode_megakernel_rows and not self.decode_megakernel:
+            raise ValueError("xyserve: decode_megakernel_rows needs decode_megakernel=True (the same weights and path)")
         _positive_int("decode_burst", self.decode_burst)
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             raise ValueError(f"xyserve: async_scheduling must be True, False or None, got {self.async_scheduling!r}")

@@ -69,3 +69,18 @@ def test_more_requests_than_rows_run_the_compiled_model_until_some_finish():
     assert got == _plain(prompts, params)
     # four decoding rows are one too many; once the first request is done the other three take the kernel
     assert kernel.rows_per_launch and set(kernel.rows_per_launch) == {3}
+
+
+def test_rows_option_needs_the_decode_kernel_and_says_why_it_is_off(caplog):
+    from xy_inductor.config import EngineConfig
+    from xy_inductor.engine.decode_kernel import rows_kernel
+
+    with pytest.raises(ValueError, match="needs decode_megakernel=True"):
+        EngineConfig(decode_megakernel_rows=True)
+    with pytest.raises(ValueError, match="must be a bool"):
+        EngineConfig(decode_megakernel=True, decode_megakernel_rows=1)
+    llm = LLM(build_model("llama"), compile=False)
+    runner = llm.engine.runner
+    with caplog.at_level("WARNING"):
+        assert rows_kernel(stack_weights(runner.model), runner.k_caches, runner.v_caches, runner.block_size) is None
+    assert "decode_megakernel_rows off" in caplog.text  # a CPU model: the reason is logged, nothing breaks

@@ -95,6 +95,23 @@ def prepare_weights(model: torch.nn.Module, enabled: bool, block_size: int) -> D
     return weights
 
 
+def rows_kernel(weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                block_size: int):
+    """The multi-row kernel (ascend_kernels/decode_rows_wgmma.py) for `decode_megakernel_rows`, or None
+    with a one-line warning saying why the model or card cannot run it (batch-1 steps keep their kernel)."""
+    from ascend_kernels.decode_rows_wgmma import DecodeRowsWgmmaKernel, wgmma_rows_problem
+
+    k, v = stacked(k_caches), stacked(v_caches)
+    reason = wgmma_rows_problem(weights, block_size, weights.embed.device)
+    if reason is None and (k is None or v is None):
+        reason = "the KV caches are not one stacked tensor per K and V"
+    if reason is not None:
+        log.warning("xyserve: decode_megakernel_rows off, steps of several requests run the compiled model: %s",
+                    reason)
+        return None
+    return DecodeRowsWgmmaKernel(weights, k, v, block_size)
+
+
 def stacked(caches: list[torch.Tensor]) -> torch.Tensor | None:
     """The one tensor whose consecutive slices the per-layer caches are, or None."""
     base = caches[0]._base
@@ -122,9 +139,10 @@ class DecodeKernelPath:
     requests, each decoding one token, in one launch: it reads the step's input ids, positions, block
     table and slot mapping (a negative slot marks a padding row of a CUDA-graph bucket), writes each
     row's greedy token into `row_tokens` and its logits into row r of its `rows_logits` [max_rows, V].
-    The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1. The hook stays for a
-    multi-row kernel that beats the compiled path; the one written so far (ascend_kernels/decode_rows.py)
-    does not (8,943 against 12,611 tok/s at 16 rows on an H200), so the engine passes none.
+    The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1. `decode_megakernel_rows`
+    passes the swap-AB wgmma multi-row kernel (ascend_kernels/decode_rows_wgmma.py, `rows_kernel`); it does
+    not beat the compiled path yet (H100: 1,846 us a 16-row step against ~1,430), so that option is off by
+    default.
     """
 
     def __init__(self, weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],

@@ -29,7 +29,7 @@ from xy_inductor.config import EngineConfig
 from xy_inductor.engine.attention_metadata import PagedAttentionMetadata
 from xy_inductor.engine.compiled_model import compile_model
 from xy_inductor.engine.cuda_graphs import CudaGraphs, bucket_sizes
-from xy_inductor.engine.decode_kernel import DecodeKernelPath, prepare_weights
+from xy_inductor.engine.decode_kernel import DecodeKernelPath, prepare_weights, rows_kernel
 from xy_inductor.engine.kv_tensors import allocate_kv_caches, num_kv_blocks
 from xy_inductor.engine.model_check import LayerSpec, check_model
 from xy_inductor.engine.outputs import SchedulerOutput
@@ -98,8 +98,10 @@ class ModelRunner:
         self.last_argmax: torch.Tensor | None = None  # the last step's logits' argmax [N], when known
         self.picked_tokens: torch.Tensor | None = None  # a decode burst's tokens, picked on the device
         if decode_weights is not None:
+            rows = (rows_kernel(decode_weights, self.k_caches, self.v_caches, self.block_size)
+                    if config.decode_megakernel_rows else None)
             self.decode_path = DecodeKernelPath(decode_weights, self.k_caches, self.v_caches, self.block_size,
-                                                self.max_model_len)
+                                                self.max_model_len, kernel=rows)
         # One Task-Table serves every layer when they share a head layout and Triton runs them.
         uniform = all(s == self.layers[0] for s in self.layers)
         triton = use_triton(config.impl, self.k_caches[0])
