@@ -5,7 +5,8 @@ batch-16 target).
 - `<kernel>_m<M>`: one decode step of M requests at positions around PROMPT + NEW / 2, a CUDA graph of
   it replayed (bench_megakernel's timing; the same step: its K/V writes repeat); tok/s = M / the time per step.
 - `engine`: `LLM.generate` of 16 prompts of PROMPT tokens, NEW new tokens each (compiled model, CUDA
-  graphs, async scheduling): tok/s of the whole generate and the decode rate past the prefill.
+  graphs, async scheduling): tok/s of the whole generate and the decode rate past the prefill;
+  `engine_rows_kernel` the same with `decode_megakernel_rows` (its decode steps on the wgmma kernel).
 - the floor: (weights + the step's K/V reads) / measured copy bandwidth, per step of 16.
 Correctness: every row's logits of a 16-row step against the float32 oracle (ascend_kernels.reference)
 run row by row, and its greedy token against its own logits' argmax.
@@ -60,17 +61,18 @@ def _check(w, kernel, k, v, args) -> dict:
     return {"max_rel_err": max(errs), "tokens_equal_own_argmax": argmax_ok, "rows": ids.shape[0]}
 
 
-def _engine(model, quick: bool) -> dict:
+def _engine(model, quick: bool, **options) -> dict:
     from xy_inductor import LLM, SamplingParams
 
     prompts = torch.randint(0, model.config.vocab_size, (ROWS, PROMPT)).tolist()
-    llm = LLM(model)
+    llm = LLM(model, **options)
     full = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     llm.generate(prompts, full, use_tqdm=False)  # warm-up
     seconds, _ = timed(lambda: llm.generate(prompts, full, use_tqdm=False), 2 if quick else 3)
     prefill, _ = timed(lambda: llm.generate(prompts, one, use_tqdm=False), 2 if quick else 3)
-    return {"tok_s": ROWS * NEW / seconds, "decode_tok_s": ROWS * (NEW - 1) / (seconds - prefill)}
+    stats = {k: v for k, v in llm.engine.runner.stats.items() if k == "decode_megakernel_steps"}
+    return {"tok_s": ROWS * NEW / seconds, "decode_tok_s": ROWS * (NEW - 1) / (seconds - prefill), **stats}
 
 
 def _kernels() -> dict:
@@ -117,8 +119,11 @@ def run(quick: bool = False) -> dict:
     del w
     torch.cuda.empty_cache()
     res["rows"]["engine"] = _engine(model, quick)
+    attempt(res["rows"], "engine_rows_kernel",  # the wgmma kernel in the engine (decode_megakernel_rows)
+            lambda: _engine(model, quick, decode_megakernel=True, decode_megakernel_rows=True))
     for row in res["rows"].values():
-        row["floor_pct"] = 100 * row.get("decode_tok_s", row["tok_s"]) / res["floor_tok_s"]
+        if "tok_s" in row:
+            row["floor_pct"] = 100 * row.get("decode_tok_s", row["tok_s"]) / res["floor_tok_s"]
     print(res, flush=True)
     return res
 
@@ -129,6 +134,9 @@ def table(res: dict) -> str:
     lines = [f"{res['card']}: Llama-3.2-1B shapes, decode at {ROWS} requests, floor {res['floor_tok_s']:,.0f} tok/s",
              "| variant | tok/s | % of floor (decode) |", "| --- | --- | --- |"]
     for name, row in res["rows"].items():
+        if "tok_s" not in row:
+            lines.append(f"| {name} | {row.get('error', '?')} | |")
+            continue
         dec = f" (decode past the prefill {row['decode_tok_s']:,.0f})" if "decode_tok_s" in row else ""
         lines.append(f"| {name} | {row['tok_s']:,.0f}{dec} | {row['floor_pct']:.1f}% |")
     for name, check in res["check"].items():
