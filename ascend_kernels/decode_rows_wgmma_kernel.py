@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.decode_step_attention import attention_rows
 from ascend_kernels.grid_sync import signal_stage, wait_stage
 from ascend_kernels.rows_attention import attention_groups
+from ascend_kernels.rows_wgmma_stages import down_stage, gate_up_stage, o_stage, qkv_stage, release_smem, stream_smem
 from ascend_kernels.rows_wgmma_stream import (
-    BN, BOXK, KS, down_tile, issue_item, item_chunks, items, lm_place, lm_tiles, pick_tokens, places, stage_regs,
-    stage_tma, stream_weights,
+    BN, KS, issue_item, items, lm_place, lm_tiles, pick_tokens, places, stage_regs, stream_weights,
 )  # fmt: skip
 
 STAGES = gl.constexpr(5)  # grid counters per layer
@@ -73,7 +72,6 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
              D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
              GROUPS: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
-    NS: gl.constexpr = I // KS  # down's K slices
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
     ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
     M = _num_rows(slot_ptr, T, MB)
@@ -88,12 +86,8 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
     nx = 0
     for layer in range(NL):
         c = 1 + STAGES * layer
-        if items(NQ // BN, G, pa) > 0:  # A: q/k/v
-            wait_stage(cnt_ptr, c - 1, G)
-            rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
-            for j in range(items(NQ // BN, G, pa)):
-                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                gl.store(qkv_ptr + m2 * NQ + (pa + j * G) * BN + r2, acc * gl.expand_dims(rs, 0), mask=ok)
+        i, nx = qkv_stage(i, nx, pa, G, c - 1, xh_desc, qkv_ptr, NQ, xs, xbar, ring, ready, empty, cnt_ptr, eps,
+                          zero, r2, m2, ok, MB, NBUF, ROWS)  # A: q/k/v
         signal_stage(cnt_ptr, c)
         if GROUPS:  # (row, KV head) tasks on tensor cores: not yet run on a GPU
             attention_groups(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr,
@@ -103,33 +97,14 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
             attention_rows(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
                            inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, c, G, M, NQH, NKV, D, BS, TILE, 4)
         signal_stage(cnt_ptr, c + 1)
-        if items(H // BN, G, pb) > 0:  # B: o, into the residual and its shadow
-            wait_stage(cnt_ptr, c + 1, G)
-            rs, nx = stage_tma(xs, xbar, nx, xa_desc, 0, eps, cnt_ptr, False, MB, ROWS)
-            for j in range(items(H // BN, G, pb)):
-                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                dst = m2 * H + (pb + j * G) * BN + r2
-                hn = gl.load(h_ptr + dst, mask=ok, other=0.0, cache_modifier=".cg") + acc
-                gl.store(h_ptr + dst, hn, mask=ok)
-                gl.store(hb_ptr + dst, hn.to(gl.bfloat16), mask=ok)
+        i, nx = o_stage(i, nx, pb, G, c + 1, xa_desc, h_ptr, hb_ptr, H, xs, xbar, ring, ready, empty, cnt_ptr, eps,
+                        zero, r2, m2, ok, MB, NBUF, ROWS)  # B: o, into the residual and its shadow
         signal_stage(cnt_ptr, c + 2)
-        if items(I // BN, G, pc) > 0:  # C: gate/up
-            wait_stage(cnt_ptr, c + 2, G)
-            rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
-            rs2 = gl.expand_dims(rs, 0)
-            for j in range(items(I // BN, G, pc)):
-                gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                up, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                gate = gate * rs2
-                gl.store(g_ptr + m2 * I + (pc + j * G) * BN + r2, gate / (1.0 + gl.exp(-gate)) * (up * rs2), mask=ok)
+        i, nx = gate_up_stage(i, nx, pc, G, c + 2, xh_desc, g_ptr, I, xs, xbar, ring, ready, empty, cnt_ptr, eps, zero,
+                              r2, m2, ok, MB, NBUF, ROWS)  # C: gate/up
         signal_stage(cnt_ptr, c + 3)
-        if items((H // BN) * NS, G, pd) > 0:  # D: down, NS K slices a tile, the last one finishes it
-            wait_stage(cnt_ptr, c + 3, G)
-            for j in range(items((H // BN) * NS, G, pd)):
-                t = pd + j * G
-                rs, nx = stage_tma(xs, xbar, nx, xg_desc, (t % NS) * KS, eps, cnt_ptr, False, MB, ROWS)
-                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                down_tile(acc, t, h_ptr, hb_ptr, part_ptr, cnt_ptr + 1 + STAGES * NL, r2, m2, ok, H, NS, MB)
+        i, nx = down_stage(i, nx, pd, G, c + 3, xg_desc, h_ptr, hb_ptr, part_ptr, cnt_ptr + 1 + STAGES * NL, H, I, xs,
+                           xbar, ring, ready, empty, cnt_ptr, eps, zero, r2, m2, ok, MB, NBUF, ROWS)  # D: down
         signal_stage(cnt_ptr, c + 4)
     wait_stage(cnt_ptr, STAGES * NL, G)  # lm_head: the final norm through registers (its weight is not folded)
     rs = stage_regs(xs, h_ptr, H, 0, nf_ptr, eps, M, True, MB, ROWS)
@@ -167,15 +142,7 @@ def decode_rows_wgmma_kernel(
     GROUPS: gl.constexpr = 0,  # 1: attention_groups (rows_attention.py) instead of attention_rows
 ):
     gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
-    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * 4, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
-    xs = gl.allocate_shared_memory(gl.bfloat16, [KS // BOXK, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
-    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    xbar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(NBUF):
-        mbarrier.init(ready.index(b), count=1)
-        mbarrier.init(empty.index(b), count=1)
-    mbarrier.init(xbar.index(0), count=1)
+    ring, xs, ready, empty, xbar = stream_smem(MB, NBUF)
     gl.warp_specialize([
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr,
                     slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
@@ -188,7 +155,4 @@ def decode_rows_wgmma_kernel(
                    best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
                    NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF, GROUPS)),
     ], [1], [48])
-    for b in gl.static_range(NBUF):
-        mbarrier.invalidate(ready.index(b))
-        mbarrier.invalidate(empty.index(b))
-    mbarrier.invalidate(xbar.index(0))
+    release_smem(ready, empty, xbar, NBUF)

@@ -237,3 +237,4 @@ def pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr,
             c = c0 + gl.arange(0, 256, layout=gl.SliceLayout(1, LR))
             gl.store(reset_ptr + c, gl.zeros_like(c), mask=c < NRESET)
         gl.atomic_xchg(cnt_ptr, 0)
+

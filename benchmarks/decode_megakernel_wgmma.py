@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.grid_sync import signal_stage, wait_stage
-from ascend_kernels.rows_wgmma_stream import BN, BOXK, CB, KS, item_chunks, items, places, stage_regs, stream_weights
+from ascend_kernels.rows_wgmma_stages import release_smem, stream_smem
+from ascend_kernels.rows_wgmma_stream import BN, KS, item_chunks, items, places, stage_regs, stream_weights
 
 
 # _loader and _compute take one signature: warp_specialize hands both partitions the same arguments
@@ -106,19 +106,11 @@ def decode_megakernel_wgmma_kernel(
     BALANCE: gl.constexpr = 0,  # 1: each stage's deal starts where the previous one ended (_places)
 ):
     gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
-    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * CB, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
-    xs = gl.allocate_shared_memory(gl.bfloat16, [KS // BOXK, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
-    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(NBUF):
-        mbarrier.init(ready.index(b), count=1)
-        mbarrier.init(empty.index(b), count=1)
+    ring, xs, ready, empty, xbar = stream_smem(MB, NBUF)  # xbar: unused here (registers stage the rows)
     gl.warp_specialize([
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring,
                     xs, ready, empty, NL, H, I, NQ, MB, NBUF, SYNC, DEFER, BALANCE)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, h_ptr, q_ptr, g_ptr, n1_ptr, n2_ptr, cnt_ptr, eps, G, M, ring,
                    xs, ready, empty, NL, H, I, NQ, MB, NBUF, SYNC, DEFER, BALANCE)),
     ], [1], [48])
-    for b in gl.static_range(NBUF):
-        mbarrier.invalidate(ready.index(b))
-        mbarrier.invalidate(empty.index(b))
+    release_smem(ready, empty, xbar, NBUF)

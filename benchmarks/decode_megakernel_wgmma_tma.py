@@ -19,12 +19,11 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.grid_sync import signal_stage, wait_stage
+from ascend_kernels.rows_wgmma_stages import down_stage, gate_up_stage, o_stage, qkv_stage, release_smem, stream_smem
 from ascend_kernels.rows_wgmma_stream import (
-    BN, BOXK, KS, down_tile, issue_item, item_chunks, items, lm_place, lm_tiles, pick_tokens, places, stage_tma,
-    stream_weights,
+    BN, KS, issue_item, items, lm_place, lm_tiles, pick_tokens, places, stage_tma, stream_weights,
 )  # fmt: skip
 
 
@@ -48,7 +47,6 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_d
              NBUF: gl.constexpr, BALANCE: gl.constexpr, V: gl.constexpr):
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
     ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
-    NS: gl.constexpr = I // KS  # down's K slices
     pa, pb, pc, pd = places(G, NQ, H, I, BALANCE)
     r2 = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, ACC)), 1)  # [64, 1] tile row
     m2 = gl.expand_dims(gl.arange(0, MB, layout=ROWS), 0)  # [1, MB] batch row
@@ -58,41 +56,17 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_d
     nx = 0
     for layer in range(NL):
         c0 = layer * 4
-        if items(NQ // BN, G, pa) > 0:  # A: q/k/v (norm 1 folded into the weights)
-            if layer > 0:
-                wait_stage(cnt_ptr, c0 - 1, G)
-            rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
-            for j in range(items(NQ // BN, G, pa)):
-                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                gl.store(q_ptr + m2 * NQ + (pa + j * G) * BN + r2, acc * gl.expand_dims(rs, 0), mask=ok)
+        i, nx = qkv_stage(i, nx, pa, G, c0 - 1, xh_desc, q_ptr, NQ, xs, xbar, ring, ready, empty, cnt_ptr, eps, zero,
+                          r2, m2, ok, MB, NBUF, ROWS)  # A: q/k/v (norm 1 folded into the weights)
         signal_stage(cnt_ptr, c0)
-        if items(H // BN, G, pb) > 0:  # B: o, into the residual and its shadow
-            wait_stage(cnt_ptr, c0, G)
-            rs, nx = stage_tma(xs, xbar, nx, xq_desc, 0, eps, cnt_ptr, False, MB, ROWS)
-            for j in range(items(H // BN, G, pb)):
-                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                dst = m2 * H + (pb + j * G) * BN + r2
-                hn = gl.load(h_ptr + dst, mask=ok, other=0.0, cache_modifier=".cg") + acc
-                gl.store(h_ptr + dst, hn, mask=ok)
-                gl.store(hb_ptr + dst, hn.to(gl.bfloat16), mask=ok)
+        i, nx = o_stage(i, nx, pb, G, c0, xq_desc, h_ptr, hb_ptr, H, xs, xbar, ring, ready, empty, cnt_ptr, eps, zero,
+                        r2, m2, ok, MB, NBUF, ROWS)  # B: o, into the residual and its shadow
         signal_stage(cnt_ptr, c0 + 1)
-        if items(I // BN, G, pc) > 0:  # C: gate/up (norm 2 folded into the weights)
-            wait_stage(cnt_ptr, c0 + 1, G)
-            rs, nx = stage_tma(xs, xbar, nx, xh_desc, 0, eps, cnt_ptr, True, MB, ROWS)
-            rs2 = gl.expand_dims(rs, 0)
-            for j in range(items(I // BN, G, pc)):
-                gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                up, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                gate = gate * rs2
-                gl.store(g_ptr + m2 * I + (pc + j * G) * BN + r2, gate / (1.0 + gl.exp(-gate)) * (up * rs2), mask=ok)
+        i, nx = gate_up_stage(i, nx, pc, G, c0 + 1, xh_desc, g_ptr, I, xs, xbar, ring, ready, empty, cnt_ptr, eps,
+                              zero, r2, m2, ok, MB, NBUF, ROWS)  # C: gate/up (norm 2 folded into the weights)
         signal_stage(cnt_ptr, c0 + 2)
-        if items((H // BN) * NS, G, pd) > 0:  # D: down, NS K slices a tile, the last one finishes it
-            wait_stage(cnt_ptr, c0 + 2, G)
-            for j in range(items((H // BN) * NS, G, pd)):
-                t = pd + j * G
-                rs, nx = stage_tma(xs, xbar, nx, xg_desc, (t % NS) * KS, eps, cnt_ptr, False, MB, ROWS)
-                acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-                down_tile(acc, t, h_ptr, hb_ptr, part_ptr, cnt_ptr + 4 * NL, r2, m2, ok, H, NS, MB)
+        i, nx = down_stage(i, nx, pd, G, c0 + 2, xg_desc, h_ptr, hb_ptr, part_ptr, cnt_ptr + 4 * NL, H, I, xs, xbar,
+                           ring, ready, empty, cnt_ptr, eps, zero, r2, m2, ok, MB, NBUF, ROWS)  # D: down
         signal_stage(cnt_ptr, c0 + 3)
     if V > 0:  # E: lm_head (final norm folded into the weights) and each row's greedy token
         wait_stage(cnt_ptr, 4 * NL - 1, G)
@@ -124,15 +98,7 @@ def decode_megakernel_wgmma_tma_kernel(
     V: gl.constexpr = 0,  # vocabulary: > 0 adds the lm_head and the greedy tokens
 ):
     gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
-    ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * 4, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
-    xs = gl.allocate_shared_memory(gl.bfloat16, [KS // BOXK, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
-    ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    xbar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(NBUF):
-        mbarrier.init(ready.index(b), count=1)
-        mbarrier.init(empty.index(b), count=1)
-    mbarrier.init(xbar.index(0), count=1)
+    ring, xs, ready, empty, xbar = stream_smem(MB, NBUF)
     gl.warp_specialize([
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xq_desc, xh_desc, xg_desc, h_ptr, hb_ptr, q_ptr, g_ptr,
                     part_ptr, logits_ptr, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, eps, G, M, ring, xs, ready,
@@ -141,7 +107,4 @@ def decode_megakernel_wgmma_tma_kernel(
                    part_ptr, logits_ptr, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, eps, G, M, ring, xs, ready,
                    empty, xbar, NL, H, I, NQ, MB, NBUF, BALANCE, V)),
     ], [1], [48])
-    for b in gl.static_range(NBUF):
-        mbarrier.invalidate(ready.index(b))
-        mbarrier.invalidate(empty.index(b))
-    mbarrier.invalidate(xbar.index(0))
+    release_smem(ready, empty, xbar, NBUF)
