@@ -17,8 +17,8 @@ import contextlib
 
 import torch
 
-from benchmarks.common import card_name, cli, llama_config
-from benchmarks.engine_ab import engine_ab
+from benchmarks.common import card_name, cli
+from benchmarks.engine_ab import llama_1b_ab
 
 HEADS, KV_HEADS, DIM, PAGE, LAYERS = 32, 8, 64, 16, 16
 
@@ -113,14 +113,9 @@ def run(quick: bool = False, kernels_only: bool = False) -> dict:
         return {"skipped": "needs a GPU"}
     if kernels_only:
         return {"card": card_name(), **_kernel_us()}
-    from transformers import LlamaForCausalLM
-
     res = {"card": card_name(), **_kernel_us()}
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
     variants = {"walk": lambda: _walk_only(True), "decode": lambda: _walk_only(False)}
-    res.update(engine_ab(model, variants, rounds=1 if quick else 4, max_model_len=320, enable_prefix_caching=False,
-                         num_kv_blocks=1200))
+    res.update(llama_1b_ab(variants, quick))
     return res
 
 

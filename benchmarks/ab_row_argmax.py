@@ -16,8 +16,8 @@ import contextlib
 
 import torch
 
-from benchmarks.common import card_name, cli, llama_config
-from benchmarks.engine_ab import engine_ab
+from benchmarks.common import card_name, cli
+from benchmarks.engine_ab import llama_1b_ab
 
 
 @contextlib.contextmanager
@@ -62,14 +62,9 @@ def _kernel_us() -> dict:
 def run(quick: bool = False) -> dict:
     if not torch.cuda.is_available():
         return {"skipped": "needs a GPU"}
-    from transformers import LlamaForCausalLM
-
     res = {"card": card_name(), **_kernel_us()}
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
     variants = {"before": lambda: _sampler_argmax(True), "after": lambda: _sampler_argmax(False)}
-    res.update(engine_ab(model, variants, rounds=1 if quick else 4, max_model_len=320, enable_prefix_caching=False,
-                         num_kv_blocks=1200))
+    res.update(llama_1b_ab(variants, quick))
     return res
 
 

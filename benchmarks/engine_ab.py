@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import sync
+from benchmarks.common import llama_config, sync
 
 
 def engine_ab(model: torch.nn.Module, variants: dict[str, Callable[[], contextlib.AbstractContextManager]], *,
@@ -58,3 +58,14 @@ def engine_ab(model: torch.nn.Module, variants: dict[str, Callable[[], contextli
     for b in loads:
         res[f"tokens_equal_bs{b}"] = all(tokens[f"{n}/bs{b}"] == tokens[f"{first}/bs{b}"] for n in engines)
     return res
+
+
+def llama_1b_ab(variants: dict[str, Callable[[], contextlib.AbstractContextManager]], quick: bool) -> dict:
+    """engine_ab as the ab_* scripts run it: a Llama-3.2-1B-shaped model (random weights, seed 0, bf16, on
+    the GPU), batches 16 and 1, 1 round with `quick` else 4, a 1,200-block cache without prefix caching."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("llama-3.2-1b")).to(device="cuda", dtype=torch.bfloat16).eval()
+    return engine_ab(model, variants, rounds=1 if quick else 4, max_model_len=320, enable_prefix_caching=False,
+                     num_kv_blocks=1200)
