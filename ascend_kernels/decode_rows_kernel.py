@@ -56,7 +56,7 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot_
 
 
 @gluon.jit
-def _num_rows(slot_ptr, T, MB: gl.constexpr, NB: gl.constexpr):
+def num_rows(slot_ptr, T, MB: gl.constexpr, NB: gl.constexpr):
     """The step's rows: the leading tokens whose slot is not negative (at most MB)."""
     r = gl.arange(0, MB, layout=gl.BlockedLayout([1], [32], [NB], [0]))
     return gl.sum((gl.load(slot_ptr + r, mask=r < T, other=-1) >= 0).to(gl.int32), axis=0)
@@ -101,7 +101,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, ids_ptr, pos_ptr, slot
     OUT: gl.constexpr = gl.SliceLayout(0, MMA)
     ringv = _view(ring, gl.bfloat16, [NBUF * Q, NB, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=3))
     pid = gl.program_id(0)
-    M = _num_rows(slot_ptr, T, MB, NB)
+    M = num_rows(slot_ptr, T, MB, NB)
     m2 = gl.expand_dims(gl.arange(0, MB, layout=gl.SliceLayout(1, OUT)), 1)  # [MB, 1]
     n2 = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(0, OUT)), 0)  # [1, BN]
     ok = (m2 < M) & (n2 >= 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from ascend_kernels.decode_rows_kernel import num_rows
 from ascend_kernels.decode_step_attention import attention_rows
 from ascend_kernels.grid_sync import signal_stage, wait_stage
 from ascend_kernels.rows_attention import attention_groups
@@ -27,13 +28,6 @@ from ascend_kernels.rows_wgmma_stream import (
 )  # fmt: skip
 
 STAGES = gl.constexpr(5)  # grid counters per layer
-
-
-@gluon.jit
-def _num_rows(slot_ptr, T, MB: gl.constexpr):
-    """The step's rows: the leading tokens whose slot is not negative (at most MB)."""
-    r = gl.arange(0, MB, layout=gl.BlockedLayout([1], [32], [4], [0]))
-    return gl.sum((gl.load(slot_ptr + r, mask=r < T, other=-1) >= 0).to(gl.int32), axis=0)
 
 
 @gluon.jit
@@ -74,7 +68,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
     ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
-    M = _num_rows(slot_ptr, T, MB)
+    M = num_rows(slot_ptr, T, MB, 4)  # the compute partition's 4 warps
     pa, pb, pc, pd = places(G, NQ, H, I, 1)
     r2 = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, ACC)), 1)  # [64, 1] tile row
     m2 = gl.expand_dims(gl.arange(0, MB, layout=ROWS), 0)  # [1, MB] batch row
