@@ -133,9 +133,9 @@ class EngineConfig:
                             why and the compiled model runs those steps.
     decode_megakernel_rows: with decode_megakernel, steps of up to 16 requests that each decode one token
                             also run as one persistent launch (ascend_kernels/decode_rows_wgmma.py). For
-                            measuring it: on an H100 it is still slower than the compiled path at 16 rows
-                            (benchmarks/RESULTS.md), and it holds its own copies of the q/k/v and gate/up
-                            weights (the norm weights folded in).
+                            measuring it: on an H100 its 16-row step (1,846 us) was slower than the compiled
+                            path's (~1,430 us, another run; benchmarks/RESULTS.md), and it holds its own
+                            copies of the q/k/v and gate/up weights (the norm weights folded in).
     decode_burst:           with decode_megakernel, a lone greedy request (nothing waiting) decodes up to
                             this many tokens per engine step: the kernel feeds each token to its next
                             launch on the device and the host reads them together (vLLM's multi-step
