@@ -17,7 +17,8 @@ from ascend_kernels.profiles import CPU_INTERPRETER
 from xy_inductor import LLM, SamplingParams
 from xy_inductor.engine.cuda_graphs import bucket_sizes
 from xy_inductor.engine.outputs import ScheduledRequest, Stage
-from xy_inductor.engine.step_buffer import StepBuffer, StepLayout, step_shape, views
+from xy_inductor.engine.overlap import TokenFeed
+from xy_inductor.engine.step_buffer import MERGE_GAP, StepBuffer, StepLayout, step_shape, views
 from xy_inductor.engine.task_tables import TaskTables, table_capacity
 
 LENGTHS = [1, 300, 7, 64, 129, 2, 33, 16]
@@ -76,6 +77,27 @@ def test_pack_pads_every_segment():
     assert v.logits_to_keep.tolist() == [0, 1, 2, 3, 0, 0]
     assert shape.num_keep == 4
     assert v.block_table[:3, :2].tolist() == [[3, 7], [9, 1], [4, 77]]
+
+
+def test_a_step_is_one_upload_unless_a_wide_unused_table_lies_between():
+    rows = [_row("a", Stage.DECODE, [11], 5, [3, 7])]
+    shape = step_shape(rows)
+    small = StepLayout(num_tokens=16, num_seqs=2, num_keep=2, width=3, table_len=64)
+    buf = StepBuffer(small.size, pin=False)
+    assert buf.used(small, shape, 10) == [(0, small.block_table + 3)]  # the hole (54 int32s) is copied
+    wide = StepLayout(num_tokens=16, num_seqs=2, num_keep=2, width=3, table_len=MERGE_GAP + 100)
+    assert buf.used(wide, shape, 10) == [(0, wide.table + 10), (wide.block_table, wide.block_table + 3)]
+
+
+def test_feed_copies_consecutive_rows_or_gathers_and_scatters():
+    feed = TokenFeed(8, torch.device("cpu"))
+    tokens = torch.tensor([50, 51, 52, 53])
+    for dst, src in (([1, 2, 3], [0, 1, 2]), ([0, 2], [3, 1]), ([4], [2])):
+        input_ids = torch.zeros(6, dtype=torch.long)
+        feed.feed(input_ids, dst, src, tokens)
+        expected = torch.zeros(6, dtype=torch.long)
+        expected[dst] = tokens[src]
+        assert input_ids.tolist() == expected.tolist()
 
 
 def _coverage(table: np.ndarray) -> dict:

@@ -24,6 +24,9 @@ from ascend_kernels.tiling import HEADER, TASK_FIELDS
 from xy_inductor.engine.outputs import ScheduledRequest
 
 
+MERGE_GAP = 4096  # int32s of unused buffer worth copying to save a copy (see StepBuffer.used)
+
+
 @dataclass(slots=True, frozen=True)
 class StepLayout:
     """Capacities (elements) of one step's segments and their int32 offsets in the flat buffer."""
@@ -178,6 +181,12 @@ class StepBuffer:
         if layout.table_len:  # one program, no tasks: header, then the program starts [0, 0]
             buf[layout.table : layout.table + HEADER + 2] = [1, 0, 0, TASK_FIELDS] + [0] * (HEADER - 4) + [0, 0]
 
-    def used(self, layout: StepLayout, shape: StepShape, table_len: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """The two [start, end) ranges of the flat buffer a step fills (what must be copied)."""
-        return (0, layout.table + table_len), (layout.block_table, layout.block_table + shape.num_seqs * layout.width)
+    def used(self, layout: StepLayout, shape: StepShape, table_len: int) -> list[tuple[int, int]]:
+        """The [start, end) ranges of the flat buffer a step fills (what must be copied): the inputs and
+        the Task-Table, then the block table's rows; one range when the unused table capacity between
+        them is under MERGE_GAP int32s (a copy's fixed cost on the device, a few us, moves ~16 KB)."""
+        head = (0, layout.table + table_len)
+        rows = (layout.block_table, layout.block_table + shape.num_seqs * layout.width)
+        if rows[0] - head[1] < MERGE_GAP:
+            return [(0, rows[1])]
+        return [head, rows]
