@@ -2,8 +2,7 @@
 the TMA probe (benchmarks/decode_megakernel_wgmma_tma.py) and the multi-row step kernel
 (decode_rows_wgmma_kernel.py) run them, and the shared memory they share.
 
-Each stage waits for counter `done` (none when negative), stages its input (its first item's wgmmas start
-on the first columns to arrive; a norm's 1 / rms is taken after that item), runs its items at deal place
+Each stage waits for counter `done` (none when negative), stages its input, runs its items at deal place
 p and returns the next ring position and staging number; the caller signs the stage's counter.
 """
 from __future__ import annotations
@@ -13,23 +12,22 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 from ascend_kernels.grid_sync import wait_stage
-from ascend_kernels.rows_wgmma_stream import BN, BOXK, CB, KS, down_tile, item_chunks, items, stage_issue, stage_rms
+from ascend_kernels.rows_wgmma_stream import BN, BOXK, CB, KS, down_tile, item_chunks, items, stage_tma
 
 
 @gluon.jit
 def stream_smem(MB: gl.constexpr, NBUF: gl.constexpr):
     """The shared memory of a swap-AB stream kernel, barriers initialised: the TMA ring (NBUF chunks of 4
-    boxes), the staged rows xs and their copy barriers xbar (one per chunk's columns)."""
+    boxes), the staged rows xs and their copy barrier xbar."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [NBUF * CB, BN, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
     xs = gl.allocate_shared_memory(gl.bfloat16, [KS // BOXK, MB, BOXK], gl.NVMMASharedLayout(128, 16, rank=2))
     ready = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NBUF, 1], mbarrier.MBarrierLayout())
-    xbar = gl.allocate_shared_memory(gl.int64, [KS // (CB * BOXK), 1], mbarrier.MBarrierLayout())
+    xbar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
     for b in gl.static_range(NBUF):
         mbarrier.init(ready.index(b), count=1)
         mbarrier.init(empty.index(b), count=1)
-    for c in gl.static_range(KS // (CB * BOXK)):
-        mbarrier.init(xbar.index(c), count=1)
+    mbarrier.init(xbar.index(0), count=1)
     return ring, xs, ready, empty, xbar
 
 
@@ -39,8 +37,7 @@ def release_smem(ready, empty, xbar, NBUF: gl.constexpr):
     for b in gl.static_range(NBUF):
         mbarrier.invalidate(ready.index(b))
         mbarrier.invalidate(empty.index(b))
-    for c in gl.static_range(KS // (CB * BOXK)):
-        mbarrier.invalidate(xbar.index(c))
+    mbarrier.invalidate(xbar.index(0))
 
 
 @gluon.jit
@@ -50,14 +47,10 @@ def qkv_stage(i, nx, p, G, done, x_desc, q_ptr, NQ: gl.constexpr, xs, xbar, ring
     if items(NQ // BN, G, p) > 0:
         if done >= 0:
             wait_stage(cnt_ptr, done, G)
-        stage_issue(xs, xbar, x_desc, 0, cnt_ptr, MB)
-        acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False, xbar, nx, True)
-        rs = gl.expand_dims(stage_rms(xs, eps, MB, ROWS), 0)
-        gl.store(q_ptr + m2 * NQ + p * BN + r2, acc * rs, mask=ok)
-        for j in range(1, items(NQ // BN, G, p)):
+        rs, nx = stage_tma(xs, xbar, nx, x_desc, 0, eps, cnt_ptr, True, MB, ROWS)
+        for j in range(items(NQ // BN, G, p)):
             acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
-            gl.store(q_ptr + m2 * NQ + (p + j * G) * BN + r2, acc * rs, mask=ok)
-        nx += 1
+            gl.store(q_ptr + m2 * NQ + (p + j * G) * BN + r2, acc * gl.expand_dims(rs, 0), mask=ok)
     return i, nx
 
 
@@ -67,14 +60,13 @@ def o_stage(i, nx, p, G, done, x_desc, h_ptr, hb_ptr, H: gl.constexpr, xs, xbar,
     """h += attention output @ W_o^T, and h's bf16 shadow (each tile's rows belong to one program)."""
     if items(H // BN, G, p) > 0:
         wait_stage(cnt_ptr, done, G)
-        stage_issue(xs, xbar, x_desc, 0, cnt_ptr, MB)
-        for j in range(items(H // BN, G, p)):  # later items' waits on the arrived rows pass at once
-            acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False, xbar, nx, True)
+        rs, nx = stage_tma(xs, xbar, nx, x_desc, 0, eps, cnt_ptr, False, MB, ROWS)
+        for j in range(items(H // BN, G, p)):
+            acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
             dst = m2 * H + (p + j * G) * BN + r2
             hn = gl.load(h_ptr + dst, mask=ok, other=0.0, cache_modifier=".cg") + acc
             gl.store(h_ptr + dst, hn, mask=ok)
             gl.store(hb_ptr + dst, hn.to(gl.bfloat16), mask=ok)
-        nx += 1
     return i, nx
 
 
@@ -84,16 +76,13 @@ def gate_up_stage(i, nx, p, G, done, x_desc, g_ptr, I: gl.constexpr, xs, xbar, r
     """g = SiLU(gate) x up of RMSNorm(h) (norm weight folded into W), bf16."""
     if items(I // BN, G, p) > 0:
         wait_stage(cnt_ptr, done, G)
-        stage_issue(xs, xbar, x_desc, 0, cnt_ptr, MB)
-        gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False, xbar, nx, True)
-        rs2 = gl.expand_dims(stage_rms(xs, eps, MB, ROWS), 0)
+        rs, nx = stage_tma(xs, xbar, nx, x_desc, 0, eps, cnt_ptr, True, MB, ROWS)
+        rs2 = gl.expand_dims(rs, 0)
         for j in range(items(I // BN, G, p)):
-            if j > 0:
-                gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
+            gate, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
             up, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
             gate = gate * rs2
             gl.store(g_ptr + m2 * I + (p + j * G) * BN + r2, gate / (1.0 + gl.exp(-gate)) * (up * rs2), mask=ok)
-        nx += 1
     return i, nx
 
 
@@ -107,8 +96,7 @@ def down_stage(i, nx, p, G, done, x_desc, h_ptr, hb_ptr, part_ptr, tile_cnt_ptr,
         wait_stage(cnt_ptr, done, G)
         for j in range(items((H // BN) * NS, G, p)):
             t = p + j * G
-            stage_issue(xs, xbar, x_desc, (t % NS) * KS, cnt_ptr, MB)
-            acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False, xbar, nx, True)
-            nx += 1
+            rs, nx = stage_tma(xs, xbar, nx, x_desc, (t % NS) * KS, eps, cnt_ptr, False, MB, ROWS)
+            acc, i = item_chunks(zero, ring, xs, ready, empty, i, NBUF, False)
             down_tile(acc, t, h_ptr, hb_ptr, part_ptr, tile_cnt_ptr, r2, m2, ok, H, NS, MB)
     return i, nx

@@ -11,7 +11,7 @@ An item is one tile over a 2,048-wide K slice (8 chunks). Per layer, each stage'
 round-robin to the G programs (`places`): q/k/v (NQ / 64 items), o (H / 64), gate/up (I / 64 items of
 a gate tile and the same rows of up) and down (H / 64 tiles x I / 2048 K slices, each tile finished by
 its last slice to arrive: `down_tile`). A stage's input is staged once per item into xs, by TMA from
-bf16 rows its producer wrote (`stage_issue`, chunk by chunk, or `stage_tma`, whole) or through registers (`stage_regs`, which can apply a norm
+bf16 rows its producer wrote (`stage_tma`) or through registers (`stage_regs`, which can apply a norm
 weight on the way).
 """
 from __future__ import annotations
@@ -93,15 +93,11 @@ def stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL
 
 
 @gluon.jit
-def item_chunks(acc, ring, xs, ready, empty, i, NBUF: gl.constexpr, DEFER: gl.constexpr, xbar=None, nx=0,
-                WAITX: gl.constexpr = False):
+def item_chunks(acc, ring, xs, ready, empty, i, NBUF: gl.constexpr, DEFER: gl.constexpr):
     """acc [64, 16] += this item's 8 chunks (ring positions i ..) times xs^T; returns (acc, next i).
-    DEFER: a chunk's slot is handed back once the next chunk's wgmmas are issued (one chunk in flight).
-    WAITX: xs is arriving (stage_issue, staging number nx): each chunk first waits for its own columns."""
+    DEFER: a chunk's slot is handed back once the next chunk's wgmmas are issued (one chunk in flight)."""
     for c in range(KS // (CB * BOXK)):
         slot = i % NBUF
-        if WAITX:
-            mbarrier.wait(xbar.index(c), nx & 1)
         mbarrier.wait(ready.index(slot), (i // NBUF) & 1)
         for b in gl.static_range(CB):
             acc = warpgroup_mma(ring.index(slot * CB + b), xs.index(c * CB + b).permute((1, 0)), acc, is_async=True)
@@ -150,43 +146,23 @@ def fence_proxy_global(ptr):
 
 
 @gluon.jit
-def stage_issue(xs, xbar, desc, col0, cnt_ptr, MB: gl.constexpr):
-    """Start copying columns col0 .. col0 + 2047 of desc's [MB, N] bf16 rows into xs by TMA, chunk c (the
-    columns an item's chunk c multiplies) on barrier c: the first item's wgmmas start on the first
-    columns while the rest arrive (item_chunks with WAITX), instead of after the whole 64 KB."""
-    _barrier()  # every warp's wgmmas (and stage_rms) have read the last staged rows
+def stage_tma(xs, xbar, nx, desc, col0, eps, cnt_ptr, NORM: gl.constexpr, MB: gl.constexpr, ROWS: gl.constexpr):
+    """Columns col0 .. col0 + 2047 of desc's [MB, N] bf16 rows into xs (staging number nx); returns each
+    row's 1 / rms over them (ones without NORM) in the accumulator's column layout, and nx + 1."""
+    _barrier()  # every warp's wgmmas have read the last staged rows
     fence_proxy_global(cnt_ptr)
-    for c in gl.static_range(KS // (CB * BOXK)):
-        mbarrier.expect(xbar.index(c), MB * CB * BOXK * 2)
-        for b in gl.static_range(CB):
-            _tma_load(desc, [0, col0 + (c * CB + b) * BOXK], xbar.index(c), xs.index(c * CB + b))
-
-
-@gluon.jit
-def stage_rms(xs, eps, MB: gl.constexpr, ROWS: gl.constexpr):
-    """Each staged row's 1 / rms over its 2,048 columns (all of them arrived), in the accumulator's
-    column layout: the norm applied after the products (its weight is folded into W)."""
+    mbarrier.expect(xbar.index(0), MB * KS * 2)
+    for b in gl.static_range(KS // BOXK):
+        _tma_load(desc, [0, col0 + b * BOXK], xbar.index(0), xs.index(b))
+    mbarrier.wait(xbar.index(0), nx & 1)
     XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     ss = gl.zeros([MB], gl.float32, gl.SliceLayout(1, XL))
-    for b in gl.static_range(KS // BOXK):
-        x = xs.index(b).load(XL).to(gl.float32)
-        ss += gl.sum(x * x, axis=1)
-    return gl.convert_layout(gl.rsqrt(ss / KS + eps), ROWS)
-
-
-@gluon.jit
-def stage_tma(xs, xbar, nx, desc, col0, eps, cnt_ptr, NORM: gl.constexpr, MB: gl.constexpr, ROWS: gl.constexpr):
-    """Columns col0 .. col0 + 2047 of desc's [MB, N] bf16 rows into xs (staging number nx), waited for
-    whole; returns each row's 1 / rms over them (ones without NORM) in the accumulator's column layout,
-    and nx + 1."""
-    stage_issue(xs, xbar, desc, col0, cnt_ptr, MB)
-    for c in gl.static_range(KS // (CB * BOXK)):
-        mbarrier.wait(xbar.index(c), nx & 1)
     if NORM:
-        rs = stage_rms(xs, eps, MB, ROWS)
-    else:
-        rs = gl.full([MB], 1.0, gl.float32, ROWS)
-    return rs, nx + 1
+        for b in gl.static_range(KS // BOXK):
+            x = xs.index(b).load(XL).to(gl.float32)
+            ss += gl.sum(x * x, axis=1)
+    rs = gl.rsqrt(ss / KS + eps) if NORM else ss + 1.0
+    return gl.convert_layout(rs, ROWS), nx + 1
 
 
 @gluon.jit
