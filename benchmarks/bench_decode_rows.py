@@ -75,7 +75,7 @@ def _engine(model, quick: bool, **options) -> dict:
     prefill, _ = timed(lambda: llm.generate(prompts, one, use_tqdm=False), 2 if quick else 3)
     stats = {k: v for k, v in llm.engine.runner.stats.items() if k == "decode_megakernel_steps"}
     return {"tok_s": ROWS * NEW / seconds, "decode_tok_s": ROWS * (NEW - 1) / (seconds - prefill), **stats,
-            "token_ids": [o.outputs[0].token_ids for o in outputs]}
+            "token_ids": [o.token_ids for o in outputs]}
 
 
 def _agreement(a: list, b: list) -> dict:
