@@ -134,7 +134,7 @@ class EngineConfig:
     decode_megakernel_rows: with decode_megakernel, steps of up to 16 requests that each decode one token
                             also run as one persistent launch (ascend_kernels/decode_rows_wgmma.py;
                             Llama-3.2-1B-like shapes on a Hopper GPU). On an H100 the engine decoded 16
-                            requests at 11,922 tok/s with it against 10,887 without (one run;
+                            requests at 11,770 tok/s with it against 10,682 without (one run;
                             benchmarks/RESULTS.md). It holds its own copies of the q/k/v and gate/up
                             weights (the norm weights folded in: 1.3 GB for Llama-3.2-1B).
     decode_burst:           with decode_megakernel, a lone greedy request (nothing waiting) decodes up to

@@ -141,7 +141,7 @@ class DecodeKernelPath:
     row's greedy token into `row_tokens` and its logits into row r of its `rows_logits` [max_rows, V].
     The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1. `decode_megakernel_rows`
     passes the swap-AB wgmma multi-row kernel (ascend_kernels/decode_rows_wgmma.py, `rows_kernel`): on an
-    H100 the engine decoded 16 requests at 11,922 tok/s with it, 10,887 with the compiled path, in one run
+    H100 the engine decoded 16 requests at 11,770 tok/s with it, 10,682 with the compiled path, in one run
     (benchmarks/RESULTS.md, twentieth session).
     """
 
