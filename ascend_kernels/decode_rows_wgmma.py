@@ -40,10 +40,16 @@ def _folded(w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 class DecodeRowsWgmmaKernel:
     """`launch_rows(input_ids, position_ids, block_table, slot_mapping, tokens_out)`: the step's leading
     rows with a non-negative slot (at most 16) each decode one token; their K/V go into the cache, their
-    logits into `rows_logits` [16, V] fp32 and their greedy tokens into tokens_out[row]. `launch` runs
-    the batch-1 kernel (DecodeStepKernel.launch) on the same weights and cache."""
+    logits into `rows_logits` [16, V] fp32 and their greedy tokens into tokens_out[row]; with loop=True
+    also over input_ids[row], and position_ids[row] and slot_mapping[row] step to the next position (its
+    block from block_table), so the next launch decodes the next token. `launch` runs the batch-1 kernel
+    (DecodeStepKernel.launch) on the same weights and cache."""
 
     max_rows = MAX_ROWS
+    # launch_rows(..., loop=True) lets the engine run bursts of rows (DecodeKernelPath). Off until the loop
+    # launch has run on a GPU: tests/kernels/test_decode_rows_kernel.py::test_wgmma_loop_launches_feed_the_next_launch
+    # (written in the twentieth session, compiled for sm_90, never run)
+    rows_loop = False
 
     def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
                  tile: int = TILE):
@@ -93,7 +99,7 @@ class DecodeRowsWgmmaKernel:
         return self.single.launch(token, pos, block_table, tokens_out, loop, grid)
 
     def launch_rows(self, input_ids: torch.Tensor, position_ids: torch.Tensor, block_table: torch.Tensor,
-                    slot_mapping: torch.Tensor, tokens_out: torch.Tensor) -> torch.Tensor:
+                    slot_mapping: torch.Tensor, tokens_out: torch.Tensor, loop: bool = False) -> torch.Tensor:
         from ascend_kernels.decode_rows_wgmma_kernel import decode_rows_wgmma_kernel
         from ascend_kernels.decode_step_kernel import LOG2E
 
@@ -103,8 +109,9 @@ class DecodeRowsWgmmaKernel:
         decode_rows_wgmma_kernel[(self.grid,)](
             *self.descs, *self.acts, input_ids, position_ids, slot_mapping, block_table, block_table.stride(0),
             input_ids.shape[0], self.hidden, self.hb, self.qkv, self.attn, self.g, self.part, self.rows_logits, w.nf,
-            s.k_cache, s.v_cache, w.inv_freq, self.rope, w.embed, self.counters, tokens_out, self.best_val, self.best_idx,
+            s.k_cache, s.v_cache, w.inv_freq, self.rope, w.embed, self.counters, tokens_out, self.best_val,
+            self.best_idx,
             w.eps, w.rope_scale, LOG2E / math.sqrt(w.head_dim), s.k_cache[0].numel(), self.grid,
             NL=w.dims["NL"], H=w.dims["H"], I=w.dims["I"], V=w.dims["V"], NQH=w.dims["NQH"], NKV=w.dims["NKV"],
-            D=w.dims["D"], BS=s.block_size, TILE=self.tile, MB=MAX_ROWS, NBUF=NBUF, num_warps=4)
+            D=w.dims["D"], BS=s.block_size, TILE=self.tile, MB=MAX_ROWS, NBUF=NBUF, LOOP=int(loop), num_warps=4)
         return self.rows_logits

@@ -50,7 +50,8 @@ def _loader(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_de
             k_cache_ptr, v_cache_ptr, inv_freq_ptr, rope_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
             best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
             H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
-            D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
+            D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
+            LOOP: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     i = stream_weights(wq_desc, wo_desc, wg_desc, wd_desc, G, ring, ready, empty, NL, H, I, NQ, NBUF, 1)
     pe = lm_place(G, NQ, H, I, 1)
@@ -64,7 +65,8 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
              k_cache_ptr, v_cache_ptr, inv_freq_ptr, rope_ptr, embed_ptr, cnt_ptr, tokens_out_ptr, best_val_ptr,
              best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar, NL: gl.constexpr,
              H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
-             D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
+             D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
+            LOOP: gl.constexpr):
     NQ: gl.constexpr = (NQH + 2 * NKV) * D
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
     ROWS: gl.constexpr = gl.SliceLayout(0, ACC)  # along the batch (acc columns)
@@ -105,7 +107,7 @@ def _compute(wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_d
     best_v, best_i, i = lm_tiles(i, lm_place(G, NQ, H, I, 1), G, rs, ring, xs, ready, empty, logits_ptr, zero, r2,
                                  m2, ok, V, NBUF, MB, ROWS)
     pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_out_ptr, cnt_ptr + 1 + STAGES * NL + H // BN, G,
-                M, V, MB, ROWS, cnt_ptr, 1 + STAGES * NL)
+                M, V, MB, ROWS, cnt_ptr, 1 + STAGES * NL, LOOP, ids_ptr, pos_ptr, slot_ptr, bt_ptr, bt_stride, BS)
 
 
 @gluon.jit
@@ -113,7 +115,8 @@ def decode_rows_wgmma_kernel(
     wq_desc, wo_desc, wg_desc, wd_desc, wl_desc,  # TMA, box [64, 64], 128B swizzle: q;k;v and gate;up with the
                                                   # norm weights folded in, o, down as stored ([H, I] a layer), lm
     xa_desc, xh_desc, xg_desc,  # TMA over attn_ptr, hb_ptr, g_ptr: box [MB, 64], 128B swizzle
-    ids_ptr, pos_ptr, slot_ptr,  # [T] int64: the step's token ids, positions, KV slots (negative: padding)
+    ids_ptr, pos_ptr, slot_ptr,  # [T] int64: the step's token ids, positions, KV slots (negative: padding);
+                                 # written for the next launch with LOOP
     bt_ptr,  # [>= M, bt_stride] int32 block tables
     bt_stride, T,
     h_ptr,  # [MB, H] fp32 scratch: the residual stream
@@ -133,19 +136,21 @@ def decode_rows_wgmma_kernel(
     best_val_ptr, best_idx_ptr,  # [G, MB] fp32 / int32 per-program bests
     eps, rope_scale, qk_scale, layer_stride, G,
     NL: gl.constexpr, H: gl.constexpr, I: gl.constexpr, V: gl.constexpr, NQH: gl.constexpr, NKV: gl.constexpr,
-    D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr):
+    D: gl.constexpr, BS: gl.constexpr, TILE: gl.constexpr, MB: gl.constexpr, NBUF: gl.constexpr,
+    LOOP: gl.constexpr = 0,  # a burst's launch: rows' tokens, positions and slots feed the next (pick_tokens)
+):
     gl.static_assert(H == KS)  # every item's K slice is the hidden size (down's K is cut into such slices)
     ring, xs, ready, empty, xbar = stream_smem(MB, NBUF)
     gl.warp_specialize([
         (_compute, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr,
                     slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
                     nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, rope_ptr, embed_ptr, cnt_ptr, tokens_out_ptr,
-                    best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
-                    NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF)),
+                    best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty,
+                    xbar, NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF, LOOP)),
         (_loader, (wq_desc, wo_desc, wg_desc, wd_desc, wl_desc, xa_desc, xh_desc, xg_desc, ids_ptr, pos_ptr,
                    slot_ptr, bt_ptr, bt_stride, T, h_ptr, hb_ptr, qkv_ptr, attn_ptr, g_ptr, part_ptr, logits_ptr,
                    nf_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr, rope_ptr, embed_ptr, cnt_ptr, tokens_out_ptr,
                    best_val_ptr, best_idx_ptr, eps, rope_scale, qk_scale, layer_stride, G, ring, xs, ready, empty, xbar,
-                   NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF)),
+                   NL, H, I, V, NQH, NKV, D, BS, TILE, MB, NBUF, LOOP)),
     ], [1], [48])
     release_smem(ready, empty, xbar, NBUF)

@@ -214,10 +214,13 @@ def lm_tiles(i, pe, G, rs, ring, xs, ready, empty, logits_ptr, zero, r2, m2, ok,
 
 @gluon.jit
 def pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr, G, M, V: gl.constexpr,
-                MB: gl.constexpr, ROWS: gl.constexpr, reset_ptr, NRESET: gl.constexpr):
+                MB: gl.constexpr, ROWS: gl.constexpr, reset_ptr, NRESET: gl.constexpr, LOOP: gl.constexpr = False,
+                ids_ptr=None, pos_ptr=None, slot_ptr=None, bt_ptr=None, bt_stride=0, BS: gl.constexpr = 16):
     """Publish this program's best per row; the last program to arrive picks each row's token (the first
     index of the maximum over all programs, like torch.argmax), zeroes its counter and the NRESET
-    counters at reset_ptr (every program has passed them)."""
+    counters at reset_ptr (every program has passed them). LOOP (a burst's launch): it also writes each
+    row's token over its input id and steps its position and slot (bt: [rows, bt_stride] int32 block
+    tables of BS-token blocks) for the next launch; every program has read them by then."""
     mm = gl.arange(0, MB, layout=ROWS)
     gl.store(best_val_ptr + gl.program_id(0) * MB + mm, best_v)
     gl.store(best_idx_ptr + gl.program_id(0) * MB + mm, best_i)
@@ -233,6 +236,12 @@ def pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr,
         token = gl.min(gl.where(vals == gl.expand_dims(top, 0), idxs, V), axis=0)
         mo = gl.arange(0, MB, layout=gl.SliceLayout(0, LR))
         gl.store(tokens_ptr + mo, token.to(gl.int64), mask=mo < M)
+        if LOOP:
+            gl.store(ids_ptr + mo, token.to(gl.int64), mask=mo < M)
+            p = gl.load(pos_ptr + mo, mask=mo < M, other=0) + 1
+            gl.store(pos_ptr + mo, p, mask=mo < M)
+            blk = gl.load(bt_ptr + mo * bt_stride + p // BS, mask=mo < M, other=0)
+            gl.store(slot_ptr + mo, blk.to(gl.int64) * BS + p % BS, mask=mo < M)
         for c0 in gl.static_range(0, NRESET, 256):
             c = c0 + gl.arange(0, 256, layout=gl.SliceLayout(1, LR))
             gl.store(reset_ptr + c, gl.zeros_like(c), mask=c < NRESET)

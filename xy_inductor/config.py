@@ -141,7 +141,9 @@ class EngineConfig:
                             this many tokens per engine step: the kernel feeds each token to its next
                             launch on the device and the host reads them together (vLLM's multi-step
                             decoding). Outputs then stream in groups; tokens past a stop are dropped.
-                            1 turns it off.
+                            Several greedy requests (all running, nothing waiting) burst together only
+                            on a multi-row kernel whose launches loop (not yet the wgmma one: its loop
+                            has not run on a GPU). 1 turns it off.
     """
 
     block_size: int = 16

@@ -17,26 +17,35 @@ from xy_inductor.engine.decode_kernel import DecodeKernelPath, stack_weights, st
 
 class ReferenceRows(ReferenceLoop):
     """A multi-row kernel: each real row (slot >= 0) of the step decodes its token in float32 torch;
-    its logits go to row r of `rows_logits`, its greedy token to tokens_out[r]."""
+    its logits go to row r of `rows_logits`, its greedy token to tokens_out[r]; with loop=True (a burst's
+    launch) also over input_ids[r], and the row's position and slot step to the next position."""
 
     max_rows = 3
+    rows_loop = True
 
     def __init__(self, w, k_cache, v_cache):
         super().__init__(w, k_cache, v_cache)
         self.rows_logits = torch.zeros(self.max_rows, w.embed.shape[0])
         self.rows_per_launch: list[int] = []
+        self.loop_launches = 0
 
-    def launch_rows(self, input_ids, position_ids, block_table, slot_mapping, tokens_out):
+    def launch_rows(self, input_ids, position_ids, block_table, slot_mapping, tokens_out, loop=False):
+        bs = self.k_cache.shape[2]
         real = [r for r in range(input_ids.shape[0]) if slot_mapping[r] >= 0]
         for r in real:
             self.rows_logits[r] = reference.decode_step(self.w, self.k_cache, self.v_cache, block_table[r],
                                                         int(position_ids[r]), int(input_ids[r]))
             tokens_out[r] = self.rows_logits[r].argmax()
+            if loop:
+                p = int(position_ids[r]) + 1
+                input_ids[r], position_ids[r] = tokens_out[r], p
+                slot_mapping[r] = int(block_table[r, p // bs]) * bs + p % bs
         self.rows_per_launch.append(len(real))
+        self.loop_launches += loop
 
 
-def _llm(async_scheduling: bool = False) -> tuple[LLM, ReferenceRows]:
-    llm = LLM(build_model("llama"), compile=False, decode_burst=1, async_scheduling=async_scheduling)
+def _llm(async_scheduling: bool = False, decode_burst: int = 1) -> tuple[LLM, ReferenceRows]:
+    llm = LLM(build_model("llama"), compile=False, decode_burst=decode_burst, async_scheduling=async_scheduling)
     runner = llm.engine.runner
     w = stack_weights(runner.model)
     kernel = ReferenceRows(w, stacked(runner.k_caches), stacked(runner.v_caches))
@@ -59,6 +68,26 @@ def test_rows_decode_the_tokens_of_the_compiled_model(async_scheduling):
     assert got == _plain(prompts, params)
     assert kernel.rows_per_launch and max(kernel.rows_per_launch) == 3  # the three requests in one launch
     assert llm.engine.runner.stats["decode_megakernel_steps"] == len(kernel.rows_per_launch) + kernel.num_launches
+
+
+def test_bursts_of_rows_give_the_tokens_of_single_steps():
+    prompts = random_prompts([5, 11, 8])
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (9, 12, 12)]
+    llm, kernel = _llm(async_scheduling=True, decode_burst=4)
+    got = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == _plain(prompts, params)
+    assert kernel.loop_launches >= 4  # at least one burst of the three rows (4 launches)
+    # a burst's rows decode together: the rows of a loop launch are every running request
+    assert 3 in kernel.rows_per_launch
+
+
+def test_a_sampled_request_among_the_rows_stops_bursts():
+    prompts = random_prompts([5, 11, 8])
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 2
+    params.append(SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True, seed=3))  # sampled: no bursts
+    llm, kernel = _llm(async_scheduling=True, decode_burst=4)
+    llm.generate(prompts, params, use_tqdm=False)
+    assert kernel.loop_launches == 0
 
 
 def test_more_requests_than_rows_run_the_compiled_model_until_some_finish():
@@ -84,3 +113,22 @@ def test_rows_option_needs_the_decode_kernel_and_says_why_it_is_off(caplog):
     with caplog.at_level("WARNING"):
         assert rows_kernel(stack_weights(runner.model), runner.k_caches, runner.v_caches, runner.block_size) is None
     assert "decode_megakernel_rows off" in caplog.text  # a CPU model: the reason is logged, nothing breaks
+
+
+def test_scheduler_bursts_every_row_by_the_shortest_room():
+    from xy_inductor.engine.kv_cache import KVCacheManager
+    from xy_inductor.engine.request import Request
+    from xy_inductor.engine.scheduler import Scheduler
+
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    sched = Scheduler(kv, max_num_batched_tokens=64, max_num_seqs=4)
+    a = Request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=9), max_model_len=64)
+    b = Request("b", [1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=4), max_model_len=64)
+    for r in (a, b):
+        sched.add_request(r)
+    sched.schedule()  # the prefills
+    a.num_computed_tokens, a.output_token_ids = 3, [5]
+    b.num_computed_tokens, b.output_token_ids = 4, [6]
+    rows = sched.schedule(max_steps=8).rows
+    assert [r.num_steps for r in rows] == [2, 2]  # b has 3 tokens left: bursts of a power of two, 2
+    assert len(kv.block_table("a")) == 2 and len(kv.block_table("b")) == 2  # KV for both rows' 2 positions

@@ -63,9 +63,9 @@ def main(arg: str) -> dict:
             return _compile(decode_step_kernel, const, (b.BN, b.BOX), b.NB)
         from benchmarks.decode_step_timeline import stamped_module
         return _compile(stamped_module(arg == "step_timeline_tiles").decode_step_kernel, const, (b.BN, b.BOX), b.NB, types={"ts_ptr": "*i64"})
-    if arg == "rows_wgmma":  # the swap-AB wgmma multi-row decode kernel
+    if arg in ("rows_wgmma", "rows_wgmma_loop"):  # the swap-AB wgmma multi-row decode kernel (a burst's launch)
         const = {"NL": 16, "H": 2048, "I": 8192, "V": 128256, "NQH": 32, "NKV": 8, "D": 64, "BS": 16,
-                 "TILE": 64, "MB": 16, "NBUF": 4}
+                 "TILE": 64, "MB": 16, "NBUF": 4, "LOOP": int(arg == "rows_wgmma_loop")}
         return _compile(decode_rows_wgmma_kernel, const, (64, 64), 4, swizzle=128,
                         types={"hb_ptr": "*bf16", "qkv_ptr": "*bf16", "attn_ptr": "*bf16", "g_ptr": "*bf16",
                                "pos_ptr": "*i64", "slot_ptr": "*i64"},

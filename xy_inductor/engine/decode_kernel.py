@@ -142,7 +142,11 @@ class DecodeKernelPath:
     The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1. `decode_megakernel_rows`
     passes the swap-AB wgmma multi-row kernel (ascend_kernels/decode_rows_wgmma.py, `rows_kernel`): on an
     H100 the engine decoded 16 requests at 11,770 tok/s with it, 10,682 with the compiled path, in one run
-    (benchmarks/RESULTS.md, twentieth session).
+    (benchmarks/RESULTS.md, twentieth session). A kernel whose `rows_loop` is true also runs bursts of
+    rows: launch s of a burst writes its rows' tokens at tokens_out[s * rows ...] and over their input
+    ids, and steps their positions and slots (through the block table) for launch s + 1:
+
+        tokens_out:  [ t(step 0, row 0) .. t(0, rows - 1) | t(1, 0) .. t(1, rows - 1) | ... ]
     """
 
     def __init__(self, weights: DecodeWeights, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
@@ -152,6 +156,9 @@ class DecodeKernelPath:
             raise ValueError("the KV caches are not one stacked tensor per K and V")
         self.kernel = kernel or DecodeStepKernel(weights, k, v, block_size)
         self.max_rows = getattr(self.kernel, "max_rows", 1)
+        # rows a burst may have: several when the kernel's launch_rows takes loop=True (it then writes
+        # each row's token over its input id and steps its position and slot, like the batch-1 loop)
+        self.burst_rows = self.max_rows if getattr(self.kernel, "rows_loop", False) else 1
         self.num_steps = 0
         self.tokens_out = torch.zeros(max_model_len + 1, dtype=torch.int64, device=k.device)
         self.row_tokens = torch.zeros(self.max_rows, dtype=torch.int64, device=k.device)
@@ -171,11 +178,14 @@ class DecodeKernelPath:
         buf = self.kernel.rows_logits if self._rows else self.kernel.logits
         return buf.view(-1, buf.shape[-1])
 
-    def _launch(self, inputs: dict, num_steps: int, grid: int | None) -> None:
+    def _launch(self, inputs: dict, num_steps: int, grid: int | None, num_rows: int = 0) -> None:
         metadata = inputs[hf.METADATA_KWARG]
-        if num_steps == 0:  # one launch over every row
-            self.kernel.launch_rows(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table,
-                                    metadata.slot_mapping, self.row_tokens)
+        if num_rows:  # launches over every row; a burst's launch s writes tokens_out[s * rows ...]
+            for s in range(num_steps):
+                out = self.row_tokens if num_steps == 1 else self.tokens_out[s * num_rows:]
+                loop = {} if num_steps == 1 else {"loop": True}
+                self.kernel.launch_rows(inputs["input_ids"][0], inputs["position_ids"][0], metadata.block_table,
+                                        metadata.slot_mapping, out, **loop)
             return
         on_grid = {} if grid is None else {"grid": grid}  # kernels without grid_for take no grid
         for _ in range(num_steps):
@@ -185,25 +195,30 @@ class DecodeKernelPath:
     def run(self, inputs: dict, static: bool, pos: int, num_steps: int = 1, num_rows: int = 1) -> torch.Tensor:
         """The greedy tokens (int64; a view of a buffer that later steps reuse) of the step packed in
         `inputs`: with one row, whose token sits at position `pos`, [num_steps] tokens decoded one
-        after another; with num_rows > 1 (one step), [num_rows], one per row. With `static` inputs (a
+        after another; with num_rows > 1, [num_steps * num_rows], step by step, one per row a step (a
+        burst of rows: each launch feeds its tokens, positions and slots to the next). With `static` inputs (a
         CUDA graph bucket's buffers) the launches are replayed from a graph captured after the first run
         of that bucket and burst size (a Gluon launch costs tens of microseconds of host time)."""
-        if num_rows > 1 and num_steps != 1:
-            raise ValueError("decode bursts take one request")
-        launches = num_steps if num_rows == 1 else 0
-        self._rows = launches == 0
-        self.num_steps += max(launches, 1)
+        if num_rows > self.burst_rows and num_steps != 1:
+            raise ValueError(f"decode bursts of {num_rows} requests: this kernel's bursts take {self.burst_rows}")
+        if num_rows * num_steps > self.tokens_out.numel():
+            raise ValueError(f"a decode burst of {num_steps} steps x {num_rows} rows exceeds tokens_out")
+        rows = num_rows if num_rows > 1 else 0  # 0: the batch-1 kernel
+        self._rows = rows > 0
+        self.num_steps += num_steps
         grid_for = getattr(self.kernel, "grid_for", None)  # the batch-1 kernel's grid depends on the position
-        grid = grid_for(pos) if grid_for is not None and launches else None
-        key = (inputs["input_ids"].data_ptr(), launches, grid)
+        grid = grid_for(pos) if grid_for is not None and not rows else None
+        key = (inputs["input_ids"].data_ptr(), num_steps, grid, rows)
         graph = self._graphs.get(key) if static else None
         if graph is not None:
             graph.replay()
         else:
-            self._launch(inputs, launches, grid)  # compiles on the first step
+            self._launch(inputs, num_steps, grid, rows)  # compiles on the first step
             if static:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):  # captured, not run: this step is already launched
-                    self._launch(inputs, launches, grid)
+                    self._launch(inputs, num_steps, grid, rows)
                 self._graphs[key] = graph
-        return self.row_tokens[:num_rows] if launches == 0 else self.tokens_out[pos : pos + num_steps]
+        if not rows:
+            return self.tokens_out[pos : pos + num_steps]
+        return self.row_tokens[:num_rows] if num_steps == 1 else self.tokens_out[: num_steps * num_rows]

@@ -159,10 +159,14 @@ class LLMEngine:
         return outputs
 
     def _max_steps(self) -> int:
-        """Decode steps a lone greedy request may run per engine step: a burst needs the whole-step
-        kernel (it feeds each token to the next launch), and one step of it that ran."""
+        """Decode steps greedy requests may run per engine step: a burst needs the whole-step kernel (it
+        feeds each token to the next launch), one step of it that ran, and a kernel that takes every
+        running request (several only with `bursts_rows`)."""
         path = self.runner.decode_path
-        return self.config.decode_burst if path is not None and path.num_steps > 0 else 1
+        if path is None or path.num_steps == 0:
+            return 1
+        running = len(self.scheduler.running)
+        return self.config.decode_burst if running == 1 or running <= path.burst_rows else 1
 
     def _abort_rows(self, previous: InflightStep | None, out: SchedulerOutput) -> None:
         rows = (previous.out.rows if previous is not None else []) + out.rows
@@ -181,7 +185,7 @@ class LLMEngine:
         logits, sample_ids = self.runner.execute(out, feed)
         picked = self.runner.picked_tokens
         if picked is not None:  # a decode burst: the kernel picked its tokens on the device
-            return self.feed.launch(out, sample_ids * picked.numel(), picked)
+            return self.feed.launch(out, sample_ids * (picked.numel() // len(sample_ids)), picked)  # step-major
         requests = self.scheduler.requests
         rows = [SamplingRow(requests[rid].sampling_params, None, requests[rid].generator) for rid in sample_ids]
         tokens = (self.sampler.sample_tensor(logits, rows, self.runner.last_argmax) if rows

@@ -61,9 +61,10 @@ class Scheduler:
 
     # ------------------------------------------------------------ one step
     def schedule(self, max_steps: int = 1) -> SchedulerOutput:
-        """The next step's rows. With max_steps > 1 a lone greedy decode row may become a burst of up to
-        max_steps decode steps (ScheduledRequest.num_steps; the engine asks only when the device can
-        feed each token to the next step itself)."""
+        """The next step's rows. With max_steps > 1 a step whose rows are every running request, each a
+        greedy decode, may become a burst of up to max_steps decode steps (ScheduledRequest.num_steps, the
+        same for every row; the engine asks only when the device can feed each token to the next step
+        itself, for as many rows as its kernel takes)."""
         out = SchedulerOutput()
         rows: dict[str, ScheduledRequest] = {}
         budget = self.max_num_batched_tokens
@@ -82,25 +83,29 @@ class Scheduler:
                 budget -= n
         if not out.preempted_ids:  # admitting while preempting would only thrash the pool
             budget = self._admit_waiting(rows, budget)
-        if max_steps > 1 and len(rows) == 1 and len(self.running) == 1 and not self.waiting:
+        if max_steps > 1 and rows and len(rows) == len(self.running) and not self.waiting:
             self._burst(rows, max_steps)
         out.rows = list(rows.values())
         return out
 
     def _burst(self, rows: dict[str, ScheduledRequest], max_steps: int) -> None:
-        """Turn the only row, when it decodes a greedy request, into a burst: a power of two of steps
-        (one CUDA graph per size), within max_tokens / max_model_len and the KV pool."""
-        (row,) = rows.values()
-        request = self.requests[row.request_id]
-        params = request.sampling_params
-        if row.stage is not Stage.DECODE or not params.argmax_only:
+        """Turn the rows, when each decodes a greedy request, into a burst: a power of two of steps for
+        all of them (one CUDA graph per size), within every request's max_tokens / max_model_len and the
+        KV pool. A row the pool cannot take leaves the step unburst (blocks given to the rows before it
+        serve their next steps)."""
+        requests = [self.requests[rid] for rid in rows]
+        if any(row.stage is not Stage.DECODE or not r.sampling_params.argmax_only
+               for row, r in zip(rows.values(), requests)):
             return
-        room = min(max_steps, params.max_tokens - request.num_output_tokens)
-        if request.max_model_len is not None:
-            room = min(room, request.max_model_len - request.num_committed_tokens)
+        room = max_steps
+        for request in requests:
+            room = min(room, request.sampling_params.max_tokens - request.num_output_tokens)
+            if request.max_model_len is not None:
+                room = min(room, request.max_model_len - request.num_committed_tokens)
         n = 1 << (room.bit_length() - 1) if room > 1 else 1
-        if n > 1 and self.kv.allocate_slots(request, n):
-            rows[row.request_id] = self._row(request, 1, num_steps=n)
+        if n > 1 and all(self.kv.allocate_slots(request, n) for request in requests):
+            for request in requests:
+                rows[request.request_id] = self._row(request, 1, num_steps=n)
 
     @staticmethod
     def is_decoding(request: Request) -> bool:
