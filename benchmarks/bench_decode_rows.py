@@ -6,7 +6,9 @@ batch-16 target).
   it replayed (bench_megakernel's timing; the same step: its K/V writes repeat); tok/s = M / the time per step.
 - `engine`: `LLM.generate` of 16 prompts of PROMPT tokens, NEW new tokens each (compiled model, CUDA
   graphs, async scheduling): tok/s of the whole generate and the decode rate past the prefill;
-  `engine_rows_kernel` the same with `decode_megakernel_rows` (its decode steps on the wgmma kernel).
+  `engine_rows_kernel` the same with `decode_megakernel_rows` (its decode steps on the wgmma kernel),
+  `engine_rows_bursts` with bursts of rows too (up to decode_burst launches per engine step; tokens must
+  equal engine_rows_kernel's).
 - the floor: (weights + the step's K/V reads) / measured copy bandwidth, per step of 16.
 Correctness: every row's logits of a 16-row step against the float32 oracle (ascend_kernels.reference)
 run row by row, and its greedy token against its own logits' argmax.
@@ -66,16 +68,29 @@ def _check(w, kernel, k, v, args) -> dict:
 def _engine(model, quick: bool, **options) -> dict:
     from xy_inductor import LLM, SamplingParams
 
-    prompts = torch.randint(0, model.config.vocab_size, (ROWS, PROMPT), generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.vocab_size, (ROWS, PROMPT), generator=g).tolist()
     llm = LLM(model, **options)
     full = SamplingParams(temperature=0, max_tokens=NEW, ignore_eos=True)
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    outputs = llm.generate(prompts.tolist(), full, use_tqdm=False)  # warm-up; its tokens are compared
+    outputs = llm.generate(prompts, full, use_tqdm=False)  # warm-up; its tokens are compared
     seconds, _ = timed(lambda: llm.generate(prompts, full, use_tqdm=False), 2 if quick else 3)
     prefill, _ = timed(lambda: llm.generate(prompts, one, use_tqdm=False), 2 if quick else 3)
     stats = {k: v for k, v in llm.engine.runner.stats.items() if k == "decode_megakernel_steps"}
     return {"tok_s": ROWS * NEW / seconds, "decode_tok_s": ROWS * (NEW - 1) / (seconds - prefill), **stats,
             "token_ids": [o.token_ids for o in outputs]}
+
+
+def _engine_bursts(model, quick: bool) -> dict:
+    """engine_rows_kernel with bursts of rows: the wgmma kernel's loop launch (its `rows_loop`, off by
+    default until that launch is checked on a GPU) for this engine only."""
+    from ascend_kernels.decode_rows_wgmma import DecodeRowsWgmmaKernel
+
+    DecodeRowsWgmmaKernel.rows_loop = True  # read once, when the engine builds its decode path
+    try:
+        return _engine(model, quick, decode_megakernel=True, decode_megakernel_rows=True)
+    finally:
+        DecodeRowsWgmmaKernel.rows_loop = False
 
 
 def _agreement(a: list, b: list) -> dict:
@@ -128,9 +143,12 @@ def run(quick: bool = False) -> dict:
     res["rows"]["engine"] = _engine(model, quick)
     attempt(res["rows"], "engine_rows_kernel",  # the wgmma kernel in the engine (decode_megakernel_rows)
             lambda: _engine(model, quick, decode_megakernel=True, decode_megakernel_rows=True))
-    tokens = [res["rows"][k].pop("token_ids", None) for k in ("engine", "engine_rows_kernel")]
-    if None not in tokens:
-        res["engine_tokens"] = _agreement(*tokens)
+    attempt(res["rows"], "engine_rows_bursts", lambda: _engine_bursts(model, quick))
+    tokens = {k: res["rows"][k].pop("token_ids", None) for k in ("engine", "engine_rows_kernel", "engine_rows_bursts")}
+    if tokens["engine"] is not None and tokens["engine_rows_kernel"] is not None:
+        res["engine_tokens"] = _agreement(tokens["engine"], tokens["engine_rows_kernel"])
+    if tokens["engine_rows_kernel"] is not None and tokens["engine_rows_bursts"] is not None:
+        res["burst_tokens"] = _agreement(tokens["engine_rows_kernel"], tokens["engine_rows_bursts"])  # equal
     for row in res["rows"].values():
         if "tok_s" in row:
             row["floor_pct"] = 100 * row.get("decode_tok_s", row["tok_s"]) / res["floor_tok_s"]
@@ -153,6 +171,8 @@ def table(res: dict) -> str:
         lines.append(f"check {name}: {check}")
     if "engine_tokens" in res:
         lines.append(f"engine_rows_kernel tokens against engine's: {res['engine_tokens']}")
+    if "burst_tokens" in res:  # the same kernel launch by launch: every row should be equal
+        lines.append(f"engine_rows_bursts tokens against engine_rows_kernel's: {res['burst_tokens']}")
     lines += [f"{key}: {val['error']}" for key, val in res.items() if key.startswith("error_") and "error" in val]
     return "\n".join(lines)
 
