@@ -18,7 +18,7 @@ from xy_inductor import LLM, SamplingParams
 from xy_inductor.engine.cuda_graphs import bucket_sizes
 from xy_inductor.engine.outputs import ScheduledRequest, Stage
 from xy_inductor.engine.overlap import TokenFeed
-from xy_inductor.engine.step_buffer import MERGE_GAP, StepBuffer, StepLayout, step_shape, views
+from xy_inductor.engine.step_buffer import MERGE_GAP, WIDE_ROWS, StepBuffer, StepLayout, step_shape, views
 from xy_inductor.engine.task_tables import TaskTables, table_capacity
 
 LENGTHS = [1, 300, 7, 64, 129, 2, 33, 16]
@@ -87,6 +87,22 @@ def test_a_step_is_one_upload_unless_a_wide_unused_table_lies_between():
     assert buf.used(small, shape, 10) == [(0, small.block_table + 3)]  # the hole (54 int32s) is copied
     wide = StepLayout(num_tokens=16, num_seqs=2, num_keep=2, width=3, table_len=MERGE_GAP + 100)
     assert buf.used(wide, shape, 10) == [(0, wide.table + 10), (wide.block_table, wide.block_table + 3)]
+
+
+def test_wide_block_tables_upload_only_their_used_columns():
+    rows = [_row("a", Stage.DECODE, [11], 5, [3, 7]), _row("b", Stage.DECODE, [12], 2, [9])]
+    shape = step_shape(rows)  # 2 rows, at most 2 blocks used
+    layout = StepLayout(num_tokens=16, num_seqs=4, num_keep=4, width=WIDE_ROWS, table_len=0)
+    buf = StepBuffer(layout.size, pin=False)
+    buf.pack(rows, shape, layout, None)
+    assert buf.wide(layout, shape) and buf.used(layout, shape, 0) == [(0, layout.table)]
+    flat = torch.full((layout.size,), -5, dtype=torch.int32)  # stands in for the device buffer
+    buf.upload_rows(flat, layout, shape, torch.empty(8, dtype=torch.int32))
+    table = views(flat, layout).block_table
+    assert table[0, :2].tolist() == [3, 7] and table[1, 0].item() == 9
+    assert (table[:, 2:] == -5).all() and (table[2:] == -5).all()  # nothing past the used columns
+    narrow = StepLayout(num_tokens=16, num_seqs=4, num_keep=4, width=4, table_len=0)
+    assert not buf.wide(narrow, shape)
 
 
 def test_feed_copies_consecutive_rows_or_gathers_and_scatters():
@@ -245,6 +261,20 @@ def test_graphs_equal_eager_equal_hf_on_gpu(compile):
     assert any(real < ran for real, ran, g in seen if g)  # replays of virtually padded steps
     assert stats["cuda_graph_capture_s"] > 0
     assert stats["overlapped_steps"] == stats["steps"] > 0  # the sampled tokens fed on the device
+
+
+@pytest.mark.gpu
+def test_graphs_with_wide_block_tables_equal_hf_on_gpu(monkeypatch):
+    from xy_inductor.engine import step_buffer
+
+    monkeypatch.setattr(step_buffer, "WIDE_ROWS", 8)  # every graph step uploads only its rows' used columns
+    prompts = random_prompts(LENGTHS)
+    model = build_model("llama").cuda()
+    llm = _gpu_llm(model, True, compile=False)
+    seen = record_layouts(llm)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.token_ids for o in outs] == _hf_on(model, prompts, NEW)
+    assert sum(g for *_, g in seen) > 0  # graph replays, whose block tables went up column-wise
 
 
 @pytest.mark.gpu

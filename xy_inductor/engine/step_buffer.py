@@ -25,6 +25,7 @@ from xy_inductor.engine.outputs import ScheduledRequest
 
 
 MERGE_GAP = 4096  # int32s of unused buffer worth copying to save a copy (see StepBuffer.used)
+WIDE_ROWS = 16384  # int32s of block-table rows past which only their used columns are uploaded (see wide)
 
 
 @dataclass(slots=True, frozen=True)
@@ -139,6 +140,7 @@ class StepBuffer:
         self.np = self.host.numpy()
         self.pin = pin
         self._arange = np.arange(max(size, 1), dtype=np.int64)
+        self.rows_host = torch.empty(0, dtype=torch.int32)  # wide steps' used block-table columns (grows)
 
     def ensure(self, size: int) -> None:
         if size > self.host.numel():
@@ -183,10 +185,32 @@ class StepBuffer:
 
     def used(self, layout: StepLayout, shape: StepShape, table_len: int) -> list[tuple[int, int]]:
         """The [start, end) ranges of the flat buffer a step fills (what must be copied): the inputs and
-        the Task-Table, then the block table's rows; one range when the unused table capacity between
-        them is under MERGE_GAP int32s (a copy's fixed cost on the device, a few us, moves ~16 KB)."""
+        the Task-Table, then the block table's rows (unless `wide`: upload_rows sends them); one range
+        when the unused table capacity between them is under MERGE_GAP int32s (a copy's fixed cost on
+        the device, a few us, moves ~16 KB)."""
         head = (0, layout.table + table_len)
         rows = (layout.block_table, layout.block_table + shape.num_seqs * layout.width)
+        if self.wide(layout, shape):
+            return [head]
         if rows[0] - head[1] < MERGE_GAP:
             return [(0, rows[1])]
         return [head, rows]
+
+    @staticmethod
+    def wide(layout: StepLayout, shape: StepShape) -> bool:
+        """A CUDA-graph bucket's block table has max_model_len / block_size columns (8,192 for a
+        131,072-token model: 32 KB a row), mostly unused: past WIDE_ROWS int32s, when its rows use at
+        most half, only their used columns go up."""
+        return shape.num_seqs * layout.width > WIDE_ROWS and 2 * shape.width <= layout.width
+
+    def upload_rows(self, flat: torch.Tensor, layout: StepLayout, shape: StepShape, scratch: torch.Tensor) -> None:
+        """A wide step's block table: its used columns [S, w] packed in a host buffer, one copy of them
+        into `scratch` (flat's device, >= S * w int32s) and one device copy into flat's [S, W] rows."""
+        s, w, width = shape.num_seqs, shape.width, layout.width
+        if self.rows_host.numel() < s * w:
+            self.rows_host = torch.empty(2 * s * w, dtype=torch.int32, pin_memory=self.pin)
+        used = self.np[layout.block_table : layout.block_table + s * width].reshape(s, width)[:, :w]
+        self.rows_host.numpy()[: s * w].reshape(s, w)[:] = used
+        scratch[: s * w].copy_(self.rows_host[: s * w], non_blocking=True)
+        rows = flat[layout.block_table : layout.block_table + s * width].view(s, width)
+        rows[:, :w].copy_(scratch[: s * w].view(s, w))
