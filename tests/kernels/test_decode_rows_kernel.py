@@ -1,6 +1,8 @@
-"""The multi-row decode kernel (ascend_kernels/decode_rows_kernel.py): an sm_90 compile in a fresh process
-(CPU; catches Gluon API drift), its shape checks, and on a Hopper GPU a step of several requests (a
-CUDA-graph bucket's padding rows included) against the float32 oracle run row by row."""
+"""The multi-row decode kernels (ascend_kernels/decode_rows_kernel.py, the mma_v2 one, and
+decode_rows_wgmma_kernel.py, the swap-AB wgmma one the engine runs): sm_90 compiles in a fresh process
+(CPU; catches Gluon API drift), their shape checks, and on a Hopper GPU a step of several requests (a
+CUDA-graph bucket's padding rows included) against the float32 oracle run row by row, and the wgmma
+kernel's loop launches (a burst of rows)."""
 from types import SimpleNamespace
 
 import pytest
