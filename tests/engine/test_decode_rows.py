@@ -81,6 +81,21 @@ def test_bursts_of_rows_give_the_tokens_of_single_steps():
     assert 3 in kernel.rows_per_launch
 
 
+def test_a_stop_inside_a_burst_of_rows_ends_that_request_only():
+    prompts = random_prompts([5, 11, 8])
+    plain = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    expected = _plain(prompts, plain)
+    # the second request stops at its first new token from the sixth on (inside a burst of 4 after the first)
+    first = next(i for i in range(5, 14) if expected[1].index(expected[1][i]) == i)
+    params = [plain, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True,
+                                    stop_token_ids=[expected[1][first]]), plain]
+    llm, kernel = _llm(async_scheduling=True, decode_burst=4)
+    out = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in out] == [expected[0], expected[1][: first + 1], expected[2]]
+    assert out[1].finish_reason == "stop" and kernel.loop_launches > 0
+    assert llm.engine.kv.num_free_blocks == llm.engine.kv.pool.num_blocks  # burst blocks freed with the rest
+
+
 def test_a_sampled_request_among_the_rows_stops_bursts():
     prompts = random_prompts([5, 11, 8])
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * 2
