@@ -84,9 +84,10 @@ def test_a_step_is_one_upload_unless_a_wide_unused_table_lies_between():
     shape = step_shape(rows)
     small = StepLayout(num_tokens=16, num_seqs=2, num_keep=2, width=3, table_len=64)
     buf = StepBuffer(small.size, pin=False)
-    assert buf.used(small, shape, 10) == [(0, small.block_table + 3)]  # the hole (54 int32s) is copied
-    wide = StepLayout(num_tokens=16, num_seqs=2, num_keep=2, width=3, table_len=MERGE_GAP + 100)
-    assert buf.used(wide, shape, 10) == [(0, wide.table + 10), (wide.block_table, wide.block_table + 3)]
+    assert buf.used(small, shape, 10, False) == [(0, small.block_table + 3)]  # the hole (54 int32s) is copied
+    big_table = StepLayout(num_tokens=16, num_seqs=2, num_keep=2, width=3, table_len=MERGE_GAP + 100)
+    assert buf.used(big_table, shape, 10, False) == [(0, big_table.table + 10),
+                                                      (big_table.block_table, big_table.block_table + 3)]
 
 
 def test_wide_block_tables_upload_only_their_used_columns():
@@ -95,9 +96,9 @@ def test_wide_block_tables_upload_only_their_used_columns():
     layout = StepLayout(num_tokens=16, num_seqs=4, num_keep=4, width=WIDE_ROWS, table_len=0)
     buf = StepBuffer(layout.size, pin=False)
     buf.pack(rows, shape, layout, None)
-    assert buf.wide(layout, shape) and buf.used(layout, shape, 0) == [(0, layout.table)]
+    assert buf.wide(layout, shape) and buf.used(layout, shape, 0, True) == [(0, layout.table)]
     flat = torch.full((layout.size,), -5, dtype=torch.int32)  # stands in for the device buffer
-    buf.upload_rows(flat, layout, shape, torch.empty(8, dtype=torch.int32))
+    buf.upload(flat, layout, shape, 0)
     table = views(flat, layout).block_table
     assert table[0, :2].tolist() == [3, 7] and table[1, 0].item() == 9
     assert (table[:, 2:] == -5).all() and (table[2:] == -5).all()  # nothing past the used columns

@@ -160,13 +160,12 @@ class LLMEngine:
 
     def _max_steps(self) -> int:
         """Decode steps greedy requests may run per engine step: a burst needs the whole-step kernel (it
-        feeds each token to the next launch), one step of it that ran, and a kernel that takes every
-        running request (several only with `bursts_rows`)."""
+        feeds each token to the next launch), one step of it that ran, and a kernel whose bursts take
+        every running request (`burst_rows`: 1, or the rows of a multi-row kernel whose launches loop)."""
         path = self.runner.decode_path
-        if path is None or path.num_steps == 0:
+        if path is None or path.num_steps == 0 or len(self.scheduler.running) > path.burst_rows:
             return 1
-        running = len(self.scheduler.running)
-        return self.config.decode_burst if running == 1 or running <= path.burst_rows else 1
+        return self.config.decode_burst
 
     def _abort_rows(self, previous: InflightStep | None, out: SchedulerOutput) -> None:
         rows = (previous.out.rows if previous is not None else []) + out.rows

@@ -138,7 +138,6 @@ class ModelRunner:
         self.buffer = StepBuffer(max([lay.size for lay in self.buckets] + [1 << 16]), pin=cuda)
         self._copied = torch.cuda.Event() if cuda else None
         self._device_flat: torch.Tensor | None = None  # eager steps' device buffer (grows)
-        self._rows_scratch = torch.empty(0, dtype=torch.int32, device=self.device)  # StepBuffer.upload_rows
         self.graphs: CudaGraphs | None = None
         self.graph_error: str | None = None
         self.num_eager_steps = 0
@@ -257,14 +256,7 @@ class ModelRunner:
                 with torch.inference_mode(False):  # a normal tensor, see prepare()
                     self._device_flat = torch.empty(2 * layout.size, dtype=torch.int32, device=self.device)
             flat = self._device_flat
-        for lo, hi in self.buffer.used(layout, shape, table_len):
-            flat[lo:hi].copy_(self.buffer.host[lo:hi], non_blocking=True)
-        if self.buffer.wide(layout, shape):
-            if self._rows_scratch.numel() < shape.num_seqs * shape.width:
-                with torch.inference_mode(False):
-                    self._rows_scratch = torch.empty(2 * shape.num_seqs * shape.width, dtype=torch.int32,
-                                                     device=self.device)
-            self.buffer.upload_rows(flat, layout, shape, self._rows_scratch)
+        self.buffer.upload(flat, layout, shape, table_len)
         if self._copied is not None:
             self._copied.record()
         return flat

@@ -141,6 +141,7 @@ class StepBuffer:
         self.pin = pin
         self._arange = np.arange(max(size, 1), dtype=np.int64)
         self.rows_host = torch.empty(0, dtype=torch.int32)  # wide steps' used block-table columns (grows)
+        self.rows_scratch: torch.Tensor | None = None  # their device copy, on the flat buffer's device (grows)
 
     def ensure(self, size: int) -> None:
         if size > self.host.numel():
@@ -183,14 +184,23 @@ class StepBuffer:
         if layout.table_len:  # one program, no tasks: header, then the program starts [0, 0]
             buf[layout.table : layout.table + HEADER + 2] = [1, 0, 0, TASK_FIELDS] + [0] * (HEADER - 4) + [0, 0]
 
-    def used(self, layout: StepLayout, shape: StepShape, table_len: int) -> list[tuple[int, int]]:
-        """The [start, end) ranges of the flat buffer a step fills (what must be copied): the inputs and
-        the Task-Table, then the block table's rows (unless `wide`: upload_rows sends them); one range
-        when the unused table capacity between them is under MERGE_GAP int32s (a copy's fixed cost on
-        the device, a few us, moves ~16 KB)."""
+    def upload(self, flat: torch.Tensor, layout: StepLayout, shape: StepShape, table_len: int) -> None:
+        """Copy what the step filled into `flat` (the device's buffer): the ranges of `used`, and a wide
+        step's block-table rows by `_upload_rows`."""
+        wide = self.wide(layout, shape)
+        for lo, hi in self.used(layout, shape, table_len, wide):
+            flat[lo:hi].copy_(self.host[lo:hi], non_blocking=True)
+        if wide:
+            self._upload_rows(flat, layout, shape)
+
+    def used(self, layout: StepLayout, shape: StepShape, table_len: int, wide: bool) -> list[tuple[int, int]]:
+        """The [start, end) ranges of the flat buffer a step fills that go up as they are: the inputs and
+        the Task-Table, then the block table's rows (unless `wide`); one range when the unused table
+        capacity between them is under MERGE_GAP int32s (a copy's fixed cost on the device, a few us,
+        moves ~16 KB)."""
         head = (0, layout.table + table_len)
         rows = (layout.block_table, layout.block_table + shape.num_seqs * layout.width)
-        if self.wide(layout, shape):
+        if wide:
             return [head]
         if rows[0] - head[1] < MERGE_GAP:
             return [(0, rows[1])]
@@ -203,12 +213,16 @@ class StepBuffer:
         most half, only their used columns go up."""
         return shape.num_seqs * layout.width > WIDE_ROWS and 2 * shape.width <= layout.width
 
-    def upload_rows(self, flat: torch.Tensor, layout: StepLayout, shape: StepShape, scratch: torch.Tensor) -> None:
+    def _upload_rows(self, flat: torch.Tensor, layout: StepLayout, shape: StepShape) -> None:
         """A wide step's block table: its used columns [S, w] packed in a host buffer, one copy of them
-        into `scratch` (flat's device, >= S * w int32s) and one device copy into flat's [S, W] rows."""
+        into a scratch buffer on flat's device and one device copy into flat's [S, W] rows."""
         s, w, width = shape.num_seqs, shape.width, layout.width
         if self.rows_host.numel() < s * w:
             self.rows_host = torch.empty(2 * s * w, dtype=torch.int32, pin_memory=self.pin)
+        if self.rows_scratch is None or self.rows_scratch.numel() < s * w:
+            with torch.inference_mode(False):  # a normal tensor, like the runner's buffers
+                self.rows_scratch = torch.empty(2 * s * w, dtype=torch.int32, device=flat.device)
+        scratch = self.rows_scratch
         used = self.np[layout.block_table : layout.block_table + s * width].reshape(s, width)[:, :w]
         self.rows_host.numpy()[: s * w].reshape(s, w)[:] = used
         scratch[: s * w].copy_(self.rows_host[: s * w], non_blocking=True)
