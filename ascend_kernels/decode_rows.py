@@ -25,6 +25,13 @@ def rows_problem(w: DecodeWeights, block_size: int, device: torch.device) -> str
     return reason
 
 
+def down_as_stored(w: DecodeWeights) -> torch.Tensor:
+    """W_down as the model stores it, [H, I] per layer stacked: the batch-1 kernel keeps it transposed, the
+    multi-row kernels stream its rows."""
+    i = w.dims["I"]
+    return torch.cat([w.wd[layer * i:(layer + 1) * i].t() for layer in range(w.dims["NL"])]).contiguous()
+
+
 class DecodeRowsKernel:
     """`launch_rows(input_ids, position_ids, block_table, slot_mapping, tokens_out)`: the step's leading
     rows with a non-negative slot (at most 16) each decode one token; their K/V go into the cache, their
@@ -43,8 +50,7 @@ class DecodeRowsKernel:
         self.single = DecodeStepKernel(w, k_cache, v_cache, block_size)
         d, dev = w.dims, w.embed.device
         nl, h, i = d["NL"], d["H"], d["I"]
-        # W_down as the model stores it ([H, I] per layer): the batch-1 kernel keeps it transposed
-        self.wd = torch.cat([w.wd[layer * i:(layer + 1) * i].t() for layer in range(nl)]).contiguous()
+        self.wd = down_as_stored(w)
         layout = gl.NVMMASharedLayout(128, 16, rank=2)
         self.descs = [TensorDescriptor.from_tensor(t, [BN, 64], layout) for t in (w.wq, w.wo, w.wg, self.wd, w.wl)]
         self.grid = 1 << (self.single.num_sms.bit_length() - 1)  # a power of two splits Llama's tiles evenly

@@ -14,10 +14,11 @@ import math
 
 import torch
 
-from ascend_kernels.decode_rows import MAX_ROWS, rows_problem
+from ascend_kernels.decode_rows import MAX_ROWS, down_as_stored, rows_problem
 from ascend_kernels.decode_step import DecodeStepKernel, DecodeWeights
 
-NBUF, TILE, KS, GRID = 4, 64, 2048, 128  # ring slots, attention positions a tile, item K, programs (at most)
+# ring slots, attention positions a tile (at 128 the attention loop spills), item K, programs (at most)
+NBUF, TILE, KS, GRID = 4, 64, 2048, 128
 
 
 def wgmma_rows_problem(w: DecodeWeights, block_size: int, device: torch.device) -> str | None:
@@ -51,12 +52,10 @@ class DecodeRowsWgmmaKernel:
     # (written in the twentieth session, compiled for sm_90, never run)
     rows_loop = False
 
-    def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int,
-                 tile: int = TILE):
+    def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-        self.tile = tile  # attention positions a tile (64: at 128 its loop spills)
         reason = wgmma_rows_problem(w, block_size, w.embed.device)
         if reason is not None:
             raise ValueError(f"wgmma multi-row decode kernel: {reason}")
@@ -64,7 +63,7 @@ class DecodeRowsWgmmaKernel:
         d, dev = w.dims, w.embed.device
         nl, h, i = d["NL"], d["H"], d["I"]
         self.wq, self.wg = _folded(w.wq, w.n1), _folded(w.wg, w.n2)
-        self.wd = torch.cat([w.wd[layer * i:(layer + 1) * i].t() for layer in range(nl)]).contiguous()  # as stored
+        self.wd = down_as_stored(w)
         layout = gl.NVMMASharedLayout(128, 16, rank=2)
         weights = (self.wq, w.wo, self.wg, self.wd, w.wl)
         self.descs = [TensorDescriptor.from_tensor(t, [64, 64], layout) for t in weights]
@@ -113,5 +112,5 @@ class DecodeRowsWgmmaKernel:
             self.best_idx,
             w.eps, w.rope_scale, LOG2E / math.sqrt(w.head_dim), s.k_cache[0].numel(), self.grid,
             NL=w.dims["NL"], H=w.dims["H"], I=w.dims["I"], V=w.dims["V"], NQH=w.dims["NQH"], NKV=w.dims["NKV"],
-            D=w.dims["D"], BS=s.block_size, TILE=self.tile, MB=MAX_ROWS, NBUF=NBUF, LOOP=int(loop), num_warps=4)
+            D=w.dims["D"], BS=s.block_size, TILE=TILE, MB=MAX_ROWS, NBUF=NBUF, LOOP=int(loop), num_warps=4)
         return self.rows_logits

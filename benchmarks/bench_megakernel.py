@@ -200,18 +200,9 @@ def run(quick: bool = False) -> dict:
     ref, row = _layers(w, x, torch.float32), {}
     with torch.no_grad():
         row["inductor_cublas"] = {"us": _graph_us(lambda: compiled(x)), "err": rel_err(compiled(x), ref)}
-    for grid in (64, 128, torch.cuda.get_device_properties(0).multi_processor_count):
-        fn = _megakernel_mma(w, x, grid)
-        us = _graph_us(fn)
-        fn()
-        torch.cuda.synchronize()
-        row[f"megakernel_mma_grid{grid}"] = {"us": us, "err": rel_err(fn.h, ref)}
-    for grid in (64, 128, torch.cuda.get_device_properties(0).multi_processor_count):
-        fn = _megakernel_wgmma(w, x, grid)
-        us = _graph_us(fn)
-        fn()
-        torch.cuda.synchronize()
-        row[f"megakernel_wgmma_grid{grid}"] = {"us": us, "err": rel_err(fn.h, ref)}
+    for kind, make in (("mma", _megakernel_mma), ("wgmma", _megakernel_wgmma)):
+        for grid in (64, 128, torch.cuda.get_device_properties(0).multi_processor_count):
+            row[f"megakernel_{kind}_grid{grid}"] = _probe_row(make(w, x, grid), ref)
     for name, kw in (("megakernel_wgmma_grid128_balanced", {"balance": True}),
                      ("megakernel_wgmma_grid128_balanced_bf16", {"balance": True, "scratch": torch.bfloat16}),
                      ("megakernel_wgmma_grid132_balanced_bf16", {"balance": True, "scratch": torch.bfloat16,
@@ -223,15 +214,20 @@ def run(quick: bool = False) -> dict:
                      ("megakernel_wgmma_grid128_balanced_no_sync", {"sync": False, "balance": True})):
         kw = {"grid": 128, **kw}
         fn = _megakernel_wgmma_tma(w, x, kw["grid"]) if kw.pop("tma", False) else _megakernel_wgmma(w, x, **kw)
-        us = _graph_us(fn)
-        fn()
-        torch.cuda.synchronize()
-        row[name] = {"us": us, "err": rel_err(fn.h, ref)}
+        row[name] = _probe_row(fn, ref)
     for v in row.values():
         v["floor_pct"] = 100 * res["floor_us"] / v["us"]
     res["rows"]["M=16"] = row
     print(16, row, flush=True)
     return res
+
+
+def _probe_row(fn, ref: torch.Tensor) -> dict:
+    """A probe's graph-replay time and, after one more run, its residual stream's error against `ref`."""
+    us = _graph_us(fn)
+    fn()
+    torch.cuda.synchronize()
+    return {"us": us, "err": rel_err(fn.h, ref)}
 
 
 def table(res: dict) -> str:
