@@ -47,10 +47,9 @@ class DecodeRowsWgmmaKernel:
     (DecodeStepKernel.launch) on the same weights and cache."""
 
     max_rows = MAX_ROWS
-    # launch_rows(..., loop=True) lets the engine run bursts of rows (DecodeKernelPath). Off until the loop
-    # launch has run on a GPU: tests/kernels/test_decode_rows_kernel.py::test_wgmma_loop_launches_feed_the_next_launch
-    # (written in the twentieth session, compiled for sm_90, never run)
-    rows_loop = False
+    # launch_rows(..., loop=True) lets the engine run bursts of rows (DecodeKernelPath); checked on a GPU by
+    # tests/kernels/test_decode_rows_kernel.py::test_wgmma_loop_launches_feed_the_next_launch
+    rows_loop = True
 
     def __init__(self, w: DecodeWeights, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int):
         from triton.experimental.gluon import language as gl

@@ -240,7 +240,8 @@ def pick_tokens(best_v, best_i, best_val_ptr, best_idx_ptr, tokens_ptr, cnt_ptr,
             gl.store(ids_ptr + mo, token.to(gl.int64), mask=mo < M)
             p = gl.load(pos_ptr + mo, mask=mo < M, other=0) + 1
             gl.store(pos_ptr + mo, p, mask=mo < M)
-            blk = gl.load(bt_ptr + mo * bt_stride + p // BS, mask=mo < M, other=0)
+            # a burst's last launch may step a row to max_model_len, one column past its table: no read
+            blk = gl.load(bt_ptr + mo * bt_stride + p // BS, mask=(mo < M) & (p // BS < bt_stride), other=0)
             gl.store(slot_ptr + mo, blk.to(gl.int64) * BS + p % BS, mask=mo < M)
         for c0 in gl.static_range(0, NRESET, 256):
             c = c0 + gl.arange(0, 256, layout=gl.SliceLayout(1, LR))

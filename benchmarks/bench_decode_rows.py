@@ -7,8 +7,8 @@ batch-16 target).
 - `engine`: `LLM.generate` of 16 prompts of PROMPT tokens, NEW new tokens each (compiled model, CUDA
   graphs, async scheduling): tok/s of the whole generate and the decode rate past the prefill;
   `engine_rows_kernel` the same with `decode_megakernel_rows` (its decode steps on the wgmma kernel),
-  `engine_rows_bursts` with bursts of rows too (up to decode_burst launches per engine step; tokens must
-  equal engine_rows_kernel's).
+  with decode_burst=1 (one launch per engine step), `engine_rows_bursts` with the default decode_burst
+  (bursts of rows: up to that many launches per engine step; tokens must equal engine_rows_kernel's).
 - the floor: (weights + the step's K/V reads) / measured copy bandwidth, per step of 16.
 Correctness: every row's logits of a 16-row step against the float32 oracle (ascend_kernels.reference)
 run row by row, and its greedy token against its own logits' argmax.
@@ -81,18 +81,6 @@ def _engine(model, quick: bool, **options) -> dict:
             "token_ids": [o.token_ids for o in outputs]}
 
 
-def _engine_bursts(model, quick: bool) -> dict:
-    """engine_rows_kernel with bursts of rows: the wgmma kernel's loop launch (its `rows_loop`, off by
-    default until that launch is checked on a GPU) for this engine only."""
-    from ascend_kernels.decode_rows_wgmma import DecodeRowsWgmmaKernel
-
-    DecodeRowsWgmmaKernel.rows_loop = True  # read once, when the engine builds its decode path
-    try:
-        return _engine(model, quick, decode_megakernel=True, decode_megakernel_rows=True)
-    finally:
-        DecodeRowsWgmmaKernel.rows_loop = False
-
-
 def _agreement(a: list, b: list) -> dict:
     """How far two engines' greedy tokens agree: rows equal throughout, and each row's first difference
     (bf16 paths that round differently part at near-ties of random weights' flat logits)."""
@@ -141,9 +129,9 @@ def run(quick: bool = False) -> dict:
     del w
     torch.cuda.empty_cache()
     res["rows"]["engine"] = _engine(model, quick)
-    attempt(res["rows"], "engine_rows_kernel",  # the wgmma kernel in the engine (decode_megakernel_rows)
-            lambda: _engine(model, quick, decode_megakernel=True, decode_megakernel_rows=True))
-    attempt(res["rows"], "engine_rows_bursts", lambda: _engine_bursts(model, quick))
+    rows = dict(decode_megakernel=True, decode_megakernel_rows=True)  # the wgmma kernel in the engine
+    attempt(res["rows"], "engine_rows_kernel", lambda: _engine(model, quick, decode_burst=1, **rows))
+    attempt(res["rows"], "engine_rows_bursts", lambda: _engine(model, quick, **rows))
     tokens = {k: res["rows"][k].pop("token_ids", None) for k in ("engine", "engine_rows_kernel", "engine_rows_bursts")}
     if tokens["engine"] is not None and tokens["engine_rows_kernel"] is not None:
         res["engine_tokens"] = _agreement(tokens["engine"], tokens["engine_rows_kernel"])

@@ -134,16 +134,16 @@ class EngineConfig:
     decode_megakernel_rows: with decode_megakernel, steps of up to 16 requests that each decode one token
                             also run as one persistent launch (ascend_kernels/decode_rows_wgmma.py;
                             Llama-3.2-1B-like shapes on a Hopper GPU). On an H100 the engine decoded 16
-                            requests at 11,770 tok/s with it against 10,682 without (one run;
-                            benchmarks/RESULTS.md). It holds its own copies of the q/k/v and gate/up
+                            requests at 12,006 tok/s with it (and bursts of rows) against 10,572 without
+                            (one run; benchmarks/RESULTS.md). It holds its own copies of the q/k/v and gate/up
                             weights (the norm weights folded in: 1.3 GB for Llama-3.2-1B).
     decode_burst:           with decode_megakernel, a lone greedy request (nothing waiting) decodes up to
                             this many tokens per engine step: the kernel feeds each token to its next
                             launch on the device and the host reads them together (vLLM's multi-step
                             decoding). Outputs then stream in groups; tokens past a stop are dropped.
-                            Several greedy requests (all running, nothing waiting) burst together only
-                            on a multi-row kernel whose launches loop (not yet the wgmma one: its loop
-                            has not run on a GPU). 1 turns it off.
+                            Several greedy requests (all running, nothing waiting) burst together on a
+                            multi-row kernel whose launches loop (decode_megakernel_rows), for as many
+                            steps as the one with the least room left allows. 1 turns it off.
     """
 
     block_size: int = 16

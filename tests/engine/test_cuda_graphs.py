@@ -271,10 +271,11 @@ def test_graphs_with_wide_block_tables_equal_hf_on_gpu(monkeypatch):
     monkeypatch.setattr(step_buffer, "WIDE_ROWS", 8)  # every graph step uploads only its rows' used columns
     prompts = random_prompts(LENGTHS)
     model = build_model("llama").cuda()
+    expected = _hf_on(model, prompts, NEW)  # before the engine owns the model
     llm = _gpu_llm(model, True, compile=False)
     seen = record_layouts(llm)
     outs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert [o.token_ids for o in outs] == _hf_on(model, prompts, NEW)
+    assert [o.token_ids for o in outs] == expected
     assert sum(g for *_, g in seen) > 0  # graph replays, whose block tables went up column-wise
 
 

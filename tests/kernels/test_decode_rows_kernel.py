@@ -103,7 +103,7 @@ def test_wgmma_loop_launches_feed_the_next_launch():
     v = torch.randn_like(k)
     kernel = decode_rows_wgmma.DecodeRowsWgmmaKernel(w, k, v, bs)
     block_table = torch.randperm(rows * per_row, device="cuda").view(rows, per_row).int()
-    positions = torch.randint(1, per_row * bs - 2, (rows,), device="cuda")
+    positions = torch.randint(1, (per_row - 1) * bs - 2, (rows,), device="cuda")  # two steps stay in the table
     positions[::2] = positions[::2] // bs * bs + bs - 1  # the next position starts a new block
     ids = torch.randint(0, w.dims["V"], (rows,), device="cuda")
     slots = block_table[torch.arange(rows), positions // bs].long() * bs + positions % bs

@@ -67,11 +67,13 @@ def stack_weights(model: torch.nn.Module) -> DecodeWeights:
         wo=torch.cat([a.o_proj.weight for a in att]),
         wg=torch.cat([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mlp]),
         wd=torch.cat([m.down_proj.weight.t() for m in mlp]),  # transposed: the kernel's MLP is split-K
-        wl=model.lm_head.weight.contiguous(),
+        # detached: a parameter that is already contiguous would come back as itself, needing grad (the
+        # float32 oracle run on these weights would then keep every step's graph)
+        wl=model.lm_head.weight.detach().contiguous(),
         n1=torch.stack([layer.input_layernorm.weight for layer in inner.layers]),
         n2=torch.stack([layer.post_attention_layernorm.weight for layer in inner.layers]),
-        nf=inner.norm.weight.contiguous(), embed=inner.embed_tokens.weight.contiguous(),
-        inv_freq=inner.rotary_emb.inv_freq.float().contiguous(),
+        nf=inner.norm.weight.detach().contiguous(), embed=inner.embed_tokens.weight.detach().contiguous(),
+        inv_freq=inner.rotary_emb.inv_freq.detach().float().contiguous(),
         rope_scale=float(getattr(inner.rotary_emb, "attention_scaling", 1.0)), eps=float(eps),
         num_q_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=head_dim)
 
@@ -141,9 +143,9 @@ class DecodeKernelPath:
     row's greedy token into `row_tokens` and its logits into row r of its `rows_logits` [max_rows, V].
     The batch-1 kernel (DecodeStepKernel) has no such launch: its `max_rows` is 1. `decode_megakernel_rows`
     passes the swap-AB wgmma multi-row kernel (ascend_kernels/decode_rows_wgmma.py, `rows_kernel`): on an
-    H100 the engine decoded 16 requests at 11,770 tok/s with it, 10,682 with the compiled path, in one run
-    (benchmarks/RESULTS.md, twentieth session). A kernel whose `rows_loop` is true also runs bursts of
-    rows: launch s of a burst writes its rows' tokens at tokens_out[s * rows ...] and over their input
+    H100 the engine decoded 16 requests at 12,006 tok/s with it (bursts of rows included), 10,572 with the
+    compiled path, in one run (benchmarks/RESULTS.md, twenty-first session). A kernel whose `rows_loop` is
+    true also runs bursts of rows: launch s of a burst writes its rows' tokens at tokens_out[s * rows ...] and over their input
     ids, and steps their positions and slots (through the block table) for launch s + 1:
 
         tokens_out:  [ t(step 0, row 0) .. t(0, rows - 1) | t(1, 0) .. t(1, rows - 1) | ... ]
