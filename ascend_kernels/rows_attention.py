@@ -93,9 +93,9 @@ def kv_prefetch(layer, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, lay
 
 
 @gluon.jit
-def _group_task(m, kvh, layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr,
-                     bt_stride, pos_ptr, slot_ptr, rope_ptr, qk_scale, layer_stride,
-                     NQH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, T: gl.constexpr):
+def _group_task(m, kvh, layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
+                rope_ptr, qk_scale, layer_stride, NQH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr,
+                BS: gl.constexpr, T: gl.constexpr):
     """One (row, KV head) task: the new token's K/V enter the softmax from registers (and go to the cache
     for later steps), the cached positions 0 .. pos - 1 from tiles loaded one ahead of the one computed
     (the warps issue in order: a load's latency hides only behind work issued after it; kv_prefetch
@@ -150,8 +150,8 @@ def _group_task(m, kvh, layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_p
 
 @gluon.jit
 def attention_groups(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride, pos_ptr, slot_ptr,
-                         rope_ptr, qk_scale, layer_stride, cnt_ptr, qkv_done, G, M,
-                         NQH: gl.constexpr, NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, T: gl.constexpr):
+                     rope_ptr, qk_scale, layer_stride, cnt_ptr, qkv_done, G, M, NQH: gl.constexpr,
+                     NKV: gl.constexpr, D: gl.constexpr, BS: gl.constexpr, T: gl.constexpr):
     """Task t = (row t // NKV, KV head t % NKV) of M * NKV, dealt round-robin to the G programs once q/k/v
     (counter qkv_done) is in: the normalised output attn[row, head * D:] of the group's q heads, and the
     new token's K/V at the row's slot."""
@@ -159,5 +159,5 @@ def attention_groups(layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr,
     if gl.program_id(0) < M * NKV:
         wait_stage(cnt_ptr, qkv_done, G)
     for task in range(gl.program_id(0), M * NKV, G):
-        _group_task(task // NKV, task % NKV, layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr,
-                         bt_stride, pos_ptr, slot_ptr, rope_ptr, qk_scale, layer_stride, NQH, NKV, D, BS, T)
+        _group_task(task // NKV, task % NKV, layer, qkv_ptr, attn_ptr, k_cache_ptr, v_cache_ptr, bt_ptr, bt_stride,
+                    pos_ptr, slot_ptr, rope_ptr, qk_scale, layer_stride, NQH, NKV, D, BS, T)

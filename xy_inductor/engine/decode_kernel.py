@@ -145,8 +145,9 @@ class DecodeKernelPath:
     passes the swap-AB wgmma multi-row kernel (ascend_kernels/decode_rows_wgmma.py, `rows_kernel`): on an
     H100 the engine decoded 16 requests at 12,006 tok/s with it (bursts of rows included), 10,572 with the
     compiled path, in one run (benchmarks/RESULTS.md, twenty-first session). A kernel whose `rows_loop` is
-    true also runs bursts of rows: launch s of a burst writes its rows' tokens at tokens_out[s * rows ...] and over their input
-    ids, and steps their positions and slots (through the block table) for launch s + 1:
+    true also runs bursts of rows: launch s of a burst writes its rows' tokens at tokens_out[s * rows ...]
+    and over their input ids, and steps their positions and slots (through the block table) for launch
+    s + 1:
 
         tokens_out:  [ t(step 0, row 0) .. t(0, rows - 1) | t(1, 0) .. t(1, rows - 1) | ... ]
     """
