@@ -32,6 +32,7 @@ from ascend_kernels.gemm_loops import (
 )  # fmt: skip
 from ascend_kernels.gemm_streamk import smooth_gemm_streamk
 from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
+from ascend_kernels.gemv_rows import gemv_rows
 
 
 
@@ -163,7 +164,9 @@ def smooth_gemm(
     if rows == 0:
         return out
     out2d = out.view(rows, n)
-    if cfg.stream_k:
+    if cfg.rows:
+        gemv_rows(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
+    elif cfg.stream_k:
         smooth_gemm_streamk(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     else:
         launch(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)

@@ -25,11 +25,14 @@ from pathlib import Path
 
 TABLE_DIR = Path(__file__).with_name("gemm_tables")
 
-# The primitives: the only BLOCK_M values a kernel is ever compiled with. 16 is the GEMV-like one
-# (decode / small verify batches, split-K allowed); the others are tiled GEMMs.
-BLOCK_MS = (16, 32, 64, 128)
+# The primitives: the only BLOCK_M values a kernel is ever compiled with. 1 and 2 are the row-owner
+# GEMV (gemv_rows.py: no tensor cores, for one or two tokens); 16 is the tl.dot GEMV (decode / small
+# verify batches, split-K allowed); the others are tiled GEMMs.
+ROWS_BLOCK_MS = (1, 2)
+BLOCK_MS = (*ROWS_BLOCK_MS, 16, 32, 64, 128)
 # Upper ends of the M ranges the tuner tunes and the table stores (the last one is open-ended).
-M_RANGES = (16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
+# Tables tuned before the row-owner GEMV start at 16; lookup serves M = 1, 2 from that range.
+M_RANGES = (1, 2, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
 
 
 def _pow2(v: int) -> bool:
@@ -59,7 +62,10 @@ class GemmConfig:
         for name in ("block_n", "block_k", "group_m", "split_k", "num_warps"):
             if not _pow2(getattr(self, name)):
                 raise ValueError(f"SmoothGEMM: {name} must be a power of two, got {getattr(self, name)}")
-        if self.block_n < 16 or self.block_k < 16:
+        if self.rows:
+            if self.split_k != 1 or self.stream_k or self.tma:
+                raise ValueError("SmoothGEMM: the row-owner GEMV (block_m 1, 2) has no split-K, stream-K or TMA form")
+        elif self.block_n < 16 or self.block_k < 16:
             raise ValueError("SmoothGEMM: block_n and block_k must be >= 16 (tl.dot minimum)")
         if self.num_stages < 1:
             raise ValueError("SmoothGEMM: num_stages must be >= 1")
@@ -69,9 +75,16 @@ class GemmConfig:
             raise ValueError("SmoothGEMM: stream-K splits K itself; split_k must be 1")
 
     @property
+    def rows(self) -> bool:
+        """The row-owner GEMV (gemv_rows.py) rather than a tl.dot primitive."""
+        return not self.cublas and self.block_m in ROWS_BLOCK_MS
+
+    @property
     def primitive(self) -> str:
         if self.cublas:
             return "cublas"
+        if self.rows:
+            return f"rows{self.block_m}"
         name = ("gemv16" if self.block_m == 16 else f"tile{self.block_m}") + ("-tma" if self.tma else "")
         return name + (f"-sk{self.stream_k}" if self.stream_k else "")
 
@@ -80,8 +93,9 @@ class GemmConfig:
 
     def fitted(self, n: int, k: int) -> "GemmConfig":
         """Shrink N/K tiles for tiny weights (tests); depends on the weight only, never on M."""
-        bn = max(16, min(self.block_n, _next_pow2(n)))
-        bk = max(16, min(self.block_k, _next_pow2(k)))
+        least = 1 if self.rows else 16  # tl.dot needs 16
+        bn = max(least, min(self.block_n, _next_pow2(n)))
+        bk = max(least, min(self.block_k, _next_pow2(k)))
         split = max(1, min(self.split_k, -(-k // bk)))
         if self.cublas or (bn, bk, split) == (self.block_n, self.block_k, self.split_k):
             return self

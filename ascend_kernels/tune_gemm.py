@@ -7,7 +7,9 @@ to the best time is lowest, and time cuBLAS (F.linear) the same way: where cuBLA
 the range is marked `"dispatch": "cublas"` and smooth_gemm calls F.linear there.
 
 --incumbent TABLE re-tunes incrementally: the tiled candidates shrink to the config TABLE already
-holds for the range (timed again in this run), plus every stream-K candidate and cuBLAS.
+holds for the range (timed again in this run), plus every stream-K candidate and cuBLAS. The
+row-owner GEMV candidates of the M = 1 and M = 2 ranges are always timed (a table tuned before they
+existed holds a tl.dot config there).
 
 The result is merged into ascend_kernels/gemm_tables/<gpu>.json (or --out), which smooth_gemm
 reads at run time. Timing: medians of triton.testing.do_bench_cudagraph (the engine replays CUDA
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ascend_kernels.gemm_table import (
-    CUBLAS, M_RANGES, TABLE_DIR, GemmConfig, device_key, parse_table, table_json,
+    CUBLAS, M_RANGES, ROWS_BLOCK_MS, TABLE_DIR, GemmConfig, device_key, parse_table, table_json,
 )  # fmt: skip
 
 # name: (hidden, q heads, kv heads, head_dim, intermediate)
@@ -62,6 +64,10 @@ _GEMV = [
     # (the H100 tune of session 17 kept these within 0.5% of the best somewhere; TMA ones and 8 slices never)
     _c(16, 64, 256, 1, 4, 4, 4), _c(16, 64, 128, 1, 4, 4, 4), _c(16, 128, 128, 1, 4, 4, 4),
 ]  # fmt: skip
+# The row-owner GEMV for M = 1, 2 (block_m = the range's M): (BLOCK_N, BLOCK_K, warps), the ones
+# that came within a few % of the best on some Llama shape in an H100 sweep of 30 (session 22).
+_ROWS = [(1, 4096, 8), (1, 4096, 4), (1, 2048, 4), (2, 2048, 4), (2, 4096, 4), (2, 4096, 8), (4, 1024, 8),
+         (4, 2048, 4), (8, 1024, 8)]  # fmt: skip
 _SMALL = [
     _c(16, 64, 256, 1, 1, 4, 4), _c(32, 64, 128, 4, 1, 4, 4), _c(32, 128, 128, 4, 1, 4, 4),
     _c(64, 64, 128, 8, 1, 4, 4), _c(64, 128, 64, 8, 1, 4, 4), _c(64, 64, 128, 8, 2, 4, 4),
@@ -97,11 +103,13 @@ _SK_LARGE = [_c(128, 256, 64, 8, 1, 8, 3, True, 1), _c(128, 128, 64, 8, 1, 8, 4,
 
 
 def candidates(m_max: int, incumbent: GemmConfig | None = None) -> list[GemmConfig]:
-    """Tiled + stream-K candidates of an M range; with an incumbent, it replaces the tiled list."""
+    """Row-owner (M <= 2), tiled and stream-K candidates of an M range; with an incumbent, it
+    replaces the tiled list."""
     tiled, sk = ((_GEMV, _SK_GEMV) if m_max <= 16 else (_SMALL, _SK_SMALL) if m_max <= 64
                  else (_MID, _SK_MID) if m_max <= 256 else (_LARGE, _SK_LARGE))  # fmt: skip
+    rows = [_c(m_max, bn, bk, 1, 1, w, 3) for bn, bk, w in _ROWS] if m_max in ROWS_BLOCK_MS else []
     tiled = [incumbent] if incumbent is not None else tiled
-    return tiled + [c for c in sk if c not in tiled]
+    return rows + [c for c in tiled if c not in rows] + [c for c in sk if c not in tiled]
 
 
 def bench_us(fn, graph: bool = True, rep_ms: int = 10) -> float:

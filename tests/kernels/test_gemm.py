@@ -12,12 +12,15 @@ import torch
 
 from ascend_kernels import arrival_counters
 from ascend_kernels import gemm as smooth
-from ascend_kernels import gemm_streamk
+from ascend_kernels import gemm_streamk, gemv_rows
 from ascend_kernels.gemm import smooth_gemm
 from ascend_kernels.gemm_table import CUBLAS, GemmConfig, lookup, parse_table, table_json
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RAGGED_M = (1, 3, 17, 100)
+# The row-owner GEMV runs a program per token row (or pair): the interpreter takes ~30 ms a program,
+# so its ragged M stay small (several row tiles, a ragged last one), as do the rows it is used for.
+ROWS_M = (1, 2, 3, 5)
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 PRIMITIVES = {
     "gemv16": GemmConfig(16, 32, 32, 1, 1, 4, 2),
@@ -28,6 +31,9 @@ PRIMITIVES = {
     # tensor-descriptor loads (Hopper bulk copies; the CPU interpreter emulates them)
     "gemv16-splitk-tma": GemmConfig(16, 32, 16, 1, 2, 4, 2, tma=True),
     "tile64-tma": GemmConfig(64, 32, 32, 2, 1, 4, 3, tma=True),
+    # the row-owner GEMV (no tl.dot): K pieces of 32 mask the last one, 16 divide K=80 evenly
+    "rows1": GemmConfig(1, 32, 32, 1, 1, 4, 3),
+    "rows2": GemmConfig(2, 16, 16, 1, 1, 4, 3),
 }
 # Persistent stream-K: programs = cores (4 under the interpreter, 132 on an H100/H200) x stream_k.
 # On K=80, N=96 and the M below these cover fewer tiles than programs, a ragged last wave after
@@ -71,7 +77,7 @@ LAYOUT_IDS = ["linear-nobias", "conv1d-bias"]
 def test_primitive_matches_float64(name, dtype, layout):
     weight_kn, bias = layout
     torch.manual_seed(0)
-    for m in RAGGED_M:
+    for m in ROWS_M if PRIMITIVES[name].rows else RAGGED_M:
         x, w, b = _operands(m, dtype, weight_kn, bias)
         out = smooth_gemm(x, w, b, weight_kn, config=PRIMITIVES[name])
         assert out.shape == (m, N) and out.dtype == dtype and out.is_contiguous()
@@ -141,13 +147,14 @@ def test_streamk_splits_tiles_and_programs_are_the_core_count():
         assert programs == 4
 
 
-@pytest.mark.parametrize("name", ["gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile32-sk3", "tile64-tma-sk2"])
+@pytest.mark.parametrize("name", ["rows1", "rows2", "gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile32-sk3",
+                                  "tile64-tma-sk2"])  # fmt: skip
 def test_bucket_only_real_rows_written(name):
     """Grid sized for a 64-row bucket, real M from a device tensor: padded rows untouched."""
     torch.manual_seed(2)
     bucket = 64
     x_real, w, b = _operands(bucket, torch.float32, False, True)
-    for m in (1, 3, 17, 40):
+    for m in (1, 3, 17) + (() if ALL_PRIMITIVES[name].rows else (40,)):
         x = x_real.clone()
         x[m:] = float("nan")  # never read: a NaN row would poison nothing else, but must stay out
         out = torch.full((bucket, N), float("nan"), device=DEVICE)
@@ -181,7 +188,7 @@ class _KeyRecorder:
 
     def __init__(self, **overrides):
         self.gpu = DEVICE == "cuda"
-        self.kernels = (smooth.smooth_gemm_kernel, gemm_streamk.smooth_gemm_streamk_kernel)
+        self.kernels = (smooth.smooth_gemm_kernel, gemm_streamk.smooth_gemm_streamk_kernel, gemv_rows.gemv_rows_kernel)
         self.keys: set = set()
         if not self.gpu:
             self.binders = {id(k): _shadow_binder(k, **overrides) for k in self.kernels}
@@ -211,7 +218,7 @@ class _KeyRecorder:
         return len(self.keys)
 
 
-@pytest.mark.parametrize("name", ["gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile64-tma-sk2"])
+@pytest.mark.parametrize("name", ["rows2", "gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile64-tma-sk2"])
 def test_new_m_compiles_no_new_kernel(name):
     cfg = ALL_PRIMITIVES[name]
     torch.manual_seed(4)
@@ -220,7 +227,7 @@ def test_new_m_compiles_no_new_kernel(name):
         smooth_gemm(torch.randn(cfg.block_m, K, dtype=torch.float16, device=DEVICE), w, b, False, config=cfg)
         first = rec.count()
         # 1 and multiples of 16 are the values Triton specialises ints on by default
-        for m in (1, 2, 3, 15, 16, 17, 32, 33, 64, 100, 128, 333):
+        for m in (1, 2, 3, 16, 17) + (() if cfg.rows else (15, 32, 33, 64, 100, 128, 333)):
             smooth_gemm(torch.randn(m, K, dtype=torch.float16, device=DEVICE), w, b, False, config=cfg)
         assert first >= 1 and rec.count() == first
 
@@ -293,6 +300,23 @@ def test_table_lookup_round_trip(fake_table):
 
 
 # ---------------------------------------------------------------- cuBLAS dispatch
+def test_row_owner_ranges_serve_one_and_two_tokens(fake_table):
+    """A table with the M = 1 and 2 ranges sends one token to rows1, two to rows2 and three on to
+    the tl.dot GEMV, and smooth_gemm runs what it looked up; the tuner offers the row-owner
+    candidates on exactly those two ranges, each with its own BLOCK_M."""
+    from ascend_kernels.tune_gemm import candidates
+
+    rows1, rows2, gemv = PRIMITIVES["rows1"], PRIMITIVES["rows2"], PRIMITIVES["gemv16"]
+    fake_table("fake-gpu", {(N, K): [(1, rows1, False), (2, rows2, False), (16, gemv, False)]})
+    assert [lookup(N, K, m, "fake-gpu") for m in (1, 2, 3, 16)] == [rows1, rows2, gemv, gemv]
+    for m_max in (1, 2):
+        offered = [c for c in candidates(m_max) if c.rows]
+        assert offered and all(c.block_m == m_max for c in offered)
+    assert not any(c.rows for m_max in (16, 32, 512) for c in candidates(m_max))
+    x, w, b = _operands(2, torch.float32, False, True)
+    assert _rel_err(smooth_gemm(x, w, b, False, config=rows2), x, w, b, False) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
 def test_cublas_config_matches_float64(weight_kn):
     torch.manual_seed(11)
@@ -340,7 +364,12 @@ def test_config_validation():
         GemmConfig(block_n=8)
     with pytest.raises(ValueError):
         GemmConfig(split_k=3)
+    with pytest.raises(ValueError, match="row-owner"):
+        GemmConfig(block_m=2, block_n=4, split_k=2)
     assert GemmConfig(16, 256, 512, 1, 4).fitted(96, 80) == GemmConfig(16, 128, 128, 1, 1)
+    # the row-owner GEMV keeps tiles below tl.dot's 16
+    assert GemmConfig(1, 4, 4096, 1, 1, 8, 3).fitted(96, 80) == GemmConfig(1, 4, 128, 1, 1, 8, 3)
+    assert GemmConfig(1, 4, 64).primitive == "rows1" and not CUBLAS.rows
 
 
 # ---------------------------------------------------------------- GPU: bf16 numerics, graphs
