@@ -37,10 +37,14 @@ from ascend_kernels.tune_gemm import bench_us, model_shapes  # noqa: E402
 from benchmarks.bench_gemm import M_BANDS, M_POINTS, MODELS, QUICK_M, ceilings  # noqa: E402
 
 REP_MS = 5
-# (BLOCK elements, warps, programs per SM): the read sweep. More programs per SM keep more loads
-# in flight; fewer, longer programs pay less launch and tail.
-READ_CONFIGS = [(b, w, g) for b in (4096, 8192, 16384) for w in (4, 8) for g in (1, 2, 4, 8)]
-BIG_READ_CONFIGS = [(b, w, g) for b in (8192, 16384) for w in (4, 8) for g in (1, 2)]  # over 100 MB: no ramp to hide
+# (BLOCK elements, warps, programs per SM, strided): the read sweep. More programs per SM keep more
+# loads in flight; fewer, longer programs pay less launch and tail. Programs per SM 0 = one program
+# per BLOCK (the grid covers the bytes in waves, as a GEMV's tiles do). Strided programs read
+# blocks p, p + programs, ... (neighbours read neighbouring blocks); the others one contiguous chunk.
+READ_CONFIGS = [(b, w, g, st) for b in (4096, 8192) for w in (4, 8)
+                for g, st in ((4, False), (8, False), (4, True), (8, True), (0, False))]  # fmt: skip
+BIG_READ_CONFIGS = [(b, w, g, st) for b in (8192, 16384) for w in (4, 8)
+                    for g, st in ((2, True), (4, True), (0, False))]  # over 100 MB  # fmt: skip
 BUCKET = 1.03  # byte counts within 3% share one read sweep, run at the bucket's smallest count
 
 
@@ -49,28 +53,35 @@ def stream_read_kernel(
     src_ptr,  # [numel] bf16: the bytes to stream
     out_ptr,  # [num_programs] fp32: one sum per program (keeps the loads live)
     numel,
-    chunk,  # elements per program, a multiple of BLOCK
+    chunk,  # elements per program, a multiple of BLOCK (contiguous programs only)
     BLOCK: tl.constexpr,
+    STRIDED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    start = pid.to(tl.int64) * chunk
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for off in range(0, chunk, BLOCK):
-        idx = start + off + offs
-        acc += tl.load(src_ptr + idx, mask=idx < numel, other=0.0).to(tl.float32)
+    if STRIDED:
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(pid.to(tl.int64) * BLOCK, numel, step):
+            idx = start + offs
+            acc += tl.load(src_ptr + idx, mask=idx < numel, other=0.0).to(tl.float32)
+    else:
+        start = pid.to(tl.int64) * chunk
+        for off in range(0, chunk, BLOCK):
+            idx = start + off + offs
+            acc += tl.load(src_ptr + idx, mask=idx < numel, other=0.0).to(tl.float32)
     tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
 
-def stream_read(src: torch.Tensor, out: torch.Tensor, block: int, warps: int) -> None:
-    """Sum src in len(out) contiguous chunks, one program each, into out."""
+def stream_read(src: torch.Tensor, out: torch.Tensor, block: int, warps: int, strided: bool = False) -> None:
+    """Sum src into len(out) programs' floats: contiguous chunks, or (strided) every programs-th block."""
     if src.dim() != 1 or not src.is_contiguous():
         raise ValueError(f"stream_read wants a contiguous 1-D tensor, got shape {tuple(src.shape)}")
     if out.dtype != torch.float32 or out.dim() != 1 or out.numel() == 0:
         raise ValueError("stream_read writes one float32 per program: out must be a non-empty 1-D float32 tensor")
     programs = out.numel()
     chunk = triton.cdiv(triton.cdiv(src.numel(), programs), block) * block
-    stream_read_kernel[(programs,)](src, out, src.numel(), chunk, BLOCK=block, num_warps=warps)
+    stream_read_kernel[(programs,)](src, out, src.numel(), chunk, BLOCK=block, STRIDED=strided, num_warps=warps)
 
 
 @triton.jit
@@ -83,18 +94,20 @@ def read_floor(nbytes: int, sms: int, copies: int) -> dict:
     numel = nbytes // 2
     srcs = [torch.randn(numel, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
     best = {"us": math.inf, "bytes": nbytes}
-    for block, warps, per_sm in READ_CONFIGS if nbytes <= 1e8 else BIG_READ_CONFIGS:
-        programs = min(sms * per_sm, triton.cdiv(numel, block))
+    for block, warps, per_sm, strided in READ_CONFIGS if nbytes <= 1e8 else BIG_READ_CONFIGS:
+        blocks = triton.cdiv(numel, block)
+        programs = min(sms * per_sm, blocks) if per_sm else blocks
         out = torch.empty(programs, device="cuda", dtype=torch.float32)
         state = {"i": 0}
 
         def call():
             i = state["i"] = (state["i"] + 1) % copies
-            stream_read(srcs[i], out, block, warps)
+            stream_read(srcs[i], out, block, warps, strided)
 
         us = bench_us(call, rep_ms=REP_MS)
         if us < best["us"]:
-            best = {"us": us, "bytes": nbytes, "block": block, "warps": warps, "programs": programs}
+            best = {"us": us, "bytes": nbytes, "block": block, "warps": warps, "programs": programs,
+                    "strided": strided}  # fmt: skip
     return best
 
 

@@ -10,14 +10,20 @@ import torch
 from benchmarks import gemm_bound
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["chunks", "strided"])
 @pytest.mark.parametrize("numel, programs, block", [(1000, 3, 64), (4096, 4, 256), (777, 5, 128)])
-def test_stream_read_sums_every_element_once(numel, programs, block):
+def test_stream_read_sums_every_element_once(numel, programs, block, strided):
     src = torch.randn(numel, dtype=torch.float32).to(torch.bfloat16)
     out = torch.full((programs,), float("nan"), dtype=torch.float32)
-    gemm_bound.stream_read(src, out, block, 4)
-    chunk = math.ceil(math.ceil(numel / programs) / block) * block
-    want = [src[p * chunk : (p + 1) * chunk].float().sum() for p in range(programs)]
+    gemm_bound.stream_read(src, out, block, 4, strided)
+    if strided:  # program p: blocks p, p + programs, ...
+        blocks = src.float().split(block)
+        want = [sum((b.sum() for b in blocks[p::programs]), torch.tensor(0.0)) for p in range(programs)]
+    else:
+        chunk = math.ceil(math.ceil(numel / programs) / block) * block
+        want = [src[p * chunk : (p + 1) * chunk].float().sum() for p in range(programs)]
     torch.testing.assert_close(out, torch.stack(want), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(out.sum(), src.float().sum(), rtol=1e-5, atol=1e-3)
 
 
 def test_stream_read_rejects_what_it_cannot_read():
