@@ -9,7 +9,8 @@ tuned table (gemm_table.py) only picks one of a few configurations per M range.
 With `num_tokens` (int32 [1] on the device) the grid is sized for the bucket (x's rows) while
 the kernel reads the real M from memory: one CUDA graph then serves every M of the bucket, and the
 programs past the real tiles exit at once. The persistent stream-K primitive (gemm_streamk.py) has
-a fixed grid (the cores) and reads M the same way.
+a fixed grid (the cores) and reads M the same way, as does the row-owner GEMV for one or two tokens
+(gemv_rows.py: plain loads and FMAs, no tensor cores).
 
 Where the tuned table says cuBLAS is faster for an M range, `smooth_gemm` calls F.linear instead
 (allow_cublas=False forces the Triton primitives). cuBLAS has no virtual padding: with
