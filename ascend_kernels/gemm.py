@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.gemm_loops import (
-    descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, tile_coords, tma_ok,
+    cdiv, descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, tile_coords, tma_ok,
 )  # fmt: skip
 from ascend_kernels.gemm_streamk import smooth_gemm_streamk
 from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
@@ -211,7 +211,7 @@ def launch(
     dot_fp32, precision = dot_options(x2d)
     m_dev = num_tokens is not None
     use_tma = cfg.tma and tma_ok(x2d, weight)
-    tiles = triton.cdiv(rows, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    tiles = cdiv(rows, cfg.block_m) * cdiv(n, cfg.block_n)
     partials = counters = out2d  # not read without split-K
     if cfg.split_k > 1:  # per launch (a CUDA graph keeps it in its pool); counters are shared
         partials = torch.empty(tiles * cfg.split_k * cfg.block_m * cfg.block_n, dtype=torch.float32,

@@ -85,6 +85,12 @@ def descriptor_mainloop(x_desc, w_desc, acc, off_m, off_n, k_start, k_end, BLOCK
     return acc
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. triton.cdiv is a constexpr_function, whose call costs
+    microseconds of Python on every launch."""
+    return -(-a // b)
+
+
 @functools.cache
 def cuda_capability(index: int) -> int:
     """The major compute capability of CUDA device `index` (cached: launch paths ask every call)."""

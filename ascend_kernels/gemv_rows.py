@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ascend_kernels.gemm_loops import cdiv
 from ascend_kernels.gemm_table import GemmConfig
 
 
@@ -101,7 +102,7 @@ def gemv_rows(
     rows, k = x2d.shape
     n = out2d.shape[1]
     stride_wk, stride_wn = weight.stride() if weight_kn else weight.stride()[::-1]
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(rows, cfg.block_m))
+    grid = (cdiv(n, cfg.block_n), cdiv(rows, cfg.block_m))
     if grid[1] > 65535:  # CUDA's limit on grid axis 1; this primitive is meant for one or two rows
         raise ValueError(f"gemv_rows: {rows} rows in tiles of {cfg.block_m} exceed the grid; use a tl.dot primitive")
     gemv_rows_kernel[grid](
