@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.gemm_loops import (
-    cdiv, descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, tile_coords, tma_ok,
+    cdiv, descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, real_rows, tile_coords, tma_ok,
 )  # fmt: skip
 from ascend_kernels.gemm_streamk import smooth_gemm_streamk
 from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
@@ -68,10 +68,7 @@ def smooth_gemm_kernel(
     USE_TMA: tl.constexpr,  # tensor descriptors (bulk copies on Hopper); needs unit inner strides
     W_KN: tl.constexpr,  # weight stored [K, N] (only the descriptor path needs to know)
 ):
-    if M_FROM_DEVICE:
-        M = tl.minimum(tl.load(num_tokens_ptr), num_rows)
-    else:
-        M = num_rows
+    M = real_rows(num_tokens_ptr, num_rows, M_FROM_DEVICE)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)

@@ -25,6 +25,16 @@ def tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def real_rows(num_tokens_ptr, num_rows, M_FROM_DEVICE: tl.constexpr):
+    """The real M: read from the device (at most the rows the grid was sized for), or num_rows itself."""
+    if M_FROM_DEVICE:
+        m = tl.minimum(tl.load(num_tokens_ptr), num_rows)
+    else:
+        m = num_rows
+    return m
+
+
+@triton.jit
 def masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
                     stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                     EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):

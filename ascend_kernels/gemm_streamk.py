@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.gemm_loops import (
-    descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, tile_coords, tma_ok,
+    descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, real_rows, tile_coords, tma_ok,
 )  # fmt: skip
 from ascend_kernels.gemm_table import GemmConfig
 
@@ -72,10 +72,7 @@ def smooth_gemm_streamk_kernel(
     W_KN: tl.constexpr,  # weight stored [K, N]
     MAX_SPLITS: tl.constexpr,  # most programs one tile's K iterations are shared among
 ):
-    if M_FROM_DEVICE:
-        M = tl.minimum(tl.load(num_tokens_ptr), num_rows)
-    else:
-        M = num_rows
+    M = real_rows(num_tokens_ptr, num_rows, M_FROM_DEVICE)
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ascend_kernels.gemm_loops import cdiv
+from ascend_kernels.gemm_loops import cdiv, real_rows
 from ascend_kernels.gemm_table import GemmConfig
 
 
@@ -53,10 +53,7 @@ def gemv_rows_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
 ):
-    if M_FROM_DEVICE:
-        M = tl.minimum(tl.load(num_tokens_ptr), num_rows)
-    else:
-        M = num_rows
+    M = real_rows(num_tokens_ptr, num_rows, M_FROM_DEVICE)
     first_row = tl.program_id(1) * BLOCK_M
     if first_row >= M:  # a tile of padded rows: the grid covers the bucket, the work the real M
         return
