@@ -302,8 +302,8 @@ def test_table_lookup_round_trip(fake_table):
 # ---------------------------------------------------------------- cuBLAS dispatch
 def test_row_owner_ranges_serve_one_and_two_tokens(fake_table):
     """A table with the M = 1 and 2 ranges sends one token to rows1, two to rows2 and three on to
-    the tl.dot GEMV, and smooth_gemm runs what it looked up; the tuner offers the row-owner
-    candidates on exactly those two ranges, each with its own BLOCK_M."""
+    the tl.dot GEMV; the tuner offers the row-owner candidates on exactly those two ranges, each
+    with its own BLOCK_M; and rows2 at two tokens matches float64."""
     from ascend_kernels.tune_gemm import candidates
 
     rows1, rows2, gemv = PRIMITIVES["rows1"], PRIMITIVES["rows2"], PRIMITIVES["gemv16"]
