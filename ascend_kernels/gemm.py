@@ -9,8 +9,9 @@ tuned table (gemm_table.py) only picks one of a few configurations per M range.
 With `num_tokens` (int32 [1] on the device) the grid is sized for the bucket (x's rows) while
 the kernel reads the real M from memory: one CUDA graph then serves every M of the bucket, and the
 programs past the real tiles exit at once. The persistent stream-K primitive (gemm_streamk.py) has
-a fixed grid (the cores) and reads M the same way, as does the row-owner GEMV for one or two tokens
-(gemv_rows.py: plain loads and FMAs, no tensor cores).
+a fixed grid (the cores) and reads M the same way, as do the persistent tiles for large M
+(gemm_persistent.py: whole tiles per program, TMA stores) and the row-owner GEMV for one or two
+tokens (gemv_rows.py: plain loads and FMAs, no tensor cores).
 
 Where the tuned table says cuBLAS is faster for an M range, `smooth_gemm` calls F.linear instead
 (allow_cublas=False forces the Triton primitives). cuBLAS has no virtual padding: with
@@ -31,6 +32,7 @@ from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.gemm_loops import (
     cdiv, descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, real_rows, tile_coords, tma_ok,
 )  # fmt: skip
+from ascend_kernels.gemm_persistent import persistent_gemm, persistent_ok
 from ascend_kernels.gemm_streamk import smooth_gemm_streamk
 from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
 from ascend_kernels.gemv_rows import gemv_rows
@@ -152,7 +154,7 @@ def smooth_gemm(
         raise ValueError("SmoothGEMM: num_tokens must be a 1-element int tensor on x's device")
     if config is None:
         gpu = device_key(x.device.index if x.device.index is not None else -1) if x.is_cuda else "cpu"
-        cfg = _planned(n, k, rows, gpu, allow_cublas)
+        cfg = _planned(n, k, rows, gpu, allow_cublas, x.element_size())
     else:
         cfg = config.fitted(n, k)
     if cfg.cublas and rows > 0:
@@ -166,6 +168,8 @@ def smooth_gemm(
         gemv_rows(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     elif cfg.stream_k:
         smooth_gemm_streamk(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
+    elif cfg.persistent and tma_ok(x2d, weight) and persistent_ok(x2d, out2d):
+        persistent_gemm(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     else:
         launch(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     return out
@@ -187,9 +191,9 @@ def _cublas(x, x2d, weight, bias, weight_kn, out) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8192)
-def _planned(n: int, k: int, rows: int, gpu: str, allow_cublas: bool) -> GemmConfig:
+def _planned(n: int, k: int, rows: int, gpu: str, allow_cublas: bool, itemsize: int) -> GemmConfig:
     """Table read, memoised: the launch path stays a few dict lookups (decode kernels last ~10 us)."""
-    return lookup(n, k, rows, gpu, allow_cublas).fitted(n, k)
+    return lookup(n, k, rows, gpu, allow_cublas, itemsize).fitted(n, k)
 
 
 def launch(

@@ -55,6 +55,11 @@ class GemmConfig:
     # split_k and the grid then no longer apply: the programs share the real tiles' K iterations.
     stream_k: int = 0
     cublas: bool = False  # not a Triton primitive: F.linear (the other fields are ignored)
+    # >0: the persistent-tiles primitive (gemm_persistent.py) with `persistent` programs per core,
+    # each walking whole tiles through descriptors (needs tma); warp_spec: Triton's automatic warp
+    # specialisation of its tile loop.
+    persistent: int = 0
+    warp_spec: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m not in BLOCK_MS:
@@ -73,6 +78,13 @@ class GemmConfig:
             raise ValueError(f"SmoothGEMM: stream_k (programs per core) must be in 0..8, got {self.stream_k}")
         if self.stream_k and self.split_k != 1:
             raise ValueError("SmoothGEMM: stream-K splits K itself; split_k must be 1")
+        if not 0 <= self.persistent <= 8:
+            raise ValueError(f"SmoothGEMM: persistent (programs per core) must be in 0..8, got {self.persistent}")
+        if self.persistent and (self.rows or self.split_k != 1 or self.stream_k or not self.tma):
+            raise ValueError("SmoothGEMM: persistent tiles are tl.dot tiles through descriptors (tma), "
+                             "without split-K or stream-K")
+        if self.warp_spec and not self.persistent:
+            raise ValueError("SmoothGEMM: warp_spec applies to the persistent-tiles primitive only")
 
     @property
     def rows(self) -> bool:
@@ -86,6 +98,8 @@ class GemmConfig:
         if self.rows:
             return f"rows{self.block_m}"
         name = ("gemv16" if self.block_m == 16 else f"tile{self.block_m}") + ("-tma" if self.tma else "")
+        if self.persistent:
+            name += f"-p{self.persistent}" + ("-ws" if self.warp_spec else "")
         return name + (f"-sk{self.stream_k}" if self.stream_k else "")
 
     def to_dict(self) -> dict:
@@ -101,7 +115,7 @@ class GemmConfig:
             return self
         return GemmConfig(
             self.block_m, bn, bk, self.group_m, _prev_pow2(split), self.num_warps, self.num_stages, self.tma,
-            self.stream_k,
+            self.stream_k, persistent=self.persistent, warp_spec=self.warp_spec,
         )
 
 
@@ -167,11 +181,13 @@ def parse_table(data: dict) -> dict[tuple[int, int], tuple[Entry, ...]]:
     return table
 
 
-def lookup(n: int, k: int, m: int, gpu: str, allow_cublas: bool = True) -> GemmConfig:
+def lookup(n: int, k: int, m: int, gpu: str, allow_cublas: bool = True, itemsize: int = 2) -> GemmConfig:
     """The config for an [m, k] x [k, n] product: first tuned range whose m_max >= m (the last
     range serves any larger M); CUBLAS where the tuner found cuBLAS faster and it is allowed, and
-    for an untuned shape on a GPU."""
-    entries = load_table(gpu).get((n, k))
+    for an untuned shape on a GPU. Tables are tuned on 16-bit operands: 4-byte ones (fp32) need
+    twice the shared memory per tile, which the big tuned tiles do not have, so on a GPU they are
+    treated as untuned."""
+    entries = load_table(gpu).get((n, k)) if itemsize <= 2 or gpu == "cpu" else None
     if not entries:
         return CUBLAS if allow_cublas and gpu != "cpu" else default_config(m)
     entry = next((e for e in entries if m <= e[0]), entries[-1])

@@ -2,12 +2,13 @@
 
 For each (N, K) of a model's linears and each M range of gemm_table.M_RANGES, time a short list
 of candidate configurations (primitive, tile sizes, group order, split-K, warps, stages, the
-persistent stream-K primitive) at both ends of the range, keep the Triton config whose worst ratio
+persistent stream-K primitive, persistent tiles for large M) at both ends of the range, keep the Triton config whose worst ratio
 to the best time is lowest, and time cuBLAS (F.linear) the same way: where cuBLAS scores better,
 the range is marked `"dispatch": "cublas"` and smooth_gemm calls F.linear there.
 
 --incumbent TABLE re-tunes incrementally: the tiled candidates shrink to the config TABLE already
-holds for the range (timed again in this run), plus every stream-K candidate and cuBLAS. The
+holds for the range (timed again in this run), plus every stream-K and persistent-tile candidate
+and cuBLAS. The
 row-owner GEMV candidates of the M = 1 and M = 2 ranges are always timed (a table tuned before they
 existed holds a tl.dot config there).
 
@@ -48,8 +49,8 @@ def model_shapes(name: str) -> dict[str, tuple[int, int]]:
     }
 
 
-def _c(bm, bn, bk, group, split, warps, stages, tma=False, sk=0) -> GemmConfig:
-    return GemmConfig(bm, bn, bk, group, split, warps, stages, tma, sk)
+def _c(bm, bn, bk, group, split, warps, stages, tma=False, sk=0, persist=0, ws=False) -> GemmConfig:
+    return GemmConfig(bm, bn, bk, group, split, warps, stages, tma, sk, persistent=persist, warp_spec=ws)
 
 
 # Short candidate lists per M regime (pruned with a first full run on an H200: the configs that
@@ -100,13 +101,18 @@ _SK_MID = [_c(64, 64, 128, 8, 1, 4, 4, False, 1), _c(64, 64, 128, 8, 1, 4, 3, Fa
            _c(64, 128, 64, 8, 1, 4, 4, False, 1), _c(64, 128, 64, 8, 1, 4, 4, False, 2),
            _c(64, 128, 64, 8, 1, 4, 4, True, 2)]  # fmt: skip
 _SK_LARGE = [_c(128, 256, 64, 8, 1, 8, 3, True, 1), _c(128, 128, 64, 8, 1, 8, 4, False, 1)]
+# Persistent tiles (gemm_persistent.py; one program per SM, whole tiles, TMA stores), large M only:
+# the four that won a point against cuBLAS or the tiled table at M >= 512 in an H100 probe of 11
+# (session 23); at M <= 333 they lost to the tiled primitive (too few tiles, K never split).
+_PERSIST_LARGE = [_c(128, 256, 64, 8, 1, 8, 3, True, persist=1), _c(128, 256, 64, 8, 1, 4, 3, True, persist=1, ws=True),
+                  _c(128, 128, 64, 8, 1, 4, 4, True, persist=1, ws=True), _c(128, 128, 64, 8, 1, 8, 4, True, persist=1)]
 
 
 def candidates(m_max: int, incumbent: GemmConfig | None = None) -> list[GemmConfig]:
-    """Row-owner (M <= 2), tiled and stream-K candidates of an M range; with an incumbent, it
-    replaces the tiled list."""
+    """Row-owner (M <= 2), tiled, stream-K and persistent-tile (large M) candidates of an M range;
+    with an incumbent, it replaces the tiled list."""
     tiled, sk = ((_GEMV, _SK_GEMV) if m_max <= 16 else (_SMALL, _SK_SMALL) if m_max <= 64
-                 else (_MID, _SK_MID) if m_max <= 256 else (_LARGE, _SK_LARGE))  # fmt: skip
+                 else (_MID, _SK_MID) if m_max <= 256 else (_LARGE, _SK_LARGE + _PERSIST_LARGE))  # fmt: skip
     rows = [_c(m_max, bn, bk, 1, 1, w, 3) for bn, bk, w in _ROWS] if m_max in ROWS_BLOCK_MS else []
     tiled = [incumbent] if incumbent is not None else tiled
     return rows + [c for c in tiled if c not in rows] + [c for c in sk if c not in tiled]

@@ -1,5 +1,6 @@
 """SmoothGEMM: every primitive against a float64 product, virtual padding, no recompiles per M,
-the persistent stream-K primitive's split-tile reduction, and the cuBLAS dispatch of the table.
+the persistent stream-K primitive's split-tile reduction, the persistent tiles (whole tiles per
+program, descriptor stores), and the cuBLAS dispatch of the table.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py), which compiles nothing: there
 the "no new kernel" checks compute the specialisation key Triton's JIT would cache the kernel
@@ -12,7 +13,7 @@ import torch
 
 from ascend_kernels import arrival_counters
 from ascend_kernels import gemm as smooth
-from ascend_kernels import gemm_streamk, gemv_rows
+from ascend_kernels import gemm_persistent, gemm_streamk, gemv_rows
 from ascend_kernels.gemm import smooth_gemm
 from ascend_kernels.gemm_table import CUBLAS, GemmConfig, lookup, parse_table, table_json
 
@@ -34,6 +35,10 @@ PRIMITIVES = {
     # the row-owner GEMV (no tl.dot): K pieces of 32 mask the last one, 16 divide K=80 evenly
     "rows1": GemmConfig(1, 32, 32, 1, 1, 4, 3),
     "rows2": GemmConfig(2, 16, 16, 1, 1, 4, 3),
+    # persistent tiles: programs = cores (4 under the interpreter) x persistent, each walking whole
+    # tiles (M=100 at 32 x 32: 12 tiles over 4 programs); K=80 leaves a zero-filled last K tile
+    "tile32-tma-p1-ws": GemmConfig(32, 32, 32, 2, 1, 4, 3, tma=True, persistent=1, warp_spec=True),
+    "tile64-tma-p2": GemmConfig(64, 32, 16, 2, 1, 4, 3, tma=True, persistent=2),
 }
 # Persistent stream-K: programs = cores (4 under the interpreter, 132 on an H100/H200) x stream_k.
 # On K=80, N=96 and the M below these cover fewer tiles than programs, a ragged last wave after
@@ -148,7 +153,7 @@ def test_streamk_splits_tiles_and_programs_are_the_core_count():
 
 
 @pytest.mark.parametrize("name", ["rows1", "rows2", "gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile32-sk3",
-                                  "tile64-tma-sk2"])  # fmt: skip
+                                  "tile64-tma-sk2", "tile32-tma-p1-ws", "tile64-tma-p2"])  # fmt: skip
 def test_bucket_only_real_rows_written(name):
     """Grid sized for a 64-row bucket, real M from a device tensor: padded rows untouched."""
     torch.manual_seed(2)
@@ -172,6 +177,22 @@ def test_host_m_writes_exactly_m_rows():
     assert _rel_err(out, x, w, None, False) < TOL[torch.float32]  # every element written, finite
 
 
+def test_persistent_tiles_run_their_kernel_or_fall_back_to_masked_loads(monkeypatch):
+    """Descriptor-friendly operands take the persistent kernel; an x whose rows are not unit-stride
+    (no descriptor possible) runs the same tiles through the tiled primitive's masked loads."""
+    calls = []
+    real = smooth.persistent_gemm
+    monkeypatch.setattr(smooth, "persistent_gemm", lambda *args: calls.append(1) or real(*args))
+    cfg = PRIMITIVES["tile64-tma-p2"]
+    torch.manual_seed(9)
+    x, w, b = _operands(37, torch.float32, False, True)
+    assert _rel_err(smooth_gemm(x, w, b, False, config=cfg), x, w, b, False) < TOL[torch.float32]
+    assert len(calls) == 1
+    strided = torch.randn(37, 2 * K, device=DEVICE)[:, ::2]
+    assert _rel_err(smooth_gemm(strided, w, b, False, config=cfg), strided, w, b, False) < TOL[torch.float32]
+    assert len(calls) == 1
+
+
 # ---------------------------------------------------------------- one kernel per primitive, any M
 def _shadow_binder(kernel, **overrides):
     """Triton's own argument binder for `kernel`, as its JIT would build it (no compile, no GPU)."""
@@ -188,7 +209,8 @@ class _KeyRecorder:
 
     def __init__(self, **overrides):
         self.gpu = DEVICE == "cuda"
-        self.kernels = (smooth.smooth_gemm_kernel, gemm_streamk.smooth_gemm_streamk_kernel, gemv_rows.gemv_rows_kernel)
+        self.kernels = (smooth.smooth_gemm_kernel, gemm_streamk.smooth_gemm_streamk_kernel, gemv_rows.gemv_rows_kernel,
+                        gemm_persistent.persistent_gemm_kernel)
         self.keys: set = set()
         if not self.gpu:
             self.binders = {id(k): _shadow_binder(k, **overrides) for k in self.kernels}
@@ -218,7 +240,8 @@ class _KeyRecorder:
         return len(self.keys)
 
 
-@pytest.mark.parametrize("name", ["rows2", "gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile64-tma-sk2"])
+@pytest.mark.parametrize("name", ["rows2", "gemv16", "gemv16-splitk", "tile64", "tile64-tma", "tile64-tma-sk2",
+                                  "tile64-tma-p2"])  # fmt: skip
 def test_new_m_compiles_no_new_kernel(name):
     cfg = ALL_PRIMITIVES[name]
     torch.manual_seed(4)
@@ -232,7 +255,7 @@ def test_new_m_compiles_no_new_kernel(name):
         assert first >= 1 and rec.count() == first
 
 
-@pytest.mark.parametrize("name", ["tile64", "tile64-tma-sk2"])
+@pytest.mark.parametrize("name", ["tile64", "tile64-tma-sk2", "tile32-tma-p1-ws"])
 def test_num_tokens_bucket_compiles_once(name):
     torch.manual_seed(5)
     x, w, _ = _operands(128, torch.float32, False, False)
@@ -295,6 +318,9 @@ def test_table_lookup_round_trip(fake_table):
     assert lookup(N + 1, K, 1, "fake-gpu") == CUBLAS and lookup(N, K, 1, "no-such-gpu") == CUBLAS
     assert lookup(N + 1, K, 1, "fake-gpu", allow_cublas=False) == gemm_table.default_config(1)
     assert lookup(N, K, 1, "cpu") == gemm_table.default_config(1)  # the interpreter runs Triton
+    # fp32 on a GPU: the 16-bit tuned tiles would not fit in shared memory
+    assert lookup(N, K, 100, "fake-gpu", itemsize=4) == CUBLAS
+    assert lookup(N, K, 100, "fake-gpu", allow_cublas=False, itemsize=4) == gemm_table.default_config(100)
     old = {"shapes": {f"{N}x{K}": [{"m_max": 16, "config": {"block_m": 16}}]}}  # a round-1 table
     assert parse_table(old)[(N, K)] == ((16, GemmConfig(block_m=16), False),)
 
@@ -315,6 +341,14 @@ def test_row_owner_ranges_serve_one_and_two_tokens(fake_table):
     assert not any(c.rows for m_max in (16, 32, 512) for c in candidates(m_max))
     x, w, b = _operands(2, torch.float32, False, True)
     assert _rel_err(smooth_gemm(x, w, b, False, config=rows2), x, w, b, False) < TOL[torch.float32]
+
+
+def test_tuner_offers_persistent_tiles_for_large_m_only():
+    from ascend_kernels.tune_gemm import candidates
+
+    incumbent = GemmConfig(128, 128, 64, 8, 1, 8, 3)
+    assert any(c.persistent for c in candidates(512)) and any(c.persistent for c in candidates(4096, incumbent))
+    assert not any(c.persistent for m_max in (1, 2, 16, 64, 256) for c in candidates(m_max))
 
 
 @pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
@@ -370,6 +404,13 @@ def test_config_validation():
     # the row-owner GEMV keeps tiles below tl.dot's 16
     assert GemmConfig(1, 4, 4096, 1, 1, 8, 3).fitted(96, 80) == GemmConfig(1, 4, 128, 1, 1, 8, 3)
     assert GemmConfig(1, 4, 64).primitive == "rows1" and not CUBLAS.rows
+    for bad in (dict(persistent=1), dict(persistent=1, tma=True, split_k=2), dict(persistent=1, tma=True, stream_k=1),
+                dict(warp_spec=True, tma=True), dict(persistent=9, tma=True)):
+        with pytest.raises(ValueError, match="persistent"):
+            GemmConfig(**bad)
+    p = GemmConfig(128, 256, 64, 8, 1, 4, 3, tma=True, persistent=1, warp_spec=True)
+    assert p.primitive == "tile128-tma-p1-ws" and p.fitted(96, 80) == GemmConfig(
+        128, 128, 64, 8, 1, 4, 3, tma=True, persistent=1, warp_spec=True)
 
 
 # ---------------------------------------------------------------- GPU: bf16 numerics, graphs
@@ -388,7 +429,8 @@ def test_gpu_bf16_llama_shapes(m):
 def test_gpu_bf16_every_primitive(name, weight_kn):
     torch.manual_seed(8)
     c = ALL_PRIMITIVES[name]
-    cfg = GemmConfig(c.block_m, 128, 64, c.group_m, c.split_k, c.num_warps, c.num_stages, c.tma, c.stream_k)
+    cfg = GemmConfig(c.block_m, 128, 64, c.group_m, c.split_k, c.num_warps, c.num_stages, c.tma, c.stream_k,
+                     persistent=c.persistent, warp_spec=c.warp_spec)
     # 768 x 1024 with 132+ programs: at M=333 some tiles are split over several programs that run
     # at the same time, so the arrival counters really race here (unlike the interpreter).
     for m in (1, 3, 17, 100, 333, 1000):
@@ -400,15 +442,17 @@ def test_gpu_bf16_every_primitive(name, weight_kn):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma", [False, True], ids=["masked", "tma"])
-@pytest.mark.parametrize("stream_k", [0, 1], ids=["tiled", "streamk"])
-def test_gpu_one_cuda_graph_serves_a_bucket(tma, stream_k):
+@pytest.mark.parametrize("tma,stream_k,persistent", [(False, 0, 0), (True, 0, 0), (False, 1, 0), (True, 1, 0),
+                                                     (True, 0, 1)], ids=["masked", "tma", "streamk-masked",
+                                                                         "streamk-tma", "persistent"])  # fmt: skip
+def test_gpu_one_cuda_graph_serves_a_bucket(tma, stream_k, persistent):
     torch.manual_seed(7)
     bucket, k, n = 64, 2048, 3072
     x, w, _ = _operands(bucket, torch.bfloat16, False, False, k=k, n=n)
     out = torch.empty(bucket, n, dtype=torch.bfloat16, device="cuda")
     num_tokens = torch.tensor([bucket], dtype=torch.int32, device="cuda")
-    cfg = GemmConfig(64, 128, 64, 8, 1, 4, 3, tma=tma, stream_k=stream_k)
+    cfg = GemmConfig(64, 128, 64, 8, 1, 4, 3, tma=tma, stream_k=stream_k, persistent=persistent,
+                     warp_spec=bool(persistent))
     smooth_gemm(x, w, None, False, num_tokens=num_tokens, out=out, config=cfg)  # compile outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
