@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ascend_kernels.gemm_loops import cdiv, real_rows
 from ascend_kernels.gemm_table import GemmConfig
+from ascend_kernels.launch_cache import LaunchCache
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -82,6 +83,9 @@ def gemv_rows_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < M)[:, None] & col_ok[None, :])
 
 
+_LAUNCH = LaunchCache(gemv_rows_kernel)  # eager calls skip Triton's per-call binding (launch_cache.py)
+
+
 def gemv_rows(
     x2d: torch.Tensor,  # [rows, K]
     weight: torch.Tensor,  # [N, K] or [K, N]
@@ -102,7 +106,7 @@ def gemv_rows(
     grid = (cdiv(n, cfg.block_n), cdiv(rows, cfg.block_m))
     if grid[1] > 65535:  # CUDA's limit on grid axis 1; this primitive is meant for one or two rows
         raise ValueError(f"gemv_rows: {rows} rows in tiles of {cfg.block_m} exceed the grid; use a tl.dot primitive")
-    gemv_rows_kernel[grid](
+    _LAUNCH(grid,
         x2d, weight, bias if bias is not None else out2d, out2d,
         num_tokens if num_tokens is not None else out2d,
         rows, n, k,
