@@ -19,10 +19,11 @@ specialisation on Hopper); it applies to 16-bit inputs, and the compiler ignores
 Descriptors need a Hopper-class GPU (or the CPU interpreter) and 16-byte aligned rows; otherwise
 `smooth_gemm` runs the same tiles through the tiled primitive's masked loads.
 
-Measured on an H100 (benchmarks/RESULTS.md, twenty-third session): with 128 x 256 tiles at
-cuBLAS's speed or faster at M >= 1000 on the Llama shapes, where the tiled primitive ran at
-0.7-0.95x; slow below M ~ 500 (no split of K: too few tiles for the cores), so the tuner offers it
-for the large ranges only.
+Measured on an H100 (benchmarks/RESULTS.md, twenty-third session): with 128 x 256 tiles 0.99x
+cuBLAS (geomean) at M >= 1000 on the Llama shapes, where the tiled primitive ran at 0.89x; slow
+below M ~ 500 (K is never split: too few tiles for the cores), so the tuner offers it for the large
+ranges only. The tuned tables still prefer cuBLAS there: at the bottom of a range (M = 1025, ...) an
+almost empty row of tiles pushes the tile count past a wave of the cores.
 """
 from __future__ import annotations
 

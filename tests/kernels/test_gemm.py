@@ -191,6 +191,10 @@ def test_persistent_tiles_run_their_kernel_or_fall_back_to_masked_loads(monkeypa
     strided = torch.randn(37, 2 * K, device=DEVICE)[:, ::2]
     assert _rel_err(smooth_gemm(strided, w, b, False, config=cfg), strided, w, b, False) < TOL[torch.float32]
     assert len(calls) == 1
+    # a bucket whose real M is 0: the descriptors span row 0 and no tile runs, so nothing is written
+    out = torch.full((37, N), float("nan"), device=DEVICE)
+    smooth_gemm(x, w, b, False, num_tokens=torch.zeros(1, dtype=torch.int32, device=DEVICE), out=out, config=cfg)
+    assert len(calls) == 2 and torch.isnan(out).all()
 
 
 # ---------------------------------------------------------------- one kernel per primitive, any M
