@@ -157,7 +157,7 @@ def smooth_gemm(
     if num_tokens is not None and (num_tokens.numel() != 1 or num_tokens.device != x.device):
         raise ValueError("SmoothGEMM: num_tokens must be a 1-element int tensor on x's device")
     if config is None:
-        gpu = device_key(x.device.index if x.device.index is not None else -1) if x.is_cuda else "cpu"
+        gpu = device_key(x.get_device()) if x.is_cuda else "cpu"
         cfg = _planned(n, k, rows, gpu, allow_cublas, x.element_size())
     else:
         cfg = config.fitted(n, k)

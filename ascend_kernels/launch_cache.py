@@ -41,20 +41,24 @@ class LaunchCache:
         self.names = list(inspect.signature(kernel.fn).parameters)
         # a JITFunction keeps the list itself, the interpreter's stand-in in its kwargs
         dns = getattr(kernel, "do_not_specialize", None) or getattr(kernel, "kwargs", {}).get("do_not_specialize") or ()
-        self.unspecialised = {i for i, name in enumerate(self.names) if name in dns or i in dns}
+        unspecialised = [i for i, name in enumerate(self.names) if name in dns or i in dns]
+        # The kernels here take their pointers first (`*_ptr`), then ints; the key reads them so.
+        self.num_ptrs = next(i for i, name in enumerate(self.names) if not name.endswith("_ptr"))
+        if any(name.endswith("_ptr") for name in self.names[self.num_ptrs :]) or any(
+            i < self.num_ptrs for i in unspecialised
+        ):
+            raise ValueError(f"LaunchCache: {self.names} must list every pointer first and leave them specialised")
+        self.unspecialised = [i - self.num_ptrs for i in unspecialised]
         self.compiled: dict = {}
 
     def key(self, args: tuple, kwargs: dict) -> tuple:
-        """What the call specialises on (without the device)."""
-        parts = []
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                parts.append((a.dtype, a.data_ptr() % 16 == 0))
-            elif i in self.unspecialised:
-                parts.append(_INT32[0] <= a <= _INT32[1])
-            else:
-                parts.append(a)
-        return tuple(parts), tuple(kwargs.items())
+        """What the call specialises on (without the device): each pointer's dtype and 16-byte
+        alignment, the ints (an unspecialised one only as 32 or 64 bits), constexprs and options."""
+        ptrs = [(a.dtype, a.data_ptr() & 15 == 0) for a in args[: self.num_ptrs]]
+        ints = list(args[self.num_ptrs :])
+        for i in self.unspecialised:
+            ints[i] = _INT32[0] <= ints[i] <= _INT32[1]
+        return tuple(ptrs), tuple(ints), tuple(kwargs.items())
 
     def __call__(self, grid: tuple, *args, **kwargs) -> None:
         hooked = _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook) or bool(
@@ -63,7 +67,7 @@ class LaunchCache:
             self.kernel[grid](*args, **kwargs)
             return
         device = torch.cuda.current_device()
-        key = (device, *self.key(args, kwargs))
+        key = (device, self.key(args, kwargs))
         compiled = self.compiled.get(key)
         if compiled is None:  # Triton's own path: compiles (or finds) the kernel for this key
             if len(self.compiled) >= _MAX_KEYS:  # strides of ever new views: keep the dict bounded

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 from ascend_kernels import gemv_rows
 from ascend_kernels.gemm import smooth_gemm
@@ -13,6 +14,16 @@ from ascend_kernels.launch_cache import LaunchCache
 def _args(x, n=96, k=80, rows=None):
     # gemv_rows_kernel's runtime arguments: pointers, num_rows (do_not_specialize), N, K, strides
     return (x, x, x, x, x, x.shape[0] if rows is None else rows, n, k, k, 1, 1, k, n)
+
+
+@triton.jit
+def _pointer_after_an_int(a_ptr, n, b_ptr):
+    pass
+
+
+def test_kernels_must_take_their_pointers_first():
+    with pytest.raises(ValueError, match="pointer first"):
+        LaunchCache(_pointer_after_an_int)
 
 
 def test_key_follows_triton_specialisation():
