@@ -110,3 +110,17 @@ def test_dynamic_true_lowers_symbolic_scale_and_stays_exact(attn):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph for every token count
     for report in backend.reports():  # Dynamo may hand the backend the same graph twice
         assert report.count("sdpa", "eager_attention") == 2 and report.count("linear") == 15
+
+
+def test_lower_gemm_auto_lowers_unless_cuda_runs_without_cuda_graphs():
+    from xy_inductor.backend import lower_gemm_here
+    from xy_inductor.config import CompileOptions
+
+    graphs = torch._inductor.list_mode_options("reduce-overhead")
+    assert CompileOptions().lower_gemm is None
+    assert lower_gemm_here(None, on_cuda=False, patches={})  # CPU (and the interpreter): lowered
+    assert not lower_gemm_here(None, on_cuda=True, patches={})  # eager launches on a GPU: cuBLAS
+    assert lower_gemm_here(None, on_cuda=True, patches=graphs)  # replayed in CUDA graphs: lowered
+    assert lower_gemm_here(True, on_cuda=True, patches={}) and not lower_gemm_here(False, on_cuda=False, patches={})
+    with pytest.raises(TypeError, match="lower_gemm"):
+        CompileOptions(lower_gemm="yes")

@@ -22,13 +22,27 @@ def test_triton_kernels_behind_the_backend_match_eager(name, attn, impl):
     with torch.no_grad():
         want = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                               output_logits=True, return_dict_in_generate=True)
-        model.forward = torch.compile(model.forward, backend="xyserve", options={"impl": impl})
+        model.forward = torch.compile(model.forward, backend="xyserve", options={"impl": impl, "lower_gemm": True})
         got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     assert torch.equal(got.sequences, want.sequences)
     rel = max(((g - w).norm() / w.norm()).item() for g, w in zip(got.logits, want.logits))
     assert rel <= 1e-4, rel
     assert all(r.count("sdpa", "eager_attention") == 2 for r in backend.reports() if r.rewrites)
+    assert any(r.count("linear", "addmm") for r in backend.reports())
+
+
+def test_default_leaves_linears_on_cublas_without_cuda_graphs():
+    """lower_gemm=None on CUDA: linears are lowered only where Inductor replays CUDA graphs."""
+    model = build("llama", "sdpa").cuda()
+    ids, mask = (t.cuda() for t in left_padded_batch(length=24))
+    for mode, lowered in ((None, False), ("reduce-overhead", True)):
+        torch._dynamo.reset()
+        backend.reset_reports()
+        with torch.no_grad():
+            torch.compile(model, backend="xyserve", mode=mode)(ids, attention_mask=mask)
+        assert any(r.count("linear") for r in backend.reports()) == lowered, mode
+        assert all(r.count("sdpa") == 2 for r in backend.reports() if r.rewrites)
 
 
 def test_bf16_llama_logits_close_to_fp32_reference():
