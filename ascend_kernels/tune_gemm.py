@@ -2,15 +2,15 @@
 
 For each (N, K) of a model's linears and each M range of gemm_table.M_RANGES, time a short list
 of candidate configurations (primitive, tile sizes, group order, split-K, warps, stages, the
-persistent stream-K primitive, persistent tiles for large M) at both ends of the range, keep the Triton config whose worst ratio
-to the best time is lowest, and time cuBLAS (F.linear) the same way: where cuBLAS scores better,
-the range is marked `"dispatch": "cublas"` and smooth_gemm calls F.linear there.
+persistent stream-K primitive, persistent tiles for large M) at both ends of the range, keep the
+Triton config whose worst ratio to the best time is lowest, and time cuBLAS (F.linear) the same
+way: where cuBLAS scores better, the range is marked `"dispatch": "cublas"` and smooth_gemm calls
+F.linear there.
 
 --incumbent TABLE re-tunes incrementally: the tiled candidates shrink to the config TABLE already
 holds for the range (timed again in this run), plus every stream-K and persistent-tile candidate
-and cuBLAS. The
-row-owner GEMV candidates of the M = 1 and M = 2 ranges are always timed (a table tuned before they
-existed holds a tl.dot config there).
+and cuBLAS. The row-owner GEMV candidates of the M = 1 and M = 2 ranges are always timed (a table
+tuned before they existed holds a tl.dot config there).
 
 The result is merged into ascend_kernels/gemm_tables/<gpu>.json (or --out), which smooth_gemm
 reads at run time. Timing: medians of triton.testing.do_bench_cudagraph (the engine replays CUDA
@@ -102,10 +102,11 @@ _SK_MID = [_c(64, 64, 128, 8, 1, 4, 4, False, 1), _c(64, 64, 128, 8, 1, 4, 3, Fa
            _c(64, 128, 64, 8, 1, 4, 4, True, 2)]  # fmt: skip
 _SK_LARGE = [_c(128, 256, 64, 8, 1, 8, 3, True, 1), _c(128, 128, 64, 8, 1, 8, 4, False, 1)]
 # Persistent tiles (gemm_persistent.py; one program per SM, whole tiles, TMA stores), large M only:
-# the four that won a point against cuBLAS or the tiled table at M >= 512 in an H100 probe of 11
-# (session 23); at M <= 333 they lost to the tiled primitive (too few tiles, K never split).
+# the four best of 11 variants at M >= 1000 in an H100 probe (session 23); at M <= 333 every
+# variant lost to the tiled primitive (too few tiles, K never split).
 _PERSIST_LARGE = [_c(128, 256, 64, 8, 1, 8, 3, True, persist=1), _c(128, 256, 64, 8, 1, 4, 3, True, persist=1, ws=True),
-                  _c(128, 128, 64, 8, 1, 4, 4, True, persist=1, ws=True), _c(128, 128, 64, 8, 1, 8, 4, True, persist=1)]
+                  _c(128, 128, 64, 8, 1, 4, 4, True, persist=1, ws=True),
+                  _c(128, 128, 64, 8, 1, 8, 4, True, persist=1)]  # fmt: skip
 
 
 def candidates(m_max: int, incumbent: GemmConfig | None = None) -> list[GemmConfig]:

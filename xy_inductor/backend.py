@@ -9,6 +9,7 @@ compiles everything, our custom ops included (they are opaque calls with fake im
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -51,6 +52,14 @@ def lower_gemm_here(lower_gemm: bool | None, on_cuda: bool, patches: dict[str, A
     return not on_cuda or bool(patches.get("triton.cudagraphs"))
 
 
+@functools.cache
+def _say_linears_stay_on_cublas() -> None:
+    """Once per process: the fallback is the default on a GPU without CUDA graphs, so one line, not one per graph."""
+    log.warning("xyserve: linears stay on cuBLAS here: no CUDA graphs replay the compiled graph, and launched eagerly "
+                "SmoothGEMM costs more host time than it saves. mode='reduce-overhead' lowers them; "
+                "options={'lower_gemm': True} forces them.")
+
+
 def xyserve(
     gm: fx.GraphModule,
     example_inputs: list,
@@ -64,8 +73,7 @@ def xyserve(
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     lower_gemm = lower_gemm_here(opts.lower_gemm, on_cuda, patches)
     if opts.lower_gemm is None and not lower_gemm:
-        log.info("xyserve: linears left on cuBLAS (lower_gemm=None: no CUDA graphs replay this graph, and eagerly "
-                 "launched SmoothGEMM costs more host time than it saves); options={'lower_gemm': True} forces them")
+        _say_linears_stay_on_cublas()
     report = lower(gm, opts.lower_attention, lower_gemm, opts.impl, fuse, opts.share_tables, opts.fuse_norm_linear)
     _REPORTS.append(report)
     for s in report.skipped:
