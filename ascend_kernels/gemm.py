@@ -32,7 +32,7 @@ from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.gemm_loops import (
     cdiv, descriptor_mainloop, dot_options, make_descriptors, masked_mainloop, real_rows, tile_coords, tma_ok,
 )  # fmt: skip
-from ascend_kernels.gemm_persistent import persistent_gemm, persistent_ok
+from ascend_kernels.gemm_persistent import persistent_gemm
 from ascend_kernels.gemm_streamk import smooth_gemm_streamk
 from ascend_kernels.gemm_table import GemmConfig, device_key, lookup
 from ascend_kernels.gemv_rows import gemv_rows
@@ -172,7 +172,7 @@ def smooth_gemm(
         gemv_rows(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     elif cfg.stream_k:
         smooth_gemm_streamk(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
-    elif cfg.persistent and tma_ok(x2d, weight) and persistent_ok(x2d, out2d):
+    elif cfg.persistent and tma_ok(x2d, weight, out2d):
         persistent_gemm(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     else:
         launch(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)

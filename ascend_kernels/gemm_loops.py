@@ -115,18 +115,17 @@ def _alloc_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 _ALLOCATOR_SET = False
 
 
-def tma_ok(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+def tma_ok(x2d: torch.Tensor, *others: torch.Tensor) -> bool:
     """Descriptors need a Hopper+ GPU (or the CPU interpreter, which emulates them), unit inner
-    strides and 16-byte aligned rows / bases; otherwise the same config runs the masked loop."""
+    strides and 16-byte aligned rows / bases of every 2-D operand they span (x, the weight, and the
+    output where it is stored through one); otherwise the same config runs the masked loop."""
     global _ALLOCATOR_SET
     if x2d.is_cuda and cuda_capability(x2d.device.index) < 9:
         return False
     size = x2d.element_size()
-    aligned = all(v * size % 16 == 0 for v in (x2d.stride(0), weight.stride(0))) and all(
-        t.data_ptr() % 16 == 0 for t in (x2d, weight)
-    )
-    if not (x2d.stride(1) == 1 and weight.stride(1) == 1 and aligned):
-        return False
+    for t in (x2d, *others):
+        if t.stride(1) != 1 or t.stride(0) * size % 16 or t.data_ptr() % 16:
+            return False
     if x2d.is_cuda and not _ALLOCATOR_SET:
         triton.set_allocator(_alloc_scratch)
         _ALLOCATOR_SET = True

@@ -17,7 +17,8 @@ with `num_tokens` one CUDA graph serves every M of a bucket (the grid depends on
 `warp_spec` asks Triton to split each program into a loader and MMA consumers (automatic warp
 specialisation on Hopper); it applies to 16-bit inputs, and the compiler ignores it elsewhere.
 Descriptors need a Hopper-class GPU (or the CPU interpreter) and 16-byte aligned rows; otherwise
-`smooth_gemm` runs the same tiles through the tiled primitive's masked loads.
+`smooth_gemm` runs the same tiles through the tiled primitive's masked loads (gemm_loops.tma_ok
+checks x, the weight and the output).
 
 Measured on an H100 (benchmarks/RESULTS.md, twenty-third session): with 128 x 256 tiles 0.99x
 cuBLAS (geomean) at M >= 1000 on the Llama shapes, where the tiled primitive ran at 0.89x; slow
@@ -87,13 +88,6 @@ def persistent_gemm_kernel(
 
 
 _LAUNCH = LaunchCache(persistent_gemm_kernel)  # eager calls skip Triton's per-call binding (launch_cache.py)
-
-
-def persistent_ok(x2d: torch.Tensor, out2d: torch.Tensor) -> bool:
-    """The output descriptor's needs on top of the loads' (gemm_loops.tma_ok): unit inner stride,
-    16-byte aligned rows and base."""
-    size = out2d.element_size()
-    return out2d.stride(1) == 1 and out2d.stride(0) * size % 16 == 0 and out2d.data_ptr() % 16 == 0
 
 
 def persistent_gemm(
