@@ -60,6 +60,22 @@ def _say_linears_stay_on_cublas() -> None:
                 "options={'lower_gemm': True} forces them.")
 
 
+def needs_grad(gm: fx.GraphModule, example_inputs: list) -> bool:
+    """AOTAutograd's test for tracing a backward: grad mode on and an input (parameters included,
+    whether lifted to inputs or kept as attributes) that requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    return any(t.requires_grad for t in (*tensors, *gm.parameters()))
+
+
+@functools.cache
+def _say_training_stays_on_inductor() -> None:
+    log.warning("xyserve: this graph needs gradients (grad mode on, inputs that require grad) and xyserve's "
+                "kernels are inference-only, so Inductor compiles it alone; run the model under torch.no_grad() "
+                "or torch.inference_mode() to use them.")
+
+
 def xyserve(
     gm: fx.GraphModule,
     example_inputs: list,
@@ -68,8 +84,12 @@ def xyserve(
 ) -> Callable:
     """Lower attention and linear nodes to xyserve ops, then hand the graph to Inductor."""
     opts = CompileOptions.from_options(options)
-    fuse = example_inputs if opts.fuse_sibling_linears else None
     patches = _inductor_patches(mode, opts)
+    if needs_grad(gm, example_inputs):
+        _say_training_stays_on_inductor()
+        _REPORTS.append(LoweringReport())
+        return _compile_rest(gm, example_inputs, opts, patches)
+    fuse = example_inputs if opts.fuse_sibling_linears else None
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     lower_gemm = lower_gemm_here(opts.lower_gemm, on_cuda, patches)
     if opts.lower_gemm is None and not lower_gemm:
@@ -78,6 +98,10 @@ def xyserve(
     _REPORTS.append(report)
     for s in report.skipped:
         log.warning("xyserve: %s node %s left to Inductor: %s", s.what, s.node, s.reason)
+    return _compile_rest(gm, example_inputs, opts, patches)
+
+
+def _compile_rest(gm: fx.GraphModule, example_inputs: list, opts: CompileOptions, patches: dict[str, Any]) -> Callable:
     if not opts.use_inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

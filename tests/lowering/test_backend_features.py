@@ -124,3 +124,28 @@ def test_lower_gemm_auto_lowers_unless_cuda_runs_without_cuda_graphs():
     assert lower_gemm_here(True, on_cuda=True, patches={}) and not lower_gemm_here(False, on_cuda=False, patches={})
     with pytest.raises(TypeError, match="lower_gemm"):
         CompileOptions(lower_gemm="yes")
+
+
+def test_graph_that_needs_gradients_is_left_to_inductor_and_trains_exactly(caplog):
+    """The xyserve ops have no backward: a graph traced with grad goes to Inductor unlowered, with
+    a warning, and its gradients match eager; the same model under no_grad is lowered."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(3, 16)
+    model(x).square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    backend.reset_reports()
+    compiled = torch.compile(model, backend="xyserve")
+    backend._say_training_stays_on_inductor.cache_clear()  # said once per process
+    with caplog.at_level("WARNING", logger="xyserve"):
+        compiled(x).square().sum().backward()
+    assert "needs gradients" in caplog.text
+    assert [r.count("linear") for r in backend.reports()] == [0]
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g)
+    backend.reset_reports()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert backend.reports() and all(r.count("linear") == 2 for r in backend.reports())

@@ -96,3 +96,16 @@ def test_store_kv_opcheck_and_skips_padding():
 def test_unknown_impl_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown kernel impl"):
         torch.ops.xyserve.gemm(torch.randn(2, 4), torch.randn(3, 4), None, False, "cuda-magic")
+
+
+def test_ops_run_with_grad_but_have_no_backward():
+    """With inputs that need gradients an op still computes; backward says it is inference-only
+    (never silently zero gradients)."""
+    x, w = torch.randn(2, 4), torch.randn(3, 4, requires_grad=True)
+    out = torch.ops.xyserve.gemm(x, w, None, False, "reference")
+    torch.testing.assert_close(out, x @ w.detach().t())
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="xyserve::gemm is inference-only"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not torch.ops.xyserve.gemm(x, w, None, False, "reference").requires_grad
