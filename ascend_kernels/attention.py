@@ -17,6 +17,7 @@ import torch
 from ascend_kernels import prefill_hopper, reference
 from ascend_kernels.arrival_counters import arrival_counters
 from ascend_kernels.attention_kernel import LOG2E, meta_attention_kernel
+from ascend_kernels.launch_cache import LaunchCache
 from ascend_kernels.profiles import AttentionTiles, TargetProfile, interpreting, next_power_of_2, profile_for
 from ascend_kernels.tiling import plan
 
@@ -24,6 +25,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _warned: set[str] = set()
 _dense_plans: dict[tuple, torch.Tensor] = {}
+_captured_plans: set[tuple] = set()  # keys of tables a CUDA graph has captured: never dropped
+_LAUNCH = LaunchCache(meta_attention_kernel)  # eager calls skip Triton's per-call binding of ~50 arguments
 
 
 def _fallback(reason: str) -> None:
@@ -145,7 +148,7 @@ def launch(q, k, v, out, table: torch.Tensor, ops: Operands, scale: float, *, ti
     if ops.paged and ops.seq_lens is None:
         raise ValueError("xyserve attention: a paged launch needs seq_lens")
     seq_lens = ops.seq_lens if ops.paged else table
-    meta_attention_kernel[(grid or profile.num_programs,)](
+    _LAUNCH((grid or profile.num_programs,),
         table, q, out, k, v, ops.block_table, ops.cu_seqlens_q, seq_lens, ops.tree, ops.mask,
         part, ml, counters,
         ops.num_requests, q.shape[0] if ops.paged else 0, ops.dense_q_len, ops.dense_kv_len, table.numel(),
@@ -270,9 +273,14 @@ def _dense_table(batch, q_len, kv_len, num_heads, num_kv_heads, head_dim, causal
     if table is None:
         table = plan([q_len] * batch, [kv_len] * batch, num_q_heads=num_heads, num_kv_heads=num_kv_heads,
                      head_dim=head_dim, profile=profile, causal=causal).tensor().to(device)
-        if len(_dense_plans) > 256:
-            _dense_plans.clear()
+        if len(_dense_plans) > 256:  # drop the tables no CUDA graph has recorded
+            for k in [k for k in _dense_plans if k not in _captured_plans]:
+                del _dense_plans[k]
         _dense_plans[key] = table
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # a recorded graph reads this table on every replay: it must outlive the graph (Inductor's
+        # CUDA graphs plan it in the warm-up run, before capture, so the lookup above finds it)
+        _captured_plans.add(key)
     return table
 
 

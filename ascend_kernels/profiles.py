@@ -115,7 +115,7 @@ class TargetProfile:
         numbers, only its balance differs.
         """
         if self.memory_overrides and num_tokens <= self.memory_tokens_per_request * max(1, num_requests):
-            return dataclasses.replace(self, memory_overrides=(), **dict(self.memory_overrides))
+            return _memory_variant(self)
         return self
 
     @property
@@ -131,6 +131,9 @@ class TargetProfile:
 
     def attention_tiles(self, head_dim: int) -> AttentionTiles:
         """Tiles for a head dim: wide heads get half the rows and KV tile so registers still fit."""
+        return _attention_tiles(self, head_dim)
+
+    def _tiles(self, head_dim: int) -> AttentionTiles:
         block_d = next_power_of_2(head_dim)
         shrink = 2 if block_d >= 256 else 1
         large = max(16, self.large_rows // shrink)
@@ -158,6 +161,18 @@ class TargetProfile:
                     f"xyserve: profile {self.name}: {buf} needs {size} B for rows={m} kv={n} d={d}, "
                     f"limit {limits[buf]} B"
                 )
+
+
+# Every eager attention call asks for its variant and tiles: built once per profile, not per call
+# (dataclass construction with its checks was ~100 us of a dense call's host time).
+@functools.cache
+def _memory_variant(profile: TargetProfile) -> TargetProfile:
+    return dataclasses.replace(profile, memory_overrides=(), **dict(profile.memory_overrides))
+
+
+@functools.cache
+def _attention_tiles(profile: TargetProfile, head_dim: int) -> AttentionTiles:
+    return profile._tiles(head_dim)
 
 
 KB = 1024

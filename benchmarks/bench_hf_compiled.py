@@ -6,7 +6,9 @@ Variants, one model each, all in one process on one card: HF eager, Inductor, xy
 xyserve with `lower_gemm=True` (every linear a SmoothGEMM launched from Python). Each variant
 first runs one full-length generate (compiles, and Triton's compiles of new shapes), then the
 variants are timed in turn, `repeats` rounds, so drift on the card hits them alike. Reported:
-the median round's tokens per second, and greedy tokens agreeing with HF eager.
+the median round's tokens per second; the prompt's logits against HF eager's (relative error); and
+greedy tokens agreeing with HF eager's (in bf16 random weights leave near-ties that any change of
+summation order flips, so a run diverges after a few tokens; Inductor's does too).
 
     python -m benchmarks.bench_hf_compiled [--quick]
 """
@@ -63,6 +65,8 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
     new, repeats = (16, 2) if quick or not cuda else (NEW, 3)
     models = {name: _model(size, device, dtype, how) for name, how in VARIANTS.items()}
     ids = torch.randint(0, models["hf_eager"].config.vocab_size, (1, PROMPT), device=device)
+    with torch.no_grad():
+        logits = {name: m(ids).logits.float() for name, m in models.items()}
     tokens = {name: _generate(m, ids, new)[0, PROMPT:].tolist() for name, m in models.items()}  # warm-up
     rounds = [_round(models, ids, new) for _ in range(repeats)]
     results: dict = {"device": card_name(), "model": size, "prompt": PROMPT, "new_tokens": new,
@@ -70,7 +74,9 @@ def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:
     for name in models:
         seconds = median_run([r[name] for r in rounds])
         same = sum(a == b for a, b in zip(tokens[name], tokens["hf_eager"]))
-        results[name] = {"tok_s": new / seconds, "seconds": seconds, "tokens_equal_hf_eager": same}
+        err = ((logits[name] - logits["hf_eager"]).norm() / logits["hf_eager"].norm()).item()
+        results[name] = {"tok_s": new / seconds, "seconds": seconds, "logits_rel_err": err,
+                         "tokens_equal_hf_eager": same}
     return results
 
 
@@ -78,10 +84,11 @@ def table(results: dict) -> str:
     eager = results["hf_eager"]["tok_s"]
     lines = [f"HF generate, forward compiled, {results['model']}, prompt {results['prompt']}, "
              f"{results['new_tokens']} new, batch 1, {results['device']}",
-             "| variant | tok/s | x HF eager | greedy tokens equal to HF eager |", "| --- | --- | --- | --- |"]
+             "| variant | tok/s | x HF eager | prompt logits vs HF eager (rel. err.) | greedy tokens equal to HF eager |",
+             "| --- | --- | --- | --- | --- |"]
     for name in VARIANTS:
         r = results[name]
-        lines.append(f"| {name} | {r['tok_s']:,.1f} | {r['tok_s'] / eager:.2f} | "
+        lines.append(f"| {name} | {r['tok_s']:,.1f} | {r['tok_s'] / eager:.2f} | {r['logits_rel_err']:.1e} | "
                      f"{r['tokens_equal_hf_eager']}/{results['new_tokens']} |")
     return "\n".join(lines)
 

@@ -410,3 +410,26 @@ def test_every_dtype_and_head_dim_compiles_and_matches_on_the_gpu(dtype, head_di
                                               enable_gqa=True)
         got = attention.dense_attention(q.cuda(), k.cuda(), v.cuda(), None, None, q_len > 1)
         assert_close(got.cpu(), want, dtype, f"dense {q_len}x{kv_len}")
+
+
+@pytest.mark.gpu
+def test_a_table_captured_by_a_cuda_graph_outlives_the_plan_cache():
+    """Dense tables are cached per shape and the cache is bounded; one a CUDA graph recorded is
+    read on every replay, so evicting it would let the graph read freed memory."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, n, 64, generator=gen).to(torch.bfloat16).cuda() for h, n in ((8, 1), (2, 77), (2, 77)))
+    want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True)
+    attention.dense_attention(q, k, v, None, None, False)  # warm-up: plans the table (no copies while capturing)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention.dense_attention(q, k, v, None, None, False)
+    for kv_len in range(100, 400):  # more shapes than the cache keeps
+        kk = torch.empty(1, 2, kv_len, 64, dtype=torch.bfloat16, device="cuda")
+        attention.dense_attention(q, kk, kk, None, None, False)
+    assert len(attention._dense_plans) <= 258
+    torch.cuda.synchronize()
+    out.zero_()
+    graph.replay()
+    assert_close(out.cpu(), want.cpu(), torch.bfloat16, "replayed after eviction")
