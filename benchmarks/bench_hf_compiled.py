@@ -2,8 +2,9 @@
 itself, with no engine and no CUDA graphs (dynamic cache, batch 1, prompt 128, 64 new tokens).
 
 Variants, one model each, all in one process on one card: HF eager, Inductor, xyserve as shipped
-(attention lowered; linears on cuBLAS here, since nothing replays the graph in CUDA graphs) and
-xyserve with `lower_gemm=True` (every linear a SmoothGEMM launched from Python). Each variant
+(on a GPU without CUDA graphs attention stays on SDPA and linears on cuBLAS: the "auto" rule) and
+xyserve with both forced (`lower_attention=True, lower_gemm=True`: every attention and linear an
+xyserve op launched from Python). Each variant
 first runs one full-length generate (compiles, and Triton's compiles of new shapes), then the
 variants are timed in turn, `repeats` rounds, so drift on the card hits them alike. Reported:
 the median round's tokens per second; the prompt's logits against HF eager's (relative error); and
@@ -26,7 +27,7 @@ VARIANTS = {
     "hf_eager": None,
     "inductor": ("inductor", None),
     "xyserve": ("xyserve", None),
-    "xyserve_lower_gemm": ("xyserve", {"lower_gemm": True}),
+    "xyserve_lowered": ("xyserve", {"lower_attention": True, "lower_gemm": True}),
 }
 
 

@@ -42,22 +42,23 @@ def _inductor_patches(mode: str | None, opts: CompileOptions) -> dict[str, Any]:
     return patches
 
 
-def lower_gemm_here(lower_gemm: bool | None, on_cuda: bool, patches: dict[str, Any]) -> bool:
-    """`lower_gemm`, with None ("auto") resolved: GEMMs of a CUDA graph are lowered only when
-    Inductor replays it in CUDA graphs. Eagerly launched, a lowered GEMM pays the custom op's
-    dispatch and SmoothGEMM's launch in Python (~85 us a call on an H100 host, against ~16 us for
-    F.linear) to save a few microseconds of GPU time."""
-    if lower_gemm is not None:
-        return lower_gemm
+def lowered_here(flag: bool | None, on_cuda: bool, patches: dict[str, Any]) -> bool:
+    """`lower_attention` / `lower_gemm`, with None ("auto") resolved: on a GPU the ops are lowered
+    only when Inductor replays the graph in CUDA graphs. Launched eagerly, each one pays its
+    launcher's Python (planning, argument checks, the launch) on every call: ~170 us for a dense
+    attention call against ~26 us for SDPA on an H100 host, for the same GPU time at decode; HF
+    generate of a 1B model ran at half Inductor's speed with them (benchmarks/RESULTS.md)."""
+    if flag is not None:
+        return flag
     return not on_cuda or bool(patches.get("triton.cudagraphs"))
 
 
 @functools.cache
-def _say_linears_stay_on_cublas() -> None:
+def _say_ops_stay_unlowered() -> None:
     """Once per process: the fallback is the default on a GPU without CUDA graphs, so one line, not one per graph."""
-    log.warning("xyserve: linears stay on cuBLAS here: no CUDA graphs replay the compiled graph, and launched eagerly "
-                "SmoothGEMM costs more host time than it saves. mode='reduce-overhead' lowers them; "
-                "options={'lower_gemm': True} forces them.")
+    log.warning("xyserve: attention and linears stay on SDPA / cuBLAS here: no CUDA graphs replay the compiled graph, "
+                "and launched eagerly xyserve's kernels cost more host time than they save. mode='reduce-overhead' "
+                "lowers them; options={'lower_attention': True, 'lower_gemm': True} forces them.")
 
 
 def needs_grad(gm: fx.GraphModule, example_inputs: list) -> bool:
@@ -91,10 +92,11 @@ def xyserve(
         return _compile_rest(gm, example_inputs, opts, patches)
     fuse = example_inputs if opts.fuse_sibling_linears else None
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-    lower_gemm = lower_gemm_here(opts.lower_gemm, on_cuda, patches)
-    if opts.lower_gemm is None and not lower_gemm:
-        _say_linears_stay_on_cublas()
-    report = lower(gm, opts.lower_attention, lower_gemm, opts.impl, fuse, opts.share_tables, opts.fuse_norm_linear)
+    lower_attention = lowered_here(opts.lower_attention, on_cuda, patches)
+    lower_gemm = lowered_here(opts.lower_gemm, on_cuda, patches)
+    if None in (opts.lower_attention, opts.lower_gemm) and not (lower_attention and lower_gemm):
+        _say_ops_stay_unlowered()
+    report = lower(gm, lower_attention, lower_gemm, opts.impl, fuse, opts.share_tables, opts.fuse_norm_linear)
     _REPORTS.append(report)
     for s in report.skipped:
         log.warning("xyserve: %s node %s left to Inductor: %s", s.what, s.node, s.reason)

@@ -11,12 +11,14 @@ IMPLS = ("auto", "triton", "reference")
 class CompileOptions:
     """Options of the `xyserve` torch.compile backend (`torch.compile(..., options={...})`).
 
-    lower_attention: rewrite SDPA / HF eager attention into `xyserve::attention`.
-    lower_gemm:      rewrite linear / addmm / Conv1D into `xyserve::gemm`. None ("auto"): yes, except
-                     on a GPU when Inductor does not replay the graph in CUDA graphs (no
-                     mode="reduce-overhead"): launched eagerly, each lowered GEMM costs more host time
-                     than SmoothGEMM saves on the GPU (HF generate on an H100 ran at half the speed
-                     with it; benchmarks/RESULTS.md). The engine (own CUDA graphs) passes a bool.
+    lower_attention: rewrite SDPA / HF eager attention into `xyserve::attention`. None ("auto"): yes,
+                     except on a GPU when Inductor does not replay the graph in CUDA graphs (no
+                     mode="reduce-overhead"): launched eagerly, a dense attention call costs ~170 us of
+                     host time against ~26 for SDPA, for the same GPU time at decode (H100). The
+                     engine's paged attention does not go through this pass.
+    lower_gemm:      rewrite linear / addmm / Conv1D into `xyserve::gemm`. None ("auto"): as above:
+                     launched eagerly, each lowered GEMM costs more host time than SmoothGEMM saves
+                     on the GPU. The engine (own CUDA graphs) passes a bool.
     impl:            kernel choice baked into the lowered ops: "auto" (Triton on CUDA, the
                      pure-torch reference on CPU), "triton" or "reference". Under "auto" a GEMM
                      runs cuBLAS where the card's tuned SmoothGEMM table measured it faster, and
@@ -34,7 +36,7 @@ class CompileOptions:
                      the engine: on an H100 it is 2-3% slower end to end today (RESULTS.md).
     """
 
-    lower_attention: bool = True
+    lower_attention: bool | None = None
     lower_gemm: bool | None = None
     impl: str = "auto"
     inductor_config: dict[str, Any] = field(default_factory=dict)
@@ -44,8 +46,9 @@ class CompileOptions:
     fuse_norm_linear: bool = False
 
     def __post_init__(self) -> None:
-        if self.lower_gemm not in (None, True, False):
-            raise TypeError(f"xyserve: lower_gemm must be True, False or None (auto), got {self.lower_gemm!r}")
+        for name in ("lower_attention", "lower_gemm"):
+            if getattr(self, name) not in (None, True, False):
+                raise TypeError(f"xyserve: {name} must be True, False or None (auto), got {getattr(self, name)!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"xyserve: impl must be one of {IMPLS}, got {self.impl!r}")
         if not isinstance(self.inductor_config, dict):

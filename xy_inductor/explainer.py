@@ -58,9 +58,9 @@ def summarize(reports: list[LoweringReport], graph_count: int, breaks: list[str]
 
 
 def explain(model, *args, lower_attention: bool = True, lower_gemm: bool = True, **kwargs) -> ExplainReport:
-    """Trace `model(*args, **kwargs)` with Dynamo and report what xyserve would lower. Linears count
-    as lowered unless lower_gemm=False: the backend lowers them on the CPU and under CUDA graphs, but
-    by default (lower_gemm=None) not on a GPU without CUDA graphs (see CompileOptions)."""
+    """Trace `model(*args, **kwargs)` with Dynamo and report what xyserve would lower. Attention and
+    linears count as lowered unless turned off here: the backend lowers them on the CPU and under
+    CUDA graphs, but by default (None) not on a GPU without CUDA graphs (see CompileOptions)."""
     with torch.no_grad():
         out = torch._dynamo.explain(model)(*args, **kwargs)
     reports = [lower(copy.deepcopy(g), lower_attention, lower_gemm) for g in out.graphs]

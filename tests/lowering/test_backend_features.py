@@ -112,18 +112,19 @@ def test_dynamic_true_lowers_symbolic_scale_and_stays_exact(attn):
         assert report.count("sdpa", "eager_attention") == 2 and report.count("linear") == 15
 
 
-def test_lower_gemm_auto_lowers_unless_cuda_runs_without_cuda_graphs():
-    from xy_inductor.backend import lower_gemm_here
+def test_lowering_auto_lowers_unless_cuda_runs_without_cuda_graphs():
+    from xy_inductor.backend import lowered_here
     from xy_inductor.config import CompileOptions
 
     graphs = torch._inductor.list_mode_options("reduce-overhead")
-    assert CompileOptions().lower_gemm is None
-    assert lower_gemm_here(None, on_cuda=False, patches={})  # CPU (and the interpreter): lowered
-    assert not lower_gemm_here(None, on_cuda=True, patches={})  # eager launches on a GPU: cuBLAS
-    assert lower_gemm_here(None, on_cuda=True, patches=graphs)  # replayed in CUDA graphs: lowered
-    assert lower_gemm_here(True, on_cuda=True, patches={}) and not lower_gemm_here(False, on_cuda=False, patches={})
-    with pytest.raises(TypeError, match="lower_gemm"):
-        CompileOptions(lower_gemm="yes")
+    assert CompileOptions().lower_gemm is None and CompileOptions().lower_attention is None
+    assert lowered_here(None, on_cuda=False, patches={})  # CPU (and the interpreter): lowered
+    assert not lowered_here(None, on_cuda=True, patches={})  # eager launches on a GPU: SDPA / cuBLAS
+    assert lowered_here(None, on_cuda=True, patches=graphs)  # replayed in CUDA graphs: lowered
+    assert lowered_here(True, on_cuda=True, patches={}) and not lowered_here(False, on_cuda=False, patches={})
+    for name in ("lower_gemm", "lower_attention"):
+        with pytest.raises(TypeError, match=name):
+            CompileOptions(**{name: "yes"})
 
 
 def test_graph_that_needs_gradients_is_left_to_inductor_and_trains_exactly(caplog):

@@ -37,8 +37,10 @@ def _options(model: torch.nn.Module, config: EngineConfig,
         return options, None
     # Measured on an H200 (benchmarks/RESULTS.md): inside the engine SmoothGEMM's per-call host
     # cost outweighs its gains today, so linears stay on cuBLAS unless asked (`{}`: the engine
-    # replays its own CUDA graphs, which the backend's "auto" cannot see, so it says True itself).
+    # replays its own CUDA graphs, which the backend's "auto" cannot see, so it says True itself;
+    # the same for attention the model computes densely, e.g. a draft model's).
     options = {"lower_gemm": False} if options is None else {"lower_gemm": True, **options}
+    options.setdefault("lower_attention", True)
     options.setdefault("fuse_sibling_linears", True)
     if device.type == "cuda":
         # Inductor's combo kernels launch independent small kernels as one: a decode step's q and
