@@ -15,12 +15,10 @@ summation order flips, so a run diverges after a few tokens; Inductor's does too
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from transformers import LlamaForCausalLM
 
-from benchmarks.common import allow_many_graphs, card_name, cli, llama_config, median_run, sync
+from benchmarks.common import allow_many_graphs, card_name, cli, llama_config, median_run, timed_runs
 
 PROMPT, NEW = 128, 64
 VARIANTS = {
@@ -48,14 +46,8 @@ def _generate(model, ids, new: int) -> torch.Tensor:
 
 
 def _round(models: dict, ids, new: int) -> dict:
-    seconds = {}
-    for name, model in models.items():
-        sync()
-        t0 = time.perf_counter()
-        _generate(model, ids, new)
-        sync()
-        seconds[name] = time.perf_counter() - t0
-    return seconds
+    """One timed generate per variant (each warmed up before the first round)."""
+    return {name: timed_runs(lambda m=model: _generate(m, ids, new), 0)[0][0] for name, model in models.items()}
 
 
 def run(quick: bool = False, size: str = "llama-3.2-1b") -> dict:

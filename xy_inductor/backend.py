@@ -54,11 +54,12 @@ def lowered_here(flag: bool | None, on_cuda: bool, patches: dict[str, Any]) -> b
 
 
 @functools.cache
-def _say_ops_stay_unlowered() -> None:
-    """Once per process: the fallback is the default on a GPU without CUDA graphs, so one line, not one per graph."""
-    log.warning("xyserve: attention and linears stay on SDPA / cuBLAS here: no CUDA graphs replay the compiled graph, "
-                "and launched eagerly xyserve's kernels cost more host time than they save. mode='reduce-overhead' "
-                "lowers them; options={'lower_attention': True, 'lower_gemm': True} forces them.")
+def _say_ops_stay_unlowered(ops: str) -> None:
+    """Once per process and set of ops: the fallback is the default on a GPU without CUDA graphs,
+    so one line, not one per graph. `ops`: what stays, e.g. "attention (SDPA) and linears (cuBLAS)"."""
+    log.warning("xyserve: %s stay unlowered here: no CUDA graphs replay the compiled graph, and launched eagerly "
+                "xyserve's kernels cost more host time than they save. mode='reduce-overhead' lowers them; "
+                "options={'lower_attention': True, 'lower_gemm': True} forces them.", ops)
 
 
 def needs_grad(gm: fx.GraphModule, example_inputs: list) -> bool:
@@ -94,8 +95,10 @@ def xyserve(
     on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
     lower_attention = lowered_here(opts.lower_attention, on_cuda, patches)
     lower_gemm = lowered_here(opts.lower_gemm, on_cuda, patches)
-    if None in (opts.lower_attention, opts.lower_gemm) and not (lower_attention and lower_gemm):
-        _say_ops_stay_unlowered()
+    auto = (("attention (SDPA)", opts.lower_attention, lower_attention), ("linears (cuBLAS)", opts.lower_gemm, lower_gemm))
+    stay = [what for what, flag, lowered in auto if flag is None and not lowered]
+    if stay:
+        _say_ops_stay_unlowered(" and ".join(stay))
     report = lower(gm, lower_attention, lower_gemm, opts.impl, fuse, opts.share_tables, opts.fuse_norm_linear)
     _REPORTS.append(report)
     for s in report.skipped:
