@@ -70,6 +70,7 @@ def smooth_gemm_kernel(
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,  # tensor descriptors (bulk copies on Hopper); needs unit inner strides
     W_KN: tl.constexpr,  # weight stored [K, N] (only the descriptor path needs to know)
+    SWAP_AB: tl.constexpr,  # accumulate out^T: the weight tile is the MMA's M side (gemm_loops.mma)
 ):
     M = real_rows(num_tokens_ptr, num_rows, M_FROM_DEVICE)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -88,16 +89,21 @@ def smooth_gemm_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = tl.program_id(1) * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if USE_TMA:
         x_desc, w_desc = make_descriptors(x_ptr, w_ptr, M, N, K, stride_xm, stride_wk, stride_wn, BLOCK_M, BLOCK_N,
                                           BLOCK_K, W_KN)
         acc = descriptor_mainloop(x_desc, w_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, k_start, k_end, BLOCK_K,
-                                  W_KN, DOT_FP32, INPUT_PRECISION)
+                                  W_KN, DOT_FP32, INPUT_PRECISION, SWAP_AB)
     else:
         acc = masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
                               stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K, EVEN_K, EVEN_N,
-                              DOT_FP32, INPUT_PRECISION)  # fmt: skip
+                              DOT_FP32, INPUT_PRECISION, SWAP_AB)  # fmt: skip
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]: partials and the store below see one layout
 
     if SPLIT_K > 1:
         # Publish this slice's partial; the tile's last slice to arrive sums all of them in slice
@@ -174,9 +180,37 @@ def smooth_gemm(
         smooth_gemm_streamk(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     elif cfg.persistent and tma_ok(x2d, weight, out2d):
         persistent_gemm(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
+    elif cfg.swap_ab and _swap_hopper(x2d, weight, out2d, weight_kn, cfg):
+        _swap_hopper.run(x2d, weight, bias, out2d, num_tokens, cfg)
     else:
         launch(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     return out
+
+
+class _SwapHopper:
+    """The Gluon swap-AB kernel (gemm_swap_hopper.py) where it applies; imported on first use, so a
+    Triton without Gluon's Hopper API (another vendor's build) keeps the portable tl.dot form."""
+
+    def __init__(self):
+        self.module = None
+
+    def __call__(self, x2d, weight, out2d, weight_kn, cfg) -> bool:
+        if not x2d.is_cuda:
+            return False
+        if self.module is None:
+            try:
+                from ascend_kernels import gemm_swap_hopper
+            except Exception:  # noqa: BLE001 - no Gluon here: the tl.dot form serves the config
+                self.module = False
+            else:
+                self.module = gemm_swap_hopper
+        return bool(self.module) and self.module.swap_hopper_ok(x2d, weight, out2d, weight_kn, cfg)
+
+    def run(self, x2d, weight, bias, out2d, num_tokens, cfg) -> None:
+        self.module.swap_gemm_hopper(x2d, weight, bias, out2d, num_tokens, cfg)
+
+
+_swap_hopper = _SwapHopper()
 
 
 def _cublas(x, x2d, weight, bias, weight_kn, out) -> torch.Tensor:
@@ -231,6 +265,6 @@ def launch(
         HAS_BIAS=bias is not None, M_FROM_DEVICE=m_dev,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         SPLIT_K=cfg.split_k, EVEN_K=k % (cfg.block_k * cfg.split_k) == 0, EVEN_N=n % cfg.block_n == 0,
-        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KN=weight_kn,
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision, USE_TMA=use_tma, W_KN=weight_kn, SWAP_AB=cfg.swap_ab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -37,9 +37,11 @@ def real_rows(num_tokens_ptr, num_rows, M_FROM_DEVICE: tl.constexpr):
 @triton.jit
 def masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, k_end,
                     stride_xm, stride_xk, stride_wk, stride_wn, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                    SWAP_AB: tl.constexpr = False):
     """Portable K loop over [k_start, k_end): masked loads of the real rows only (padded rows read
-    as zeros on chip). x_ptr: [M, K] activations; w_ptr: the weight through stride_wk / stride_wn."""
+    as zeros on chip). x_ptr: [M, K] activations; w_ptr: the weight through stride_wk / stride_wn.
+    acc: [BLOCK_M, BLOCK_N], or its transpose [BLOCK_N, BLOCK_M] with SWAP_AB (see mma)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
     w_ptrs = w_ptr + (k_start + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
@@ -54,10 +56,7 @@ def masked_mainloop(x_ptr, w_ptr, acc, offs_m, offs_n, row_ok, col_ok, k_start, 
             k_ok = (k + offs_k) < k_end
             a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = mma(a, b, acc, DOT_FP32, INPUT_PRECISION, SWAP_AB)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     return acc
@@ -80,17 +79,38 @@ def make_descriptors(x_ptr, w_ptr, M, N, K, stride_xm, stride_wk, stride_wn, BLO
 
 @triton.jit
 def descriptor_mainloop(x_desc, w_desc, acc, off_m, off_n, k_start, k_end, BLOCK_K: tl.constexpr,
-                        W_KN: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """K loop over [k_start, k_end) through tensor descriptors (bulk copies on Hopper)."""
+                        W_KN: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        SWAP_AB: tl.constexpr = False):
+    """K loop over [k_start, k_end) through tensor descriptors (bulk copies on Hopper); acc as in
+    masked_mainloop."""
     for k in range(k_start, k_end, BLOCK_K):
         a = x_desc.load([off_m, k])
         if W_KN:
             b = w_desc.load([k, off_n])
         else:
             b = w_desc.load([off_n, k]).T
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        acc = mma(a, b, acc, DOT_FP32, INPUT_PRECISION, SWAP_AB)
+    return acc
+
+
+@triton.jit
+def mma(a, b, acc, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr):
+    """acc += a @ b for a: [BLOCK_M, BLOCK_K] activations, b: [BLOCK_K, BLOCK_N] weights.
+
+    SWAP_AB computes the transpose, acc^T [BLOCK_N, BLOCK_M] += b^T @ a^T: the weight tile becomes
+    the MMA's M side and the few token rows its N side. Hopper's wgmma needs M >= 64 but takes N
+    down to 8, so 16-64 tokens still run on warpgroup MMAs reading the weight straight from shared
+    memory, instead of padding the tokens up to 64 rows (or falling back to the older mma)::
+
+        plain:    out[BM, BN] = x[BM, BK] @ W^T[BK, BN]        BM >= 64 for wgmma
+        swapped:  out^T[BN, BM] = W[BN, BK] @ x^T[BK, BM]      BN >= 64, BM >= 8
+    """
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if SWAP_AB:
+        acc = tl.dot(b.T, a.T, acc, input_precision=INPUT_PRECISION)
+    else:
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     return acc
 

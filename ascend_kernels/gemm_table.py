@@ -60,6 +60,9 @@ class GemmConfig:
     # specialisation of its tile loop.
     persistent: int = 0
     warp_spec: bool = False
+    # the tiled primitive accumulating out^T (gemm_loops.mma): weight rows on the MMA's M side, so a
+    # few tokens still run Hopper's warpgroup MMA; block_m is then the MMA's N (16-128 tokens)
+    swap_ab: bool = False
 
     def __post_init__(self) -> None:
         if self.block_m not in BLOCK_MS:
@@ -85,6 +88,8 @@ class GemmConfig:
                              "without split-K or stream-K")
         if self.warp_spec and not self.persistent:
             raise ValueError("SmoothGEMM: warp_spec applies to the persistent-tiles primitive only")
+        if self.swap_ab and (self.rows or self.stream_k or self.persistent):
+            raise ValueError("SmoothGEMM: swap_ab is a form of the tiled tl.dot primitive only")
 
     @property
     def rows(self) -> bool:
@@ -100,6 +105,8 @@ class GemmConfig:
         name = ("gemv16" if self.block_m == 16 else f"tile{self.block_m}") + ("-tma" if self.tma else "")
         if self.persistent:
             name += f"-p{self.persistent}" + ("-ws" if self.warp_spec else "")
+        if self.swap_ab:
+            name += "-swap"
         return name + (f"-sk{self.stream_k}" if self.stream_k else "")
 
     def to_dict(self) -> dict:
@@ -115,7 +122,7 @@ class GemmConfig:
             return self
         return GemmConfig(
             self.block_m, bn, bk, self.group_m, _prev_pow2(split), self.num_warps, self.num_stages, self.tma,
-            self.stream_k, persistent=self.persistent, warp_spec=self.warp_spec,
+            self.stream_k, persistent=self.persistent, warp_spec=self.warp_spec, swap_ab=self.swap_ab,
         )
 
 

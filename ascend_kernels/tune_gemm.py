@@ -2,14 +2,14 @@
 
 For each (N, K) of a model's linears and each M range of gemm_table.M_RANGES, time a short list
 of candidate configurations (primitive, tile sizes, group order, split-K, warps, stages, the
-persistent stream-K primitive, persistent tiles for large M) at both ends of the range, keep the
+persistent stream-K primitive, swap-AB tiles, persistent tiles for large M) at both ends of the range, keep the
 Triton config whose worst ratio to the best time is lowest, and time cuBLAS (F.linear) the same
 way: where cuBLAS scores better, the range is marked `"dispatch": "cublas"` and smooth_gemm calls
 F.linear there.
 
 --incumbent TABLE re-tunes incrementally: the tiled candidates shrink to the config TABLE already
-holds for the range (timed again in this run), plus every stream-K and persistent-tile candidate
-and cuBLAS. The row-owner GEMV candidates of the M = 1 and M = 2 ranges are always timed (a table
+holds for the range (timed again in this run), plus every stream-K, swap-AB and persistent-tile
+candidate and cuBLAS. The row-owner GEMV candidates of the M = 1 and M = 2 ranges are always timed (a table
 tuned before they existed holds a tl.dot config there).
 
 The result is merged into ascend_kernels/gemm_tables/<gpu>.json (or --out), which smooth_gemm
@@ -109,11 +109,28 @@ _PERSIST_LARGE = [_c(128, 256, 64, 8, 1, 8, 3, True, persist=1), _c(128, 256, 64
                   _c(128, 128, 64, 8, 1, 8, 4, True, persist=1)]  # fmt: skip
 
 
+
+
+def _s(bm, bk, nbuf, split, warps=4) -> GemmConfig:
+    """A swap-AB config in the Gluon kernel's terms: block_n = 16 x warps weight rows, nbuf chunks."""
+    return GemmConfig(bm, 16 * warps, bk, 1, split, warps, nbuf, True, swap_ab=True)
+
+
+# Swap-AB tiles (the weight on wgmma's M side; gemm_swap_hopper.py on sm_90): the configs that won
+# some point of an H100 probe over 17 <= M <= 512 (session 25). They lost at M <= 16 everywhere and
+# never beat cuBLAS below M = 256, but beat the tiled primitive by 10-35% at M = 256-512 on several
+# shapes.
+_SWAP_SMALL = [_s(32, 128, 6, 1), _s(32, 256, 4, 2), _s(64, 128, 6, 1), _s(64, 128, 6, 2), _s(64, 128, 4, 1, 8)]
+_SWAP_MID = [_s(128, 64, 8, 1), _s(128, 64, 8, 2), _s(128, 128, 4, 1), _s(128, 128, 4, 2), _s(128, 64, 6, 1, 8)]
+_SWAP_LARGE = [_s(128, 64, 8, 1), _s(128, 128, 4, 1), _s(128, 64, 6, 1, 8), _s(128, 64, 6, 2, 8)]
+
+
 def candidates(m_max: int, incumbent: GemmConfig | None = None) -> list[GemmConfig]:
-    """Row-owner (M <= 2), tiled, stream-K and persistent-tile (large M) candidates of an M range;
-    with an incumbent, it replaces the tiled list."""
-    tiled, sk = ((_GEMV, _SK_GEMV) if m_max <= 16 else (_SMALL, _SK_SMALL) if m_max <= 64
-                 else (_MID, _SK_MID) if m_max <= 256 else (_LARGE, _SK_LARGE + _PERSIST_LARGE))  # fmt: skip
+    """Row-owner (M <= 2), tiled, stream-K, swap-AB (17 <= M <= 512) and persistent-tile (large M)
+    candidates of an M range; with an incumbent, it replaces the tiled list."""
+    tiled, sk = ((_GEMV, _SK_GEMV) if m_max <= 16 else (_SMALL, _SK_SMALL + _SWAP_SMALL) if m_max <= 64
+                 else (_MID, _SK_MID + _SWAP_MID) if m_max <= 256
+                 else (_LARGE, _SK_LARGE + _PERSIST_LARGE + (_SWAP_LARGE if m_max <= 512 else [])))  # fmt: skip
     rows = [_c(m_max, bn, bk, 1, 1, w, 3) for bn, bk, w in _ROWS] if m_max in ROWS_BLOCK_MS else []
     tiled = [incumbent] if incumbent is not None else tiled
     return rows + [c for c in tiled if c not in rows] + [c for c in sk if c not in tiled]

@@ -231,7 +231,8 @@ def table(res: dict) -> str:
 def _tag(cfg: dict) -> str:
     tma = "/tma" if cfg["tma"] else ""
     sk = f"/sk{cfg['stream_k']}" if cfg.get("stream_k") else f"/s{cfg['split_k']}"
-    return f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']}{sk}{tma}"
+    swap = "/swap" if cfg.get("swap_ab") else ""
+    return f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']}{sk}{tma}{swap}"
 
 
 def main() -> None:

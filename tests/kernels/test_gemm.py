@@ -8,6 +8,12 @@ under (its own binder, on a shadow JITFunction). On a GPU they count the real JI
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +22,7 @@ from ascend_kernels import gemm as smooth
 from ascend_kernels import gemm_persistent, gemm_streamk, gemv_rows
 from ascend_kernels.gemm import smooth_gemm
 from ascend_kernels.gemm_table import CUBLAS, GemmConfig, lookup, parse_table, table_json
+from benchmarks.common import is_sm90
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RAGGED_M = (1, 3, 17, 100)
@@ -32,6 +39,10 @@ PRIMITIVES = {
     # tensor-descriptor loads (Hopper bulk copies; the CPU interpreter emulates them)
     "gemv16-splitk-tma": GemmConfig(16, 32, 16, 1, 2, 4, 2, tma=True),
     "tile64-tma": GemmConfig(64, 32, 32, 2, 1, 4, 3, tma=True),
+    # swap-AB: the weight on the MMA's M side (the tl.dot form; on an sm_90 GPU the Gluon kernel runs
+    # configs with block_n = 16 x warps, tested in test_gpu_swap_hopper_kernel)
+    "gemv16-swap": GemmConfig(16, 32, 32, 1, 1, 4, 2, swap_ab=True),
+    "tile32-tma-swap": GemmConfig(32, 64, 32, 2, 2, 4, 2, tma=True, swap_ab=True),
     # the row-owner GEMV (no tl.dot): K pieces of 32 mask the last one, 16 divide K=80 evenly
     "rows1": GemmConfig(1, 32, 32, 1, 1, 4, 3),
     "rows2": GemmConfig(2, 16, 16, 1, 1, 4, 3),
@@ -347,12 +358,17 @@ def test_row_owner_ranges_serve_one_and_two_tokens(fake_table):
     assert _rel_err(smooth_gemm(x, w, b, False, config=rows2), x, w, b, False) < TOL[torch.float32]
 
 
-def test_tuner_offers_persistent_tiles_for_large_m_only():
+def test_tuner_offers_persistent_tiles_for_large_m_and_swap_tiles_up_to_512():
     from ascend_kernels.tune_gemm import candidates
 
     incumbent = GemmConfig(128, 128, 64, 8, 1, 8, 3)
     assert any(c.persistent for c in candidates(512)) and any(c.persistent for c in candidates(4096, incumbent))
     assert not any(c.persistent for m_max in (1, 2, 16, 64, 256) for c in candidates(m_max))
+    # swap-AB tiles: offered from 17 to 512 tokens, incumbent or not, and only in the Gluon kernel's shape
+    for m_max in (32, 64, 128, 512):
+        offered = [c for c in candidates(m_max, incumbent) if c.swap_ab]
+        assert offered and all(c.tma and c.block_n == 16 * c.num_warps for c in offered)
+    assert not any(c.swap_ab for m_max in (1, 2, 16, 1024, 4096) for c in candidates(m_max))
 
 
 @pytest.mark.parametrize("weight_kn", [False, True], ids=["linear", "conv1d"])
@@ -412,9 +428,28 @@ def test_config_validation():
                 dict(warp_spec=True, tma=True), dict(persistent=9, tma=True)):
         with pytest.raises(ValueError, match="persistent"):
             GemmConfig(**bad)
+    for bad in (dict(swap_ab=True, stream_k=1), dict(swap_ab=True, tma=True, persistent=1), dict(block_m=1, swap_ab=True,
+                                                                                         block_n=4)):
+        with pytest.raises(ValueError, match="swap_ab"):
+            GemmConfig(**bad)
+    assert GemmConfig(32, 64, 256, 1, 2, 4, 4, tma=True, swap_ab=True).primitive == "tile32-tma-swap"
     p = GemmConfig(128, 256, 64, 8, 1, 4, 3, tma=True, persistent=1, warp_spec=True)
     assert p.primitive == "tile128-tma-p1-ws" and p.fitted(96, 80) == GemmConfig(
         128, 128, 64, 8, 1, 4, 3, tma=True, persistent=1, warp_spec=True)
+
+
+@pytest.mark.parametrize("block_m,warps,cb,nbuf,split_k,bias", [(16, 4, 4, 4, 2, 0), (128, 8, 1, 6, 1, 1)])
+def test_swap_hopper_kernel_compiles_for_sm90_without_a_gpu(block_m, warps, cb, nbuf, split_k, bias):
+    """Catches Gluon API drift in the installed Triton (the kernel runs on Hopper GPUs only): compile it
+    for sm_90 in a process without the CPU interpreter; the weight must sit on wgmma's M side (n = tokens)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [str(v) for v in (block_m, warps, cb, nbuf, split_k, bias)]
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.compile_swap_sm90", *args], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["tma"] and report["wgmma"] == [f"m64n{block_m}k16"], report
+    assert report["shared"] >= nbuf * cb * 64 * (16 * warps + block_m) * 2
 
 
 # ---------------------------------------------------------------- GPU: bf16 numerics, graphs
@@ -434,7 +469,7 @@ def test_gpu_bf16_every_primitive(name, weight_kn):
     torch.manual_seed(8)
     c = ALL_PRIMITIVES[name]
     cfg = GemmConfig(c.block_m, 128, 64, c.group_m, c.split_k, c.num_warps, c.num_stages, c.tma, c.stream_k,
-                     persistent=c.persistent, warp_spec=c.warp_spec)
+                     persistent=c.persistent, warp_spec=c.warp_spec, swap_ab=c.swap_ab)
     # 768 x 1024 with 132+ programs: at M=333 some tiles are split over several programs that run
     # at the same time, so the arrival counters really race here (unlike the interpreter).
     for m in (1, 3, 17, 100, 333, 1000):
@@ -445,18 +480,47 @@ def test_gpu_bf16_every_primitive(name, weight_kn):
         assert _counters_zero()
 
 
+# Gluon swap-AB configs (block_n = 16 x warps): every token tile width, one and two warpgroups,
+# split-K with racing arrivals, chunks of 1, 2 and 4 boxes
+SWAP_HOPPER = [GemmConfig(16, 64, 256, 1, 1, 4, 4, tma=True, swap_ab=True),
+               GemmConfig(16, 64, 128, 1, 8, 4, 8, tma=True, swap_ab=True),
+               GemmConfig(32, 128, 128, 1, 2, 8, 4, tma=True, swap_ab=True),
+               GemmConfig(64, 64, 128, 1, 4, 4, 6, tma=True, swap_ab=True),
+               GemmConfig(128, 128, 64, 1, 2, 8, 6, tma=True, swap_ab=True)]  # fmt: skip
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("tma,stream_k,persistent", [(False, 0, 0), (True, 0, 0), (False, 1, 0), (True, 1, 0),
-                                                     (True, 0, 1)], ids=["masked", "tma", "streamk-masked",
-                                                                         "streamk-tma", "persistent"])  # fmt: skip
-def test_gpu_one_cuda_graph_serves_a_bucket(tma, stream_k, persistent):
+@pytest.mark.parametrize("cfg", SWAP_HOPPER, ids=lambda c: f"{c.block_m}x{c.block_n}x{c.block_k}-sk{c.split_k}")
+def test_gpu_swap_hopper_kernel(cfg):
+    """The Gluon kernel itself (not the tl.dot form) on an sm_90 GPU: float64 match with and without
+    bias, K not a multiple of the chunk, split-K counters left zero."""
+    if not is_sm90():
+        pytest.skip("the Gluon swap-AB kernel runs on sm_90 only")
+    torch.manual_seed(10)
+    for m in (1, 3, 17, 100, 333):
+        x, w, b = _operands(m, torch.bfloat16, False, True, k=1000, n=768)
+        assert smooth._swap_hopper(x, w, torch.empty(m, 768, dtype=x.dtype, device=x.device), False, cfg)
+        for bias in (None, b):
+            for _ in range(3):
+                out = smooth_gemm(x, w, bias, False, config=cfg)
+                assert _rel_err(out, x, w, bias, False) < TOL[torch.bfloat16], f"M={m}"
+        assert _counters_zero()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma,stream_k,persistent,swap", [(False, 0, 0, 0), (True, 0, 0, 0), (False, 1, 0, 0),
+                                                          (True, 1, 0, 0), (True, 0, 1, 0), (True, 0, 0, 1)],
+                         ids=["masked", "tma", "streamk-masked", "streamk-tma", "persistent", "swap"])  # fmt: skip
+def test_gpu_one_cuda_graph_serves_a_bucket(tma, stream_k, persistent, swap):
     torch.manual_seed(7)
     bucket, k, n = 64, 2048, 3072
     x, w, _ = _operands(bucket, torch.bfloat16, False, False, k=k, n=n)
     out = torch.empty(bucket, n, dtype=torch.bfloat16, device="cuda")
     num_tokens = torch.tensor([bucket], dtype=torch.int32, device="cuda")
-    cfg = GemmConfig(64, 128, 64, 8, 1, 4, 3, tma=tma, stream_k=stream_k, persistent=persistent,
-                     warp_spec=bool(persistent))
+    cfg = GemmConfig(64, 64 if swap else 128, 64, 8, 2 if swap else 1, 4, 3, tma=tma, stream_k=stream_k,
+                     persistent=persistent, warp_spec=bool(persistent), swap_ab=bool(swap))
+    if swap and is_sm90():
+        assert smooth._swap_hopper(x, w, out, False, cfg)  # the Gluon kernel, device-side M
     smooth_gemm(x, w, None, False, num_tokens=num_tokens, out=out, config=cfg)  # compile outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
