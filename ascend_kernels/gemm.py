@@ -10,8 +10,9 @@ With `num_tokens` (int32 [1] on the device) the grid is sized for the bucket (x'
 the kernel reads the real M from memory: one CUDA graph then serves every M of the bucket, and the
 programs past the real tiles exit at once. The persistent stream-K primitive (gemm_streamk.py) has
 a fixed grid (the cores) and reads M the same way, as do the persistent tiles for large M
-(gemm_persistent.py: whole tiles per program, TMA stores) and the row-owner GEMV for one or two
-tokens (gemv_rows.py: plain loads and FMAs, no tensor cores).
+(gemm_persistent.py: whole tiles per program, TMA stores), the row-owner GEMV for one to four
+tokens (gemv_rows.py and gemv_rows_fma.py: plain loads and FMAs, no tensor cores) and the swap-AB
+tiles (weight rows on the MMA's M side; gemm_swap_hopper.py on sm_90).
 
 Where the tuned table says cuBLAS is faster for an M range, `smooth_gemm` calls F.linear instead
 (allow_cublas=False forces the Triton primitives). cuBLAS has no virtual padding: with
@@ -21,6 +22,7 @@ padded rows of x produce (garbage, never to be relied on; Triton leaves them unt
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Optional
 
 import torch
@@ -174,7 +176,9 @@ def smooth_gemm(
     if rows == 0:
         return out
     out2d = out.view(rows, n)
-    if cfg.rows:
+    if cfg.rows and cfg.block_m == 4 and _rows_fma(x2d, weight, out2d, weight_kn, cfg):
+        _rows_fma.run(x2d, weight, bias, out2d, num_tokens, cfg)
+    elif cfg.rows:
         gemv_rows(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
     elif cfg.stream_k:
         smooth_gemm_streamk(x2d, weight, bias, out2d, num_tokens, weight_kn, cfg)
@@ -187,30 +191,32 @@ def smooth_gemm(
     return out
 
 
-class _SwapHopper:
-    """The Gluon swap-AB kernel (gemm_swap_hopper.py) where it applies; imported on first use, so a
-    Triton without Gluon's Hopper API (another vendor's build) keeps the portable tl.dot form."""
+class _GluonKernel:
+    """A Gluon kernel module (gemm_swap_hopper.py, gemv_rows_fma.py) imported on first use: a Triton
+    without Gluon (another vendor's build) keeps the portable Triton form of the same config."""
 
-    def __init__(self):
-        self.module = None
+    def __init__(self, module: str, ok: str, run: str):
+        self.names, self.fns = (module, ok, run), None
 
     def __call__(self, x2d, weight, out2d, weight_kn, cfg) -> bool:
+        """Whether the Gluon kernel serves `cfg` on these operands."""
         if not x2d.is_cuda:
             return False
-        if self.module is None:
+        if self.fns is None:
             try:
-                from ascend_kernels import gemm_swap_hopper
-            except Exception:  # noqa: BLE001 - no Gluon here: the tl.dot form serves the config
-                self.module = False
+                module = importlib.import_module(f"ascend_kernels.{self.names[0]}")
+            except Exception:  # noqa: BLE001 - no Gluon here: the Triton form serves the config
+                self.fns = ()
             else:
-                self.module = gemm_swap_hopper
-        return bool(self.module) and self.module.swap_hopper_ok(x2d, weight, out2d, weight_kn, cfg)
+                self.fns = (getattr(module, self.names[1]), getattr(module, self.names[2]))
+        return bool(self.fns) and self.fns[0](x2d, weight, out2d, weight_kn, cfg)
 
     def run(self, x2d, weight, bias, out2d, num_tokens, cfg) -> None:
-        self.module.swap_gemm_hopper(x2d, weight, bias, out2d, num_tokens, cfg)
+        self.fns[1](x2d, weight, bias, out2d, num_tokens, cfg)
 
 
-_swap_hopper = _SwapHopper()
+_swap_hopper = _GluonKernel("gemm_swap_hopper", "swap_hopper_ok", "swap_gemm_hopper")
+_rows_fma = _GluonKernel("gemv_rows_fma", "rows_fma_ok", "gemv_rows_fma")
 
 
 def _cublas(x, x2d, weight, bias, weight_kn, out) -> torch.Tensor:

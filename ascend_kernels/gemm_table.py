@@ -25,14 +25,15 @@ from pathlib import Path
 
 TABLE_DIR = Path(__file__).with_name("gemm_tables")
 
-# The primitives: the only BLOCK_M values a kernel is ever compiled with. 1 and 2 are the row-owner
-# GEMV (gemv_rows.py: no tensor cores, for one or two tokens); 16 is the tl.dot GEMV (decode / small
-# verify batches, split-K allowed); the others are tiled GEMMs.
-ROWS_BLOCK_MS = (1, 2)
+# The primitives: the only BLOCK_M values a kernel is ever compiled with. 1, 2 and 4 are the row-owner
+# GEMV (gemv_rows.py, and gemv_rows_fma.py for 4 on NVIDIA GPUs: no tensor cores, for up to four
+# tokens); 16 is the tl.dot GEMV (decode / small verify batches, split-K allowed); the others are tiled
+# GEMMs.
+ROWS_BLOCK_MS = (1, 2, 4)
 BLOCK_MS = (*ROWS_BLOCK_MS, 16, 32, 64, 128)
 # Upper ends of the M ranges the tuner tunes and the table stores (the last one is open-ended).
-# Tables tuned before the row-owner GEMV start at 16; lookup serves M = 1, 2 from that range.
-M_RANGES = (1, 2, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
+# Tables tuned before a row-owner range existed serve its M from the next range up (lookup).
+M_RANGES = (1, 2, 4, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
 
 
 def _pow2(v: int) -> bool:
@@ -72,7 +73,7 @@ class GemmConfig:
                 raise ValueError(f"SmoothGEMM: {name} must be a power of two, got {getattr(self, name)}")
         if self.rows:
             if self.split_k != 1 or self.stream_k or self.tma:
-                raise ValueError("SmoothGEMM: the row-owner GEMV (block_m 1, 2) has no split-K, stream-K or TMA form")
+                raise ValueError("SmoothGEMM: the row-owner GEMV (block_m 1, 2, 4) has no split-K, stream-K or TMA form")
         elif self.block_n < 16 or self.block_k < 16:
             raise ValueError("SmoothGEMM: block_n and block_k must be >= 16 (tl.dot minimum)")
         if self.num_stages < 1:

@@ -13,8 +13,9 @@ Why not tl.dot: at M <= 2 the tensor-core tiles are 8-16x padding, and their ope
 shared memory; a weight matrix of a few MB then cannot be spread over enough programs to keep HBM
 busy. Small programs with plain loads reach what a kernel that only reads the weight reaches
 (`python -m benchmarks.gemm_bound`, H100: Llama-3.2-1B o_proj 4.9 us against the pure read's
-4.8 and cuBLAS's 6.4). The FMA count grows with M, so past two tokens the tl.dot primitives win:
-the tuner only offers this one for M <= 2 (BLOCK_M in ROWS_BLOCK_MS).
+4.8 and cuBLAS's 6.4). This form reduces every piece across threads once per token, so past two
+tokens the tl.dot primitives win; for three or four tokens (BLOCK_M 4) NVIDIA GPUs run
+gemv_rows_fma.py, which reduces once per program, and this kernel serves that config elsewhere.
 
 Virtual padding as in gemm.py: M is never a constexpr, rows past the real M (or past num_tokens,
 read from the device) are neither read nor written, and a program of padded rows exits at once.
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ascend_kernels.gemm_loops import cdiv, real_rows
-from ascend_kernels.gemm_table import GemmConfig
+from ascend_kernels.gemm_table import ROWS_BLOCK_MS, GemmConfig
 from ascend_kernels.launch_cache import LaunchCache
 
 
@@ -49,7 +50,7 @@ def gemv_rows_kernel(
     stride_om,
     HAS_BIAS: tl.constexpr,
     M_FROM_DEVICE: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # token rows per program (1 or 2)
+    BLOCK_M: tl.constexpr,  # token rows per program (1, 2 or 4)
     BLOCK_N: tl.constexpr,  # weight rows per program
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
@@ -97,7 +98,7 @@ def gemv_rows(
 ) -> None:
     """Grid (weight-row tiles, row tiles of the bucket); the kernel stops at the real M."""
     if not cfg.rows:
-        raise ValueError(f"gemv_rows: {cfg} is not a row-owner config (block_m must be one of 1, 2)")
+        raise ValueError(f"gemv_rows: {cfg} is not a row-owner config (block_m must be one of {ROWS_BLOCK_MS})")
     if out2d.stride(1) != 1:
         raise ValueError("gemv_rows: out rows must be contiguous")
     rows, k = x2d.shape

@@ -9,8 +9,8 @@ F.linear there.
 
 --incumbent TABLE re-tunes incrementally: the tiled candidates shrink to the config TABLE already
 holds for the range (timed again in this run), plus every stream-K, swap-AB and persistent-tile
-candidate and cuBLAS. The row-owner GEMV candidates of the M = 1 and M = 2 ranges are always timed (a table
-tuned before they existed holds a tl.dot config there).
+candidate and cuBLAS. The row-owner GEMV candidates of the M = 1, 2 and 4 ranges are always timed
+(a table tuned before they existed holds a tl.dot config there).
 
 The result is merged into ascend_kernels/gemm_tables/<gpu>.json (or --out), which smooth_gemm
 reads at run time. Timing: medians of triton.testing.do_bench_cudagraph (the engine replays CUDA
@@ -69,6 +69,9 @@ _GEMV = [
 # that came within a few % of the best on some Llama shape in an H100 sweep of 30 (session 22).
 _ROWS = [(1, 4096, 8), (1, 4096, 4), (1, 2048, 4), (2, 2048, 4), (2, 4096, 4), (2, 4096, 8), (4, 1024, 8),
          (4, 2048, 4), (8, 1024, 8)]  # fmt: skip
+# rows4 (gemv_rows_fma.py, M = 3-4): (BLOCK_N, warps); block_k is 256 x warps (one 16-byte load per thread
+# and row). The winners of an H100 probe at M = 3 on the Llama shapes (session 25).
+_ROWS4 = [(2, 2), (2, 4), (2, 8), (4, 4), (8, 4), (4, 2)]
 _SMALL = [
     _c(16, 64, 256, 1, 1, 4, 4), _c(32, 64, 128, 4, 1, 4, 4), _c(32, 128, 128, 4, 1, 4, 4),
     _c(64, 64, 128, 8, 1, 4, 4), _c(64, 128, 64, 8, 1, 4, 4), _c(64, 64, 128, 8, 2, 4, 4),
@@ -131,7 +134,8 @@ def candidates(m_max: int, incumbent: GemmConfig | None = None) -> list[GemmConf
     tiled, sk = ((_GEMV, _SK_GEMV) if m_max <= 16 else (_SMALL, _SK_SMALL + _SWAP_SMALL) if m_max <= 64
                  else (_MID, _SK_MID + _SWAP_MID) if m_max <= 256
                  else (_LARGE, _SK_LARGE + _PERSIST_LARGE + (_SWAP_LARGE if m_max <= 512 else [])))  # fmt: skip
-    rows = [_c(m_max, bn, bk, 1, 1, w, 3) for bn, bk, w in _ROWS] if m_max in ROWS_BLOCK_MS else []
+    rows = ([_c(4, bn, 256 * w, 1, 1, w, 3) for bn, w in _ROWS4] if m_max == 4 else
+            [_c(m_max, bn, bk, 1, 1, w, 3) for bn, bk, w in _ROWS] if m_max in ROWS_BLOCK_MS else [])
     tiled = [incumbent] if incumbent is not None else tiled
     return rows + [c for c in tiled if c not in rows] + [c for c in sk if c not in tiled]
 

@@ -46,6 +46,8 @@ PRIMITIVES = {
     # the row-owner GEMV (no tl.dot): K pieces of 32 mask the last one, 16 divide K=80 evenly
     "rows1": GemmConfig(1, 32, 32, 1, 1, 4, 3),
     "rows2": GemmConfig(2, 16, 16, 1, 1, 4, 3),
+    # three or four tokens: the Triton row-owner kernel here; gemv_rows_fma.py on an NVIDIA GPU
+    "rows4": GemmConfig(4, 16, 32, 1, 1, 4, 3),
     # persistent tiles: programs = cores (4 under the interpreter) x persistent, each walking whole
     # tiles (M=100 at 32 x 32: 12 tiles over 4 programs); K=80 leaves a zero-filled last K tile
     "tile32-tma-p1-ws": GemmConfig(32, 32, 32, 2, 1, 4, 3, tma=True, persistent=1, warp_spec=True),
@@ -341,18 +343,19 @@ def test_table_lookup_round_trip(fake_table):
 
 
 # ---------------------------------------------------------------- cuBLAS dispatch
-def test_row_owner_ranges_serve_one_and_two_tokens(fake_table):
-    """A table with the M = 1 and 2 ranges sends one token to rows1, two to rows2 and three on to
-    the tl.dot GEMV; the tuner offers the row-owner candidates on exactly those two ranges, each
-    with its own BLOCK_M; and rows2 at two tokens matches float64."""
+def test_row_owner_ranges_serve_one_to_four_tokens(fake_table):
+    """A table with the M = 1, 2 and 4 ranges sends one token to rows1, two to rows2, three and four to
+    rows4 and five on to the tl.dot GEMV; the tuner offers the row-owner candidates on exactly those
+    three ranges, each with its own BLOCK_M; and rows2 at two tokens matches float64."""
     from ascend_kernels.tune_gemm import candidates
 
-    rows1, rows2, gemv = PRIMITIVES["rows1"], PRIMITIVES["rows2"], PRIMITIVES["gemv16"]
-    fake_table("fake-gpu", {(N, K): [(1, rows1, False), (2, rows2, False), (16, gemv, False)]})
-    assert [lookup(N, K, m, "fake-gpu") for m in (1, 2, 3, 16)] == [rows1, rows2, gemv, gemv]
-    for m_max in (1, 2):
+    rows1, rows2, rows4, gemv = (PRIMITIVES[n] for n in ("rows1", "rows2", "rows4", "gemv16"))
+    fake_table("fake-gpu", {(N, K): [(1, rows1, False), (2, rows2, False), (4, rows4, False), (16, gemv, False)]})
+    assert [lookup(N, K, m, "fake-gpu") for m in (1, 2, 3, 4, 5, 16)] == [rows1, rows2, rows4, rows4, gemv, gemv]
+    for m_max in (1, 2, 4):
         offered = [c for c in candidates(m_max) if c.rows]
         assert offered and all(c.block_m == m_max for c in offered)
+    assert all(c.block_k == 256 * c.num_warps for c in candidates(4) if c.rows)  # the Gluon kernel's pieces
     assert not any(c.rows for m_max in (16, 32, 512) for c in candidates(m_max))
     x, w, b = _operands(2, torch.float32, False, True)
     assert _rel_err(smooth_gemm(x, w, b, False, config=rows2), x, w, b, False) < TOL[torch.float32]
@@ -442,14 +445,27 @@ def test_config_validation():
 def test_swap_hopper_kernel_compiles_for_sm90_without_a_gpu(block_m, warps, cb, nbuf, split_k, bias):
     """Catches Gluon API drift in the installed Triton (the kernel runs on Hopper GPUs only): compile it
     for sm_90 in a process without the CPU interpreter; the weight must sit on wgmma's M side (n = tokens)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [str(v) for v in (block_m, warps, cb, nbuf, split_k, bias)]
-    run = subprocess.run([sys.executable, "-m", "tests.kernels.compile_swap_sm90", *args], env=env,
-                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
-    assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    report = _compile_gluon("swap", block_m, warps, cb, nbuf, split_k, bias)
     assert report["tma"] and report["wgmma"] == [f"m64n{block_m}k16"], report
     assert report["shared"] >= nbuf * cb * 64 * (16 * warps + block_m) * 2
+
+
+@pytest.mark.parametrize("block_n,warps,bias", [(2, 4, 0), (8, 4, 1)])
+def test_rows_fma_kernel_compiles_without_a_gpu(block_n, warps, bias):
+    """The rows4 kernel for sm_90: one 16-byte load per weight row, token row (and bias) a piece, the
+    products summed within each thread (4 tokens x block_n rows x 8 columns: 7 FMAs a sum, which newer
+    Triton may pack two to an instruction), nothing spilled."""
+    report = _compile_gluon("rows4", block_n, warps, bias)
+    assert report["ld_v4"] == block_n + 4 + bias and report["local"] == 0, report
+    assert 4 * block_n * 7 // 2 <= report["fma"] <= 4 * block_n * 7, report
+
+
+def _compile_gluon(kind: str, *args: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.compile_gemm_gluon", kind, *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- GPU: bf16 numerics, graphs
@@ -505,6 +521,36 @@ def test_gpu_swap_hopper_kernel(cfg):
                 out = smooth_gemm(x, w, bias, False, config=cfg)
                 assert _rel_err(out, x, w, bias, False) < TOL[torch.bfloat16], f"M={m}"
         assert _counters_zero()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n,warps", [(2, 2), (4, 4), (8, 8)])
+def test_gpu_rows_fma_kernel(block_n, warps):
+    """rows4 on a GPU is the Gluon kernel: float64 match with and without bias over several 4-row
+    tiles, and one CUDA graph serving a bucket through num_tokens with the padded rows untouched."""
+    torch.manual_seed(11)
+    cfg = GemmConfig(4, block_n, 256 * warps, 1, 1, warps, 3)
+    k, n = 2048, 384
+    for m in (1, 3, 4, 5, 11):
+        x, w, b = _operands(m, torch.bfloat16, False, True, k=k, n=n)
+        assert smooth._rows_fma(x, w, torch.empty(m, n, dtype=x.dtype, device=x.device), False, cfg)
+        for bias in (None, b):
+            assert _rel_err(smooth_gemm(x, w, bias, False, config=cfg), x, w, bias, False) < TOL[torch.bfloat16]
+    bucket = 8
+    x, w, b = _operands(bucket, torch.bfloat16, False, True, k=k, n=n)
+    out = torch.empty(bucket, n, dtype=torch.bfloat16, device="cuda")
+    num_tokens = torch.tensor([bucket], dtype=torch.int32, device="cuda")
+    smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=cfg)
+    for m in (1, 3, 6):
+        out.fill_(float("nan"))
+        num_tokens.fill_(m)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _rel_err(out[:m], x[:m], w, b, False) < TOL[torch.bfloat16]
+        assert torch.isnan(out[m:]).all()
 
 
 @pytest.mark.gpu
