@@ -120,9 +120,9 @@ def _s(bm, bk, nbuf, split, warps=4) -> GemmConfig:
 
 
 # Swap-AB tiles (the weight on wgmma's M side; gemm_swap_hopper.py on sm_90): the configs that won
-# some point of an H100 probe over 17 <= M <= 512 (session 25). They lost at M <= 16 everywhere and
-# never beat cuBLAS below M = 256, but beat the tiled primitive by 10-35% at M = 256-512 on several
-# shapes.
+# some point of an H100 probe over 17 <= M <= 512 (session 25). They lost to the tuned table at
+# M <= 16 everywhere and rarely beat cuBLAS, but beat the tiled primitive by 10-35% at M = 256-512
+# on several shapes.
 _SWAP_SMALL = [_s(32, 128, 6, 1), _s(32, 256, 4, 2), _s(64, 128, 6, 1), _s(64, 128, 6, 2), _s(64, 128, 4, 1, 8)]
 _SWAP_MID = [_s(128, 64, 8, 1), _s(128, 64, 8, 2), _s(128, 128, 4, 1), _s(128, 128, 4, 2), _s(128, 64, 6, 1, 8)]
 _SWAP_LARGE = [_s(128, 64, 8, 1), _s(128, 128, 4, 1), _s(128, 64, 6, 1, 8), _s(128, 64, 6, 2, 8)]
