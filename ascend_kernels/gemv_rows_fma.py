@@ -36,11 +36,14 @@ VEC = gl.constexpr(8)  # 16-bit columns per thread and piece: one 16-byte load
 def _ids3(n: gl.constexpr, axis: gl.constexpr, layout: gl.constexpr):
     """arange(n) along `axis` of a rank-3 layout, expanded to rank 3."""
     if axis == 0:
-        return gl.expand_dims(gl.expand_dims(gl.arange(0, n, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout))), 1), 2)
+        ids = gl.arange(0, n, layout=gl.SliceLayout(1, gl.SliceLayout(2, layout)))
+        return gl.expand_dims(gl.expand_dims(ids, 1), 2)
     elif axis == 1:
-        return gl.expand_dims(gl.expand_dims(gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout))), 0), 2)
+        ids = gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(2, layout)))
+        return gl.expand_dims(gl.expand_dims(ids, 0), 2)
     else:
-        return gl.expand_dims(gl.expand_dims(gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout))), 0), 1)
+        ids = gl.arange(0, n, layout=gl.SliceLayout(0, gl.SliceLayout(1, layout)))
+        return gl.expand_dims(gl.expand_dims(ids, 0), 1)
 
 
 @gluon.jit

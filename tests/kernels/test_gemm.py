@@ -431,8 +431,8 @@ def test_config_validation():
                 dict(warp_spec=True, tma=True), dict(persistent=9, tma=True)):
         with pytest.raises(ValueError, match="persistent"):
             GemmConfig(**bad)
-    for bad in (dict(swap_ab=True, stream_k=1), dict(swap_ab=True, tma=True, persistent=1), dict(block_m=1, swap_ab=True,
-                                                                                         block_n=4)):
+    for bad in (dict(swap_ab=True, stream_k=1), dict(swap_ab=True, tma=True, persistent=1),
+                dict(block_m=1, swap_ab=True, block_n=4)):
         with pytest.raises(ValueError, match="swap_ab"):
             GemmConfig(**bad)
     assert GemmConfig(32, 64, 256, 1, 2, 4, 4, tma=True, swap_ab=True).primitive == "tile32-tma-swap"
