@@ -152,7 +152,7 @@ def smem_bytes(cfg: GemmConfig) -> int:
 def swap_hopper_ok(x2d: torch.Tensor, weight: torch.Tensor, out2d: torch.Tensor, weight_kn: bool,
                    cfg: GemmConfig) -> bool:
     """Whether `cfg` (swap_ab + tma) runs this Gluon kernel here; the tl.dot form runs otherwise."""
-    if not (x2d.is_cuda and cfg.swap_ab and cfg.tma) or weight_kn or x2d.dtype == torch.float32:
+    if not (x2d.is_cuda and cfg.swap_ab and cfg.tma) or weight_kn or x2d.dtype == torch.float32 or torch.version.hip:
         return False
     n = out2d.shape[1]
     return (cuda_capability(x2d.device.index) == 9 and cfg.block_n == 16 * cfg.num_warps and cfg.num_warps in (4, 8)
