@@ -135,6 +135,13 @@ def _alloc_scratch(size: int, alignment: int, stream) -> torch.Tensor:
 _ALLOCATOR_SET = False
 
 
+def aligned_rows(*tensors: torch.Tensor) -> bool:
+    """Unit inner strides, rows a multiple of 16 bytes apart and 16-byte aligned bases: what bulk
+    copies and 16-byte vector loads of whole rows need."""
+    return all(t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in tensors)
+
+
 def tma_ok(x2d: torch.Tensor, *others: torch.Tensor) -> bool:
     """Descriptors need a Hopper+ GPU (or the CPU interpreter, which emulates them), unit inner
     strides and 16-byte aligned rows / bases of every 2-D operand they span (x, the weight, and the
@@ -142,10 +149,8 @@ def tma_ok(x2d: torch.Tensor, *others: torch.Tensor) -> bool:
     global _ALLOCATOR_SET
     if x2d.is_cuda and cuda_capability(x2d.device.index) < 9:
         return False
-    size = x2d.element_size()
-    for t in (x2d, *others):
-        if t.stride(1) != 1 or t.stride(0) * size % 16 or t.data_ptr() % 16:
-            return False
+    if not aligned_rows(x2d, *others):
+        return False
     if x2d.is_cuda and not _ALLOCATOR_SET:
         triton.set_allocator(_alloc_scratch)
         _ALLOCATOR_SET = True

@@ -27,7 +27,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-from ascend_kernels.gemm_loops import cuda_capability
+from ascend_kernels.gemm_loops import aligned_rows, cuda_capability
 from ascend_kernels.gemm_table import GemmConfig
 
 VEC = gl.constexpr(8)  # 16-bit columns per thread and piece: one 16-byte load
@@ -97,9 +97,7 @@ def rows_fma_ok(x2d: torch.Tensor, weight: torch.Tensor, out2d: torch.Tensor, we
         return False  # the layouts assume 32-thread warps; Gluon targets Ampere and newer
     return (cfg.block_m == 4 and not weight_kn and x2d.dtype != torch.float32
             and cfg.block_k == 256 * cfg.num_warps and k % cfg.block_k == 0
-            and out2d.shape[1] % cfg.block_n == 0 and x2d.stride(1) == 1 and weight.stride(1) == 1
-            and x2d.stride(0) % 8 == 0 and weight.stride(0) % 8 == 0 and x2d.data_ptr() % 16 == 0
-            and weight.data_ptr() % 16 == 0)
+            and out2d.shape[1] % cfg.block_n == 0 and aligned_rows(x2d, weight))
 
 
 def gemv_rows_fma(

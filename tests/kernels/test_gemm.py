@@ -536,21 +536,7 @@ def test_gpu_rows_fma_kernel(block_n, warps):
         assert smooth._rows_fma(x, w, torch.empty(m, n, dtype=x.dtype, device=x.device), False, cfg)
         for bias in (None, b):
             assert _rel_err(smooth_gemm(x, w, bias, False, config=cfg), x, w, bias, False) < TOL[torch.bfloat16]
-    bucket = 8
-    x, w, b = _operands(bucket, torch.bfloat16, False, True, k=k, n=n)
-    out = torch.empty(bucket, n, dtype=torch.bfloat16, device="cuda")
-    num_tokens = torch.tensor([bucket], dtype=torch.int32, device="cuda")
-    smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=cfg)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=cfg)
-    for m in (1, 3, 6):
-        out.fill_(float("nan"))
-        num_tokens.fill_(m)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert _rel_err(out[:m], x[:m], w, b, False) < TOL[torch.bfloat16]
-        assert torch.isnan(out[m:]).all()
+    _assert_one_graph_serves_the_bucket(8, k, n, True, cfg, (1, 3, 6))
 
 
 @pytest.mark.gpu
@@ -559,25 +545,31 @@ def test_gpu_rows_fma_kernel(block_n, warps):
                          ids=["masked", "tma", "streamk-masked", "streamk-tma", "persistent", "swap"])  # fmt: skip
 def test_gpu_one_cuda_graph_serves_a_bucket(tma, stream_k, persistent, swap):
     torch.manual_seed(7)
-    bucket, k, n = 64, 2048, 3072
-    x, w, _ = _operands(bucket, torch.bfloat16, False, False, k=k, n=n)
-    out = torch.empty(bucket, n, dtype=torch.bfloat16, device="cuda")
-    num_tokens = torch.tensor([bucket], dtype=torch.int32, device="cuda")
     cfg = GemmConfig(64, 64 if swap else 128, 64, 8, 2 if swap else 1, 4, 3, tma=tma, stream_k=stream_k,
                      persistent=persistent, warp_spec=bool(persistent), swap_ab=bool(swap))
     if swap and is_sm90():
-        assert smooth._swap_hopper(x, w, out, False, cfg)  # the Gluon kernel, device-side M
-    smooth_gemm(x, w, None, False, num_tokens=num_tokens, out=out, config=cfg)  # compile outside capture
+        x, w, _ = _operands(64, torch.bfloat16, False, False, k=2048, n=3072)
+        assert smooth._swap_hopper(x, w, torch.empty(64, 3072, dtype=x.dtype, device=x.device), False, cfg)
+    _assert_one_graph_serves_the_bucket(64, 2048, 3072, False, cfg, (1, 5, 17, 64))
+
+
+def _assert_one_graph_serves_the_bucket(bucket, k, n, bias, cfg, token_counts):
+    """Capture one smooth_gemm over `bucket` rows with the real M read from num_tokens; replay it at
+    each token count on fresh x: the real rows match float64, the padded rows stay untouched (NaN)."""
+    x, w, b = _operands(bucket, torch.bfloat16, False, bias, k=k, n=n)
+    out = torch.empty(bucket, n, dtype=torch.bfloat16, device="cuda")
+    num_tokens = torch.tensor([bucket], dtype=torch.int32, device="cuda")
+    smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=cfg)  # compile outside capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        smooth_gemm(x, w, None, False, num_tokens=num_tokens, out=out, config=cfg)
-    for m in (1, 5, 17, 64):
+        smooth_gemm(x, w, b, False, num_tokens=num_tokens, out=out, config=cfg)
+    for m in token_counts:
         x.copy_(torch.randn_like(x))
         out.fill_(float("nan"))
         num_tokens.fill_(m)
         graph.replay()
         torch.cuda.synchronize()
-        assert _rel_err(out[:m], x[:m], w, None, False) < TOL[torch.bfloat16]
+        assert _rel_err(out[:m], x[:m], w, b, False) < TOL[torch.bfloat16]
         assert torch.isnan(out[m:]).all()
 
 
